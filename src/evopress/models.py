@@ -1,0 +1,267 @@
+"""Load Hugging Face causal LMs and expose their decoder as a sequence of blocks.
+
+Everything else in evopress (spaces, fitness, databases) works on the ``Decoder`` view: a list of
+blocks with attention and MLP sub-modules, a way to enter the block stack (embeddings plus whatever
+keyword arguments the architecture passes to its layers) and a way to leave it (final norm, LM head).
+Blocks are found by structure, so Llama, Mistral, Qwen2, Phi-3 and Gemma families share one path.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+from torch import nn
+
+from . import assets
+from .errors import UserError
+from .io import cache_dir
+
+DEFAULT_MODEL = "default"
+_ATTN_NAMES = ("self_attn", "attn", "attention", "self_attention")
+_MLP_NAMES = ("mlp", "feed_forward", "ffn", "block_sparse_moe")
+_NORM_NAMES = ("norm", "final_layernorm", "ln_f", "final_norm")
+
+
+def resolve_device(device: str | None) -> torch.device:
+    if device in (None, "", "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        return torch.device(device)
+    except RuntimeError as e:
+        raise UserError(f"unknown device '{device}'") from e
+
+
+def resolve_dtype(dtype: str | None, device: torch.device) -> torch.dtype:
+    """fp32 on CPU (bf16 matmuls are slow on AVX2-only CPUs), bf16 on accelerators."""
+    if dtype in (None, "", "auto"):
+        return torch.float32 if device.type == "cpu" else torch.bfloat16
+    table = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16,
+             "fp16": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+    if dtype not in table:
+        raise UserError(f"unknown dtype '{dtype}' (choose from {', '.join(table)})")
+    return table[dtype]
+
+
+@dataclass
+class LoadedModel:
+    model: nn.Module
+    tokenizer: Any
+    name: str  # what the user asked for, resolved to a path or "default"
+    path: Path  # directory of the HF checkpoint actually loaded
+
+
+def _file_key(path: Path) -> str:
+    """Cheap content key for a possibly multi-GB file: size plus hash of the first 4 MiB."""
+    h = hashlib.sha256(str(path.stat().st_size).encode())
+    with open(path, "rb") as f:
+        h.update(f.read(4 << 20))
+    return h.hexdigest()[:16]
+
+
+def convert_gguf(gguf: Path) -> Path:
+    """Dequantize a GGUF file into an fp32 HF checkpoint once, and cache it.
+
+    transformers can read GGUF directly, but dequantizing takes ~30 s even for a 135M model; the
+    safetensors cache reloads in under a second and needs neither gguf nor accelerate.
+    """
+    target = cache_dir() / "models" / f"{gguf.stem}-{_file_key(gguf)}"
+    if (target / "config.json").is_file():
+        return target
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    except (ValueError, KeyError, OSError) as e:
+        raise UserError(f"cannot load GGUF {gguf}: {str(e).splitlines()[0]}") from e
+    # transformers 5 refuses to save a model that still carries its GGUF quantizer.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    tmp = target.with_name(target.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    tmp.rename(target)
+    return target
+
+
+def resolve_model_path(spec: str | None) -> tuple[str, Path]:
+    if spec in (None, "", DEFAULT_MODEL):
+        return DEFAULT_MODEL, convert_gguf(assets.default_model_gguf())
+    path = Path(spec).expanduser()
+    if path.is_file() and path.suffix == ".gguf":
+        return str(path), convert_gguf(path)
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise UserError(f"model directory {path} has no config.json")
+        return str(path), path
+    raise UserError(f"model '{spec}' not found (give a local HF model directory, a .gguf file, "
+                    "or omit --model for the embedded default)")
+
+
+def load_model(spec: str | None, device: torch.device, dtype: torch.dtype) -> LoadedModel:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # our own progress bars are the ones that matter
+
+    name, path = resolve_model_path(spec)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        model = AutoModelForCausalLM.from_pretrained(
+            path, dtype=dtype, local_files_only=True, attn_implementation="sdpa")
+    except (ValueError, KeyError, OSError) as e:
+        raise UserError(f"cannot load model from {path}: {str(e).splitlines()[0]}") from e
+    model.to(device).eval().requires_grad_(False)
+    return LoadedModel(model, tokenizer, name, path)
+
+
+def _child_by_name(module: nn.Module, names: tuple[str, ...], class_hint: tuple[str, ...]) -> str | None:
+    for name, child in module.named_children():
+        if name in names:
+            return name
+    for name, child in module.named_children():
+        if any(h in type(child).__name__ for h in class_hint):
+            return name
+    return None
+
+
+class _Catch(nn.Module):
+    """Stands in for a decoder layer for one forward: records its inputs and passes them through."""
+
+    def __init__(self, layer: nn.Module, sink: list):
+        super().__init__()
+        self.sink = sink
+        # Some architectures (Qwen2, Gemma) pick the attention mask by the layer's attention type.
+        for attr in ("attention_type", "is_sliding"):
+            if hasattr(layer, attr):
+                setattr(self, attr, getattr(layer, attr))
+
+    def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        self.sink.append((hidden_states, args, kwargs))
+        return hidden_states
+
+
+@dataclass
+class BlockInputs:
+    """What the model hands its first block, plus the per-layer extra arguments (masks, RoPE)."""
+
+    hidden: torch.Tensor
+    layer_args: list[tuple[tuple, dict]]
+
+
+class Decoder:
+    """Structural view of a causal LM as embeddings -> blocks -> norm -> head."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self.config = getattr(model, "config", None)
+        self.layers, self.base = self._find_layers(model)
+        block = self.layers[0]
+        attn = _child_by_name(block, _ATTN_NAMES, ("Attention",))
+        mlp = _child_by_name(block, _MLP_NAMES, ("MLP", "FeedForward", "Moe", "MoE"))
+        norm = _child_by_name(self.base, _NORM_NAMES, ())
+        head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        missing = [what for what, v in (("attention sub-module", attn), ("MLP sub-module", mlp),
+                                        ("final norm", norm), ("LM head", head)) if v is None]
+        if missing:
+            raise UserError(f"unsupported architecture {type(model).__name__}: could not find "
+                            f"{', '.join(missing)} in {type(block).__name__}")
+        self.attn_attr: str = attn
+        self.mlp_attr: str = mlp
+        self.norm: nn.Module = getattr(self.base, norm)
+        self.head: nn.Module = head
+        self.softcap: float | None = getattr(self.config, "final_logit_softcapping", None)
+
+    @staticmethod
+    def _find_layers(model: nn.Module) -> tuple[nn.ModuleList, nn.Module]:
+        """The decoder stack is the largest ModuleList of identical modules."""
+        best = None
+        for name, module in model.named_modules():
+            if isinstance(module, nn.ModuleList) and len(module) > 0 and \
+                    len({type(m) for m in module}) == 1:
+                size = sum(p.numel() for p in module.parameters())
+                if best is None or size > best[0]:
+                    best = (size, name)
+        if best is None:
+            raise UserError(f"unsupported architecture {type(model).__name__}: no decoder block list found")
+        name = best[1]
+        parent = model.get_submodule(name.rsplit(".", 1)[0]) if "." in name else model
+        return model.get_submodule(name), parent
+
+    @property
+    def num_blocks(self) -> int:
+        return len(self.layers)
+
+    @property
+    def device(self) -> torch.device:
+        return self.head.weight.device
+
+    def attn(self, b: int) -> nn.Module:
+        return getattr(self.layers[b], self.attn_attr)
+
+    def mlp(self, b: int) -> nn.Module:
+        return getattr(self.layers[b], self.mlp_attr)
+
+    def linear_layers(self) -> dict[str, nn.Linear]:
+        """All compressible linear layers of the blocks, by full module name, in block order."""
+        out = {}
+        prefix = next(n for n, m in self.model.named_modules() if m is self.layers)
+        for b, layer in enumerate(self.layers):
+            for name, module in layer.named_modules():
+                if isinstance(module, nn.Linear):
+                    out[f"{prefix}.{b}.{name}"] = module
+        return out
+
+    @torch.inference_mode()
+    def enter(self, input_ids: torch.Tensor) -> BlockInputs:
+        """Run the embeddings and capture what every block receives, without running any block."""
+        sink: list = []
+        originals = list(self.layers)
+        try:
+            for i, layer in enumerate(originals):
+                self.layers[i] = _Catch(layer, sink)
+            self.base(input_ids=input_ids.to(self.device), use_cache=False)
+        finally:
+            for i, layer in enumerate(originals):
+                self.layers[i] = layer
+        return BlockInputs(sink[0][0], [(args, kwargs) for _, args, kwargs in sink])
+
+    def run_block(self, b: int, hidden: torch.Tensor, inputs: BlockInputs) -> torch.Tensor:
+        args, kwargs = inputs.layer_args[b]
+        out = self.layers[b](hidden, *args, **kwargs)
+        return out[0] if isinstance(out, tuple) else out
+
+    @torch.inference_mode()
+    def run_blocks(self, input_ids: torch.Tensor, start: int = 0) -> Iterator[torch.Tensor]:
+        """Yield the residual stream at every block boundary 0..L (before the final norm)."""
+        inputs = self.enter(input_ids)
+        h = inputs.hidden
+        yield h
+        for b in range(self.num_blocks):
+            h = self.run_block(b, h, inputs)
+            yield h
+
+    def logits(self, normed: torch.Tensor) -> torch.Tensor:
+        """Logits in float32 from hidden states that already went through the final norm."""
+        logits = self.head(normed).float()
+        if self.softcap:
+            logits = torch.tanh(logits / self.softcap) * self.softcap
+        return logits
+
+
+@contextmanager
+def swapped(parent: nn.Module, attr: str, replacement: nn.Module) -> Iterator[None]:
+    original = getattr(parent, attr)
+    setattr(parent, attr, replacement)
+    try:
+        yield
+    finally:
+        setattr(parent, attr, original)

@@ -1,0 +1,226 @@
+"""One run, end to end: resolve a recipe, load model and data, search or baseline, write results.
+
+The CLI and the Python API are thin layers over these functions; a ``Recipe`` is the whole
+description of a run and is written, fully resolved, next to every result.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from . import __version__
+from .baselines import DROP_BASELINES, best_of_random
+from .data import TokenPool, load_pool
+from .errors import UserError
+from .fitness import Evaluator, FitnessConfig
+from .io import read_json, write_json
+from .models import Decoder, LoadedModel, load_model, resolve_device, resolve_dtype
+from .search import NoMoveError, SearchConfig, SearchState, evolve
+from .spaces import Space, make_space
+
+RESULT = "result.json"
+CHECKPOINT = "checkpoint.json"
+EVAL = "eval.json"
+RECIPE = "recipe.json"
+
+
+@dataclass
+class Recipe:
+    """Everything that determines a run's result."""
+
+    space: str = "drop"
+    target: float = 0.25
+    method: str = "evopress"
+    model: str | None = None  # None: the embedded default
+    data: str = "wiki"
+    device: str | None = None
+    dtype: str | None = None
+    seq_len: int = 256
+    calib_tokens: int = 32768
+    space_options: dict[str, Any] = field(default_factory=dict)
+    search: SearchConfig = field(default_factory=SearchConfig)
+    fitness: FitnessConfig = field(default_factory=FitnessConfig)
+    final_tokens: int = 4096  # the shared calibration sample every method's final fitness is reported on
+    baseline_tokens: int = 4096  # tokens the scoring baselines and best-of-N random look at
+    random_candidates: int = 32
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @staticmethod
+    def from_json(d: dict[str, Any]) -> "Recipe":
+        d = dict(d)
+        search = dict(d.pop("search", {}))
+        if "stages" in search:
+            search["stages"] = [tuple(s) for s in search["stages"]]
+        fitness = d.pop("fitness", {})
+        try:
+            return Recipe(**d, search=SearchConfig(**search), fitness=FitnessConfig(**fitness))
+        except TypeError as e:
+            raise UserError(f"bad recipe: {e}") from e
+
+    def fingerprint(self) -> str:
+        """What a resumed run must share with the checkpoint (device, dtype and speed knobs excluded)."""
+        d = self.to_json()
+        for k in ("device",):
+            d.pop(k)
+        for k in ("batch_size", "chunk_tokens", "prefix_reuse", "cache_bytes"):
+            d["fitness"].pop(k)
+        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+
+@dataclass
+class Context:
+    recipe: Recipe
+    loaded: LoadedModel
+    decoder: Decoder
+    pool: TokenPool
+    space: Space
+    evaluator: Evaluator
+
+
+def prepare(recipe: Recipe, log: Callable[[str], None] = print) -> Context:
+    device = resolve_device(recipe.device)
+    dtype = resolve_dtype(recipe.dtype, device)
+    loaded = load_model(recipe.model, device, dtype)
+    decoder = Decoder(loaded.model)
+    space = make_space(recipe.space, decoder, recipe.target, recipe.space_options)
+    pool = load_pool(loaded.tokenizer, recipe.data, "calibration", recipe.seq_len, recipe.calib_tokens)
+    log(f"model {loaded.name}: {decoder.num_blocks} blocks on {device} ({dtype}); calibration "
+        f"{pool.tokens} tokens of '{recipe.data}' in {len(pool.windows)} windows of {pool.seq_len}")
+    return Context(recipe, loaded, decoder, pool, space, Evaluator(space, pool, recipe.fitness))
+
+
+def _final_fitness(ctx: Context, config: tuple[int, ...]) -> dict[str, Any]:
+    sample = ctx.pool.first(ctx.recipe.final_tokens)
+    m = ctx.evaluator.measure([config], sample)[0]
+    return {"metric": ctx.recipe.fitness.metric, "kl": m.kl, "nll": m.nll, "dense_nll": m.dense_nll,
+            "tokens": sample.tokens, "sample": f"first {sample.tokens} calibration tokens (same for every method)"}
+
+
+def _result(ctx: Context, config: tuple[int, ...], history: list[dict], seconds: float) -> dict[str, Any]:
+    r = ctx.recipe
+    return {
+        "evopress_version": __version__,
+        "space": r.space,
+        "method": r.method,
+        "target": r.target,
+        "model": ctx.loaded.name,
+        "data": r.data,
+        "seed": r.search.seed,
+        "space_options": ctx.space.options(),
+        "units": ctx.space.units,
+        "levels": list(config),
+        "budget": ctx.space.budget_report(config),
+        "fitness": _final_fitness(ctx, config),
+        "history": history,
+        "seconds": seconds,
+        "recipe": r.to_json(),
+    }
+
+
+def run_search(ctx: Context, out: Path, restart: bool = False, progress: bool = True,
+               log: Callable[[str], None] = print) -> dict[str, Any]:
+    """EvoPress search with a checkpoint after every generation; rerunning resumes it."""
+    from tqdm.auto import tqdm
+
+    recipe = ctx.recipe
+    out = Path(out)
+    fingerprint = recipe.fingerprint()
+    state = None
+    checkpoint = out / CHECKPOINT
+    if checkpoint.is_file() and not restart:
+        saved = read_json(checkpoint)
+        if saved.get("fingerprint") != fingerprint:
+            raise UserError(f"{out} holds a search with different settings; use another --out or --restart")
+        state = SearchState.from_json(saved["state"])
+        log(f"resuming from generation {state.generation}")
+    write_json(out / RECIPE, recipe.to_json())
+    start = time.perf_counter()
+    bar = tqdm(total=recipe.search.generations, initial=state.generation if state else 0,
+               desc="search", unit="gen", disable=not progress)
+
+    def on_generation(s: SearchState) -> None:
+        write_json(checkpoint, {"fingerprint": fingerprint, "state": s.to_json()})
+        if s.history:
+            bar.n = s.generation
+            bar.set_postfix({recipe.fitness.metric: f"{s.history[-1].fitness:.4f}"}, refresh=True)
+
+    # A stream separate from the search's own, so the initial population does not shift its draws.
+    rng = np.random.default_rng((recipe.search.seed, 1))
+    initial = ctx.space.initial_configs(rng, recipe.search.initial_candidates)
+    try:
+        state = evolve(ctx.space.problem, ctx.evaluator, initial, recipe.search, state, on_generation)
+    except NoMoveError as e:
+        raise UserError(f"target {recipe.target} leaves nothing to search: {e}") from e
+    bar.close()
+    history = [{k: v for k, v in asdict(h).items() if k != "parent"} for h in state.history]
+    result = _result(ctx, state.parent, history, time.perf_counter() - start)
+    write_json(out / RESULT, result)
+    return result
+
+
+def run_baseline(ctx: Context, out: Path, log: Callable[[str], None] = print) -> dict[str, Any]:
+    recipe = ctx.recipe
+    start = time.perf_counter()
+    rng = np.random.default_rng(recipe.search.seed)
+    if recipe.method == "random":
+        config = best_of_random(ctx.evaluator, recipe.random_candidates, recipe.baseline_tokens, rng)
+    elif recipe.space == "drop" and recipe.method in DROP_BASELINES:
+        sample = ctx.pool.first(recipe.baseline_tokens)
+        config = DROP_BASELINES[recipe.method](ctx.space, ctx.pool, sample, recipe.fitness.batch_size)
+    else:
+        raise UserError(f"unknown method '{recipe.method}' for space '{recipe.space}' "
+                        f"(choose from {', '.join(baseline_methods(recipe.space))})")
+    result = _result(ctx, config, [], time.perf_counter() - start)
+    write_json(out / RECIPE, recipe.to_json())
+    write_json(Path(out) / RESULT, result)
+    return result
+
+
+def baseline_methods(space: str) -> list[str]:
+    return (list(DROP_BASELINES) if space == "drop" else []) + ["random"]
+
+
+def evaluate_result(out: Path, eval_data: list[str], eval_tokens: int, eval_seq_len: int,
+                    device: str | None = None, dtype: str | None = None, batch_size: int = 4,
+                    log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Held-out perplexity and KL to the dense model of the configuration saved in ``out``."""
+    result = read_json(Path(out) / RESULT)
+    recipe = Recipe.from_json(result["recipe"])
+    recipe.device, recipe.dtype = device or recipe.device, dtype or recipe.dtype
+    dev = resolve_device(recipe.device)
+    loaded = load_model(recipe.model, dev, resolve_dtype(recipe.dtype, dev))
+    decoder = Decoder(loaded.model)
+    space = make_space(result["space"], decoder, result["target"], result["space_options"])
+    if list(space.units) != list(result["units"]) or len(result["levels"]) != len(space.units):
+        raise UserError(f"{out}/{RESULT} does not match the model's units")
+    config = tuple(result["levels"])
+    datasets = {}
+    for source in eval_data:
+        pool = load_pool(loaded.tokenizer, source, "evaluation", eval_seq_len, eval_tokens)
+        evaluator = Evaluator(space, pool, FitnessConfig(batch_size=batch_size, prefix_reuse=False))
+        m = evaluator.measure([config], pool.first(pool.tokens))[0]
+        datasets[source] = {
+            "ppl": float(np.exp(m.nll)), "kl": m.kl, "dense_ppl": float(np.exp(m.dense_nll)),
+            "tokens": pool.tokens,
+            "protocol": (f"'{source}' evaluation split: {len(pool.windows)} non-overlapping windows of "
+                         f"{eval_seq_len} tokens (documents joined by blank lines, no BOS, remainder "
+                         f"dropped); PPL = exp(mean NLL over {m.positions} predicted positions); KL = mean "
+                         "per-position KL(dense || compressed) over the full vocabulary"),
+        }
+        log(f"{source}: ppl {datasets[source]['ppl']:.3f} (dense {datasets[source]['dense_ppl']:.3f}), "
+            f"kl {m.kl:.4f} on {pool.tokens} tokens")
+    first = datasets[eval_data[0]]
+    report = {**first, "datasets": datasets, "method": result["method"], "space": result["space"],
+              "target": result["target"]}
+    write_json(Path(out) / EVAL, report)
+    return report

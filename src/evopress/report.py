@@ -1,0 +1,154 @@
+"""Compare runs: a markdown table and PNG plots (profiles, search curves, held-out metrics)."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .errors import UserError
+from .io import atomic_write, read_json
+
+_UNIT = re.compile(r"\.(\d+)(?:\.(.+))?$")
+
+
+def load_run(d: Path) -> dict[str, Any]:
+    run = read_json(Path(d) / "result.json")
+    run["dir"] = str(d)
+    ev = Path(d) / "eval.json"
+    run["eval"] = read_json(ev) if ev.is_file() else None
+    return run
+
+
+def profile_matrix(units: list[str], levels: list[int]) -> tuple[list[str], np.ndarray]:
+    """Levels arranged as [kind x block]; kind is the unit name after the block index."""
+    cells: dict[tuple[str, int], int] = {}
+    for unit, level in zip(units, levels):
+        m = _UNIT.search(unit)
+        if not m:
+            raise UserError(f"cannot place unit '{unit}' in a block")
+        cells[(m.group(2) or "block", int(m.group(1)))] = level
+    kinds = list(dict.fromkeys(k for k, _ in cells))
+    blocks = 1 + max(b for _, b in cells)
+    mat = np.full((len(kinds), blocks), np.nan)
+    for (kind, b), level in cells.items():
+        mat[kinds.index(kind), b] = level
+    return kinds, mat
+
+
+def markdown_table(runs: list[dict[str, Any]]) -> str:
+    sets = list(dict.fromkeys(s for r in runs if r["eval"] for s in r["eval"]["datasets"]))
+    head = ["method", "space", "target", "achieved", "calib KL"]
+    for s in sets:
+        head += [f"{s} PPL", f"{s} KL"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    dense = {s: r["eval"]["datasets"][s]["dense_ppl"] for r in runs if r["eval"] for s in r["eval"]["datasets"]}
+    if dense:
+        lines.append("| dense | | | | 0 | " + " | ".join(
+            f"{dense[s]:.2f} | 0" if s in dense else "- | -" for s in sets) + " |")
+    for r in runs:
+        achieved = r["budget"].get("achieved")
+        row = [r["method"], r["space"], f"{r['target']:g}",
+               f"{achieved:.4f}" if isinstance(achieved, float) else str(achieved), f"{r['fitness']['kl']:.4f}"]
+        for s in sets:
+            e = (r["eval"] or {}).get("datasets", {}).get(s)
+            row += [f"{e['ppl']:.2f}", f"{e['kl']:.4f}"] if e else ["-", "-"]
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines)
+
+
+def _save(fig, path: Path) -> None:
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight"))
+
+
+def plot_profiles(runs: list[dict[str, Any]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(len(runs), 1, figsize=(10, 0.5 + 0.45 * sum(
+        len(profile_matrix(r["units"], r["levels"])[0]) + 1.5 for r in runs)), squeeze=False)
+    for ax, r in zip(axes[:, 0], runs):
+        kinds, mat = profile_matrix(r["units"], r["levels"])
+        ax.imshow(mat, aspect="auto", cmap="viridis", interpolation="nearest")
+        ax.set_yticks(range(len(kinds)), kinds, fontsize=7)
+        ax.set_title(f"{r['method']} ({r['space']} {r['target']:g})", fontsize=9)
+        ax.set_xticks(range(mat.shape[1]), [str(b) if b % 5 == 0 else "" for b in range(mat.shape[1])], fontsize=7)
+    axes[-1, 0].set_xlabel("block (level: 1 = dropped for the drop space)")
+    fig.tight_layout()
+    _save(fig, path)
+    plt.close(fig)
+
+
+def plot_search(runs: list[dict[str, Any]], path: Path) -> bool:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    searched = [r for r in runs if r["history"]]
+    if not searched:
+        return False
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for r in searched:
+        gens = [h["generation"] for h in r["history"]]
+        ax.plot(gens, [h["fitness"] for h in r["history"]], marker=".", label=f"{r['method']} {r['target']:g}")
+    ax.set_xlabel("generation")
+    ax.set_ylabel(f"parent {searched[0]['fitness']['metric']} (last-stage sample)")
+    ax.set_yscale("log")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    _save(fig, path)
+    plt.close(fig)
+    return True
+
+
+def plot_metrics(runs: list[dict[str, Any]], path: Path) -> bool:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    evaluated = [r for r in runs if r["eval"]]
+    if not evaluated:
+        return False
+    sets = list(evaluated[0]["eval"]["datasets"])
+    fig, axes = plt.subplots(1, 2 * len(sets), figsize=(4 * len(sets) * 2, 3.5), squeeze=False)
+    names = [f"{r['method']}\n{r['target']:g}" for r in evaluated]
+    for i, s in enumerate(sets):
+        for j, key in enumerate(("ppl", "kl")):
+            ax = axes[0, 2 * i + j]
+            vals = [r["eval"]["datasets"].get(s, {}).get(key, np.nan) for r in evaluated]
+            ax.bar(range(len(vals)), vals, color="tab:blue")
+            ax.set_xticks(range(len(vals)), names, fontsize=7)
+            ax.set_title(f"{s} held-out {key.upper()}", fontsize=9)
+            if key == "ppl":
+                ax.axhline(evaluated[0]["eval"]["datasets"][s]["dense_ppl"], color="k", ls="--", lw=1,
+                           label="dense")
+                ax.legend(fontsize=7)
+    fig.tight_layout()
+    _save(fig, path)
+    plt.close(fig)
+    return True
+
+
+def write_report(dirs: list[Path], out: Path) -> dict[str, Any]:
+    runs = [load_run(d) for d in dirs]
+    out = Path(out)
+    table = markdown_table(runs)
+    files = {"profile": out / "profile.png"}
+    plot_profiles(runs, files["profile"])
+    if plot_search(runs, out / "search.png"):
+        files["search"] = out / "search.png"
+    if plot_metrics(runs, out / "metrics.png"):
+        files["metrics"] = out / "metrics.png"
+    protocol = next((r["eval"]["protocol"] for r in runs if r["eval"]), "not evaluated")
+    text = (f"# evopress report\n\n{table}\n\nCalibration KL: mean per-token KL(dense || compressed) on the "
+            f"same calibration sample for every method. Held-out protocol: {protocol}\n\n"
+            + "".join(f"![{k}]({p.name})\n" for k, p in files.items()))
+    atomic_write(out / "report.md", lambda tmp: tmp.write_text(text))
+    return {"markdown": table, "files": {k: str(p) for k, p in files.items()}}

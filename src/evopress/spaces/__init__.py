@@ -1,0 +1,19 @@
+"""Compression spaces: what a level means for each unit, and how to put a configuration in the model."""
+
+from typing import Any
+
+from ..errors import UserError
+from ..models import Decoder
+from .base import Config, Problem, Space
+from .drop import DropSpace
+
+SPACES: dict[str, type[Space]] = {"drop": DropSpace}
+
+
+def make_space(name: str, decoder: Decoder, target: float, options: dict[str, Any]) -> Space:
+    if name not in SPACES:
+        raise UserError(f"unknown space '{name}' (choose from {', '.join(SPACES)})")
+    return SPACES[name](decoder, target, **options)
+
+
+__all__ = ["Config", "Problem", "Space", "SPACES", "make_space"]

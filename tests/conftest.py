@@ -1,0 +1,42 @@
+"""Shared fixtures: tiny random Llama-like models built in code, and token pools over them."""
+
+import pytest
+import torch
+
+from evopress.data import TokenPool
+from evopress.models import Decoder
+
+
+def tiny_model(arch: str = "llama", layers: int = 6, seed: int = 0):
+    import transformers
+
+    torch.manual_seed(seed)
+    common = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=layers, num_attention_heads=4,
+                  num_key_value_heads=2, vocab_size=97, max_position_embeddings=128,
+                  pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    config_cls, model_cls = {
+        "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
+        "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM),
+        "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
+        "phi3": (transformers.Phi3Config, transformers.Phi3ForCausalLM),
+        "gemma": (transformers.GemmaConfig, transformers.GemmaForCausalLM),
+    }[arch]
+    extra = {"head_dim": 8} if arch == "gemma" else {}
+    model = model_cls(config_cls(**common, **extra, attn_implementation="sdpa"))
+    # Random init gives near-uniform predictions; scale weights up so configurations differ clearly.
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.ndim == 2:
+                p.mul_(8.0)
+    return model.eval().requires_grad_(False)
+
+
+@pytest.fixture
+def decoder() -> Decoder:
+    return Decoder(tiny_model())
+
+
+@pytest.fixture
+def pool() -> TokenPool:
+    g = torch.Generator().manual_seed(1)
+    return TokenPool(torch.randint(0, 97, (12, 16), generator=g), "random")

@@ -1,0 +1,157 @@
+"""The generic EA on synthetic problems: budget exactness, selection, convergence, resume."""
+
+import itertools
+import json
+from collections import Counter
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from evopress.search import (NoMoveError, SearchConfig, SearchState, evolve, mutate, num_switches,
+                             offspring, select)
+from evopress.spaces.base import Problem
+
+
+@st.composite
+def problems_and_configs(draw):
+    """Groups of units whose level steps cost the same inside a group, and a feasible config."""
+    groups, costs, num_levels, config = [], [], [], []
+    u = 0
+    for _ in range(draw(st.integers(1, 3))):
+        size = draw(st.integers(2, 6))
+        levels = draw(st.integers(2, 5))
+        step = draw(st.integers(1, 7))
+        groups.append(tuple(range(u, u + size)))
+        for _ in range(size):
+            num_levels.append(levels)
+            costs.append(tuple(step * lv for lv in range(levels)))
+            config.append(draw(st.integers(0, levels - 1)))
+        u += size
+    problem = Problem(tuple(num_levels), tuple(costs), 0, tuple(groups))
+    budget = problem.cost(config)
+    return Problem(tuple(num_levels), tuple(costs), budget, tuple(groups)), tuple(config)
+
+
+@settings(max_examples=200, deadline=None)
+@given(problems_and_configs(), st.integers(0, 2**31 - 1))
+def test_mutation_preserves_budget_and_group_sums(pc, seed):
+    problem, config = pc
+    rng = np.random.default_rng(seed)
+    try:
+        child = mutate(config, problem, rng, 3)
+    except NoMoveError:
+        return  # every unit is pinned at one level: nothing to move
+    assert problem.feasible(child)
+    assert problem.cost(child) == problem.budget
+    for group in problem.groups:
+        assert sum(child[u] for u in group) == sum(config[u] for u in group)
+
+
+def test_number_of_switches_follows_min_of_two_uniforms():
+    rng = np.random.default_rng(0)
+    counts = Counter(num_switches(rng, 3) for _ in range(30000))
+    for s, p in {1: 5 / 9, 2: 3 / 9, 3: 1 / 9}.items():
+        assert abs(counts[s] / 30000 - p) < 0.015
+
+
+def drop_problem(n: int, k: int) -> tuple[Problem, tuple[int, ...]]:
+    problem = Problem((2,) * n, ((0, 1),) * n, k, (tuple(range(n)),))
+    return problem, tuple([1] * k + [0] * (n - k))
+
+
+def test_offspring_are_distinct_feasible_and_differ_from_parent():
+    problem, parent = drop_problem(10, 3)
+    children = offspring(parent, problem, np.random.default_rng(0), 20, 3)
+    assert len(children) == 20 == len(set(children))
+    assert parent not in children
+    assert all(problem.feasible(c) for c in children)
+
+
+def test_no_feasible_move_raises_instead_of_hanging():
+    problem, parent = drop_problem(4, 4)
+    with pytest.raises(NoMoveError):
+        offspring(parent, problem, np.random.default_rng(0), 4, 3)
+
+
+class FakeEvaluator:
+    """Deterministic fitness; records which candidates each stage saw."""
+
+    def __init__(self, f):
+        self.f = f
+        self.stages: list[list] = []
+        self.evaluations = 0
+
+    def sample(self, tokens, rng):
+        return tokens
+
+    def sample_tokens(self, sample):
+        return sample
+
+    def score(self, configs, sample):
+        self.stages.append(list(configs))
+        self.evaluations += len(configs)
+        return [self.f(c) for c in configs]
+
+
+def test_selection_keeps_the_best_and_parent_joins_only_last_stage():
+    candidates = [(i,) for i in range(10)]
+    parent = (100,)
+    ev = FakeEvaluator(lambda c: abs(c[0] - 6))
+    best, fit, evals, tokens = select(candidates, parent, [(4, 8), (2, 16), (1, 32)], ev, np.random.default_rng(0))
+    assert best == (6,) and fit == 0
+    assert parent not in ev.stages[0] and parent not in ev.stages[1] and parent in ev.stages[2]
+    assert [len(s) for s in ev.stages] == [10, 4, 3]
+    assert evals == 17 and tokens == 10 * 8 + 4 * 16 + 3 * 32
+    # an unbeatable parent survives the final stage
+    ev = FakeEvaluator(lambda c: -1 if c == parent else abs(c[0] - 6))
+    assert select(candidates, parent, [(4, 8), (1, 32)], ev, np.random.default_rng(0))[0] == parent
+
+
+def brute_force(problem: Problem, f):
+    n, k = len(problem.num_levels), problem.budget
+    best = None
+    for idx in itertools.combinations(range(n), k):
+        c = tuple(int(i in idx) for i in range(n))
+        if best is None or f(c) < f(best):
+            best = c
+    return best
+
+
+@pytest.mark.parametrize("kind", ["separable", "non_separable"])
+def test_ea_finds_the_optimum(kind):
+    n, k = 14, 5
+    problem, _ = drop_problem(n, k)
+    w = np.random.default_rng(3).normal(size=n)
+    pair = np.random.default_rng(4).normal(size=(n, n))
+    if kind == "separable":
+        def f(c):
+            return float(np.dot(w, c))
+    else:
+        # pairwise interactions: the value of dropping a unit depends on what else is dropped
+        def f(c):
+            x = np.array(c, dtype=float)
+            return float(x @ pair @ x + 0.5 * np.dot(w, x))
+    optimum = brute_force(problem, f)
+    rng = np.random.default_rng(0)
+    initial = [tuple(int(i in s) for i in range(n)) for s in
+               (rng.choice(n, size=k, replace=False) for _ in range(8))]
+    config = SearchConfig(generations=150, offspring=8, stages=[(2, 1), (1, 1)], initial_candidates=8, seed=0)
+    state = evolve(problem, FakeEvaluator(f), initial, config)
+    assert f(state.parent) == pytest.approx(f(optimum))
+
+
+def test_resume_gives_the_same_result_as_an_uninterrupted_run():
+    n, k = 12, 4
+    problem, start = drop_problem(n, k)
+    w = np.random.default_rng(5).normal(size=(n, n))
+    noisy = lambda c: float(np.array(c) @ w @ np.array(c))  # noqa: E731
+    full = evolve(problem, FakeEvaluator(noisy), [start], SearchConfig(generations=10, offspring=6, seed=7))
+    saved: list[dict] = []
+    evolve(problem, FakeEvaluator(noisy), [start], SearchConfig(generations=4, offspring=6, seed=7),
+           on_generation=lambda s: saved.append(json.loads(json.dumps(s.to_json()))))
+    resumed = evolve(problem, FakeEvaluator(noisy), [start], SearchConfig(generations=10, offspring=6, seed=7),
+                     state=SearchState.from_json(saved[-1]))
+    assert resumed.parent == full.parent
+    assert [h.fitness for h in resumed.history] == [h.fitness for h in full.history]
