@@ -11,6 +11,7 @@ import os
 import sys
 from pathlib import Path
 
+from .baselines import baseline_methods
 from .errors import UserError
 from .fitness import METRICS, FitnessConfig
 from .search import SearchConfig
@@ -33,6 +34,16 @@ def parse_stages(text: str) -> list[tuple[int, int]]:
     return stages  # type: ignore[return-value]
 
 
+def _model_args(p: argparse.ArgumentParser, calib_tokens: int = 32768) -> None:
+    p.add_argument("--model", default=None, help="local HF model directory or .gguf file (default: "
+                   "embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--data", default="wiki", help="calibration text: wiki, ptb, or a .txt/.jsonl file")
+    p.add_argument("--device", default=None, help="cuda, cuda:1, cpu, ... (default: CUDA when present)")
+    p.add_argument("--dtype", default=None, help="float32, bfloat16, float16 (default: fp32 on CPU, bf16 on GPU)")
+    p.add_argument("--seq-len", type=int, default=256, help="calibration window length in tokens")
+    p.add_argument("--calib-tokens", type=int, default=calib_tokens, help="size of the calibration pool")
+
+
 def _common(p: argparse.ArgumentParser) -> None:
     d = SearchConfig()
     f = FitnessConfig()
@@ -41,13 +52,10 @@ def _common(p: argparse.ArgumentParser) -> None:
                    help="drop: fraction of sub-blocks of each kind to remove, e.g. 0.25")
     p.add_argument("--granularity", default="sublayer", help="drop space: sublayer (attention and MLP "
                    "separately, as in the paper) or block (whole blocks)")
-    p.add_argument("--model", default=None, help="local HF model directory or .gguf file (default: "
-                   "embedded SmolLM2-135M-Instruct)")
-    p.add_argument("--data", default="wiki", help="calibration text: wiki, ptb, or a .txt/.jsonl file")
-    p.add_argument("--device", default=None, help="cuda, cuda:1, cpu, ... (default: CUDA when present)")
-    p.add_argument("--dtype", default=None, help="float32, bfloat16, float16 (default: fp32 on CPU, bf16 on GPU)")
-    p.add_argument("--seq-len", type=int, default=256, help="calibration window length in tokens")
-    p.add_argument("--calib-tokens", type=int, default=32768, help="size of the calibration pool")
+    p.add_argument("--db", default=None, help="sparsity/quant: level database built by build-db")
+    p.add_argument("--group-rule", default=None, help="sparsity/quant: which layers may trade levels: "
+                   "global, size (equal-size layers) or name (same projection)")
+    _model_args(p)
     p.add_argument("--fitness", default=f.metric, choices=METRICS)
     p.add_argument("--batch-size", type=int, default=f.batch_size)
     p.add_argument("--final-tokens", type=int, default=4096,
@@ -92,6 +100,29 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--quiet", action="store_true")
     e.add_argument("--json", action="store_true")
 
+    db = sub.add_parser("build-db", help="build a level database (sparsity, quant)")
+    db.add_argument("--space", required=True, help="sparsity or quant")
+    _model_args(db, calib_tokens=16384)
+    db.add_argument("--batch-size", type=int, default=8)
+    db.add_argument("--target", type=float, default=None, help="sparsity: the average sparsity the levels centre on")
+    db.add_argument("--levels", type=int, default=None, help="sparsity: levels on each side of the target")
+    db.add_argument("--step", type=int, default=None, help="sparsity: weights pruned per level step")
+    db.add_argument("--method", default=None, help="sparsity: sparsegpt, wanda, magnitude")
+    db.add_argument("--bits", default=None, help="quant: comma-separated bitwidths, e.g. 2,3,4,5,6,8")
+    db.add_argument("--group-size", type=int, default=None, help="quant: columns per scale/zero group")
+    db.add_argument("--calib-bits", type=int, default=None, help="quant: bitwidth installed between blocks")
+    db.add_argument("--out", type=Path, required=True)
+    db.add_argument("--quiet", action="store_true")
+    db.add_argument("--json", action="store_true")
+
+    x = sub.add_parser("export", help="write a compressed checkpoint that transformers loads")
+    x.add_argument("dir", type=Path)
+    x.add_argument("--out", type=Path, required=True)
+    x.add_argument("--device", default=None)
+    x.add_argument("--dtype", default=None)
+    x.add_argument("--quiet", action="store_true")
+    x.add_argument("--json", action="store_true")
+
     r = sub.add_parser("report", help="compare runs: markdown table and PNG plots")
     r.add_argument("dirs", type=Path, nargs="+")
     r.add_argument("--out", type=Path, required=True)
@@ -111,7 +142,7 @@ def recipe_from_args(args: argparse.Namespace, method: str):
         search.validate()
     fitness = FitnessConfig(metric=args.fitness, batch_size=args.batch_size,
                             prefix_reuse=not getattr(args, "no_prefix_reuse", False))
-    options = {"granularity": args.granularity} if args.space == "drop" else {}
+    options = SPACES[args.space].options_from_args(args)
     recipe = Recipe(space=args.space, target=args.target, method=method, model=args.model, data=args.data,
                     device=args.device, dtype=args.dtype, seq_len=args.seq_len,
                     calib_tokens=args.calib_tokens, space_options=options, search=search, fitness=fitness,
@@ -129,9 +160,9 @@ def run(argv: list[str] | None = None) -> int:
     if args.command in ("search", "baseline"):
         if args.space not in SPACES:
             raise UserError(f"unknown space '{args.space}' (choose from {', '.join(SPACES)})")
-        if args.command == "baseline" and args.method not in pipeline.baseline_methods(args.space):
+        if args.command == "baseline" and args.method not in baseline_methods(args.space):
             raise UserError(f"unknown method '{args.method}' for space '{args.space}' "
-                            f"(choose from {', '.join(pipeline.baseline_methods(args.space))})")
+                            f"(choose from {', '.join(baseline_methods(args.space))})")
         recipe = recipe_from_args(args, "evopress" if args.command == "search" else args.method)
         ctx = pipeline.prepare(recipe, log)
         if args.command == "search":
@@ -141,6 +172,10 @@ def run(argv: list[str] | None = None) -> int:
         log(f"{result['method']}: calibration {result['fitness']['metric']} "
             f"{result['fitness']['kl' if result['fitness']['metric'] == 'kl' else 'nll']:.4f}; "
             f"wrote {args.out / pipeline.RESULT}")
+    elif args.command == "build-db":
+        result = pipeline.build_database(args, progress=not args.quiet, log=log)
+    elif args.command == "export":
+        result = pipeline.export_result(args.dir, args.out, args.device, args.dtype, log)
     elif args.command == "eval":
         result = pipeline.evaluate_result(args.dir, [d for d in args.eval_data.split(",") if d],
                                           args.eval_tokens, args.eval_seq_len, args.device, args.dtype,

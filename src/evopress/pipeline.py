@@ -17,14 +17,14 @@ import numpy as np
 import torch
 
 from . import __version__
-from .baselines import DROP_BASELINES, best_of_random
+from .baselines import BASELINES, baseline_methods
 from .data import TokenPool, load_pool
 from .errors import UserError
 from .fitness import Evaluator, FitnessConfig
 from .io import read_json, write_json
 from .models import Decoder, LoadedModel, load_model, resolve_device, resolve_dtype
 from .search import NoMoveError, SearchConfig, SearchState, evolve
-from .spaces import Space, make_space
+from .spaces import SPACES, Space, make_space
 
 RESULT = "result.json"
 CHECKPOINT = "checkpoint.json"
@@ -94,6 +94,7 @@ def prepare(recipe: Recipe, log: Callable[[str], None] = print) -> Context:
     decoder = Decoder(loaded.model)
     space = make_space(recipe.space, decoder, recipe.target, recipe.space_options)
     pool = load_pool(loaded.tokenizer, recipe.data, "calibration", recipe.seq_len, recipe.calib_tokens)
+    space.check_calibration(pool)
     log(f"model {loaded.name}: {decoder.num_blocks} blocks on {device} ({dtype}); calibration "
         f"{pool.tokens} tokens of '{recipe.data}' in {len(pool.windows)} windows of {pool.seq_len}")
     return Context(recipe, loaded, decoder, pool, space, Evaluator(space, pool, recipe.fitness))
@@ -171,38 +172,57 @@ def run_search(ctx: Context, out: Path, restart: bool = False, progress: bool = 
 def run_baseline(ctx: Context, out: Path, log: Callable[[str], None] = print) -> dict[str, Any]:
     recipe = ctx.recipe
     start = time.perf_counter()
-    rng = np.random.default_rng(recipe.search.seed)
-    if recipe.method == "random":
-        config = best_of_random(ctx.evaluator, recipe.random_candidates, recipe.baseline_tokens, rng)
-    elif recipe.space == "drop" and recipe.method in DROP_BASELINES:
-        sample = ctx.pool.first(recipe.baseline_tokens)
-        config = DROP_BASELINES[recipe.method](ctx.space, ctx.pool, sample, recipe.fitness.batch_size)
-    else:
+    methods = BASELINES.get(recipe.space, {})
+    if recipe.method not in methods:
         raise UserError(f"unknown method '{recipe.method}' for space '{recipe.space}' "
-                        f"(choose from {', '.join(baseline_methods(recipe.space))})")
+                        f"(choose from {', '.join(methods)})")
+    config = methods[recipe.method](ctx)
     result = _result(ctx, config, [], time.perf_counter() - start)
     write_json(out / RECIPE, recipe.to_json())
     write_json(Path(out) / RESULT, result)
     return result
 
 
-def baseline_methods(space: str) -> list[str]:
-    return (list(DROP_BASELINES) if space == "drop" else []) + ["random"]
+def load_result(out: Path, device: str | None, dtype: str | None) -> tuple[dict, LoadedModel, Space]:
+    """A saved result with its model loaded and its space rebuilt, checked against each other."""
+    result = read_json(Path(out) / RESULT)
+    recipe = Recipe.from_json(result["recipe"])
+    dev = resolve_device(device or recipe.device)
+    loaded = load_model(recipe.model, dev, resolve_dtype(dtype or recipe.dtype, dev))
+    space = make_space(result["space"], Decoder(loaded.model), result["target"], result["space_options"])
+    if list(space.units) != list(result["units"]) or len(result["levels"]) != len(space.units):
+        raise UserError(f"{out}/{RESULT} does not match the units of model {loaded.name}")
+    if not space.problem.feasible(tuple(result["levels"])):
+        raise UserError(f"{out}/{RESULT}: levels violate the budget of space '{result['space']}'")
+    return result, loaded, space
+
+
+def build_database(args: Any, progress: bool = True, log: Callable[[str], None] = print) -> dict[str, Any]:
+    if args.space not in SPACES:
+        raise UserError(f"unknown space '{args.space}' (choose from {', '.join(SPACES)})")
+    dev = resolve_device(args.device)
+    loaded = load_model(args.model, dev, resolve_dtype(args.dtype, dev))
+    pool = load_pool(loaded.tokenizer, args.data, "calibration", args.seq_len, args.calib_tokens)
+    log(f"building a '{args.space}' database for {loaded.name} on {pool.tokens} tokens of '{args.data}'")
+    start = time.perf_counter()
+    manifest = SPACES[args.space].build_database(Decoder(loaded.model), pool, args, Path(args.out), progress)
+    log(f"database written to {args.out} in {time.perf_counter() - start:.0f} s")
+    return manifest
+
+
+def export_result(out: Path, target: Path, device: str | None = None, dtype: str | None = None,
+                  log: Callable[[str], None] = print) -> dict[str, Any]:
+    result, loaded, space = load_result(out, device, dtype)
+    summary = space.export(tuple(result["levels"]), Path(target), loaded.tokenizer)
+    log(f"exported {result['method']} {result['space']} {result['target']:g} to {target}")
+    return summary
 
 
 def evaluate_result(out: Path, eval_data: list[str], eval_tokens: int, eval_seq_len: int,
                     device: str | None = None, dtype: str | None = None, batch_size: int = 4,
                     log: Callable[[str], None] = print) -> dict[str, Any]:
     """Held-out perplexity and KL to the dense model of the configuration saved in ``out``."""
-    result = read_json(Path(out) / RESULT)
-    recipe = Recipe.from_json(result["recipe"])
-    recipe.device, recipe.dtype = device or recipe.device, dtype or recipe.dtype
-    dev = resolve_device(recipe.device)
-    loaded = load_model(recipe.model, dev, resolve_dtype(recipe.dtype, dev))
-    decoder = Decoder(loaded.model)
-    space = make_space(result["space"], decoder, result["target"], result["space_options"])
-    if list(space.units) != list(result["units"]) or len(result["levels"]) != len(space.units):
-        raise UserError(f"{out}/{RESULT} does not match the model's units")
+    result, loaded, space = load_result(out, device, dtype)
     config = tuple(result["levels"])
     datasets = {}
     for source in eval_data:

@@ -1,6 +1,23 @@
-"""Baselines that produce configurations in the same form as the search."""
+"""Baselines: configurations at the same budget as the search, found without search.
 
-from .drop import DROP_BASELINES, block_similarity
+Each is a function ``(Context) -> Config`` registered per space; the CLI and pipeline only see this table.
+"""
+
+from typing import TYPE_CHECKING, Callable
+
+from ..spaces.base import Config
+from . import drop
 from .random_search import best_of_random
 
-__all__ = ["DROP_BASELINES", "block_similarity", "best_of_random"]
+if TYPE_CHECKING:
+    from ..pipeline import Context
+
+Baseline = Callable[["Context"], Config]
+
+BASELINES: dict[str, dict[str, Baseline]] = {
+    "drop": {"shortgpt": drop.shortgpt, "angular": drop.angular, "random": best_of_random},
+}
+
+
+def baseline_methods(space: str) -> list[str]:
+    return list(BASELINES.get(space, {}))

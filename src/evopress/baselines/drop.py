@@ -14,6 +14,7 @@ HF's last hidden state, which is already normed, for the last block).
 from __future__ import annotations
 
 from collections import deque
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -21,6 +22,9 @@ import torch.nn.functional as F
 from ..data import Sample, TokenPool
 from ..spaces.base import Config
 from ..spaces.drop import DropSpace
+
+if TYPE_CHECKING:
+    from ..pipeline import Context
 
 
 @torch.inference_mode()
@@ -41,17 +45,23 @@ def block_similarity(space: DropSpace, pool: TokenPool, sample: Sample, span: in
     return sums / count
 
 
-def shortgpt(space: DropSpace, pool: TokenPool, sample: Sample, batch_size: int) -> Config:
-    influence = 1 - block_similarity(space, pool, sample, 1, batch_size)
+def _similarity(ctx: "Context", span: int) -> torch.Tensor:
+    r = ctx.recipe
+    return block_similarity(ctx.space, ctx.pool, ctx.pool.first(r.baseline_tokens), span, r.fitness.batch_size)
+
+
+def shortgpt(ctx: "Context") -> Config:
+    space = ctx.space
+    influence = 1 - _similarity(ctx, 1)
     drop = set(torch.argsort(influence, stable=True)[: space.k].tolist())
     return space.config_from_masks([(b in drop, b in drop) for b in range(space.num_blocks)])
 
 
-def angular(space: DropSpace, pool: TokenPool, sample: Sample, batch_size: int) -> Config:
-    cos = block_similarity(space, pool, sample, space.k, batch_size).clamp(-1, 1)
+def angular(ctx: "Context") -> Config:
+    space = ctx.space
+    cos = _similarity(ctx, space.k).clamp(-1, 1)
     start = int(torch.argmin(torch.arccos(cos)))
     drop = range(start, start + space.k)
     return space.config_from_masks([(b in drop, b in drop) for b in range(space.num_blocks)])
 
 
-DROP_BASELINES = {"shortgpt": shortgpt, "angular": angular}

@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 
-from ..fitness import Evaluator
 from ..spaces.base import Config
 
+if TYPE_CHECKING:
+    from ..pipeline import Context
 
-def best_of_random(evaluator: Evaluator, n: int, tokens: int, rng: np.random.Generator) -> Config:
-    """The best of ``n`` random feasible configurations on one shared ``tokens``-token sample."""
-    configs = evaluator.space.initial_configs(rng, n)
-    scores = evaluator.score(configs, evaluator.sample(tokens, rng))
+
+def best_of_random(ctx: "Context") -> Config:
+    """The best of N random feasible configurations on one shared calibration sample."""
+    r = ctx.recipe
+    rng = np.random.default_rng(r.search.seed)
+    configs = ctx.space.initial_configs(rng, r.random_candidates)
+    scores = ctx.evaluator.score(configs, ctx.evaluator.sample(r.baseline_tokens, rng))
     return configs[int(np.argmin(scores))]

@@ -11,9 +11,12 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, ClassVar, Sequence
 
 import numpy as np
+
+from ..errors import UserError
 
 Config = tuple[int, ...]
 
@@ -56,6 +59,23 @@ class Space(ABC):
     @abstractmethod
     def budget_report(self, config: Config) -> dict[str, Any]:
         """Target and achieved budget in the space's own terms, for result.json."""
+
+    @classmethod
+    def options_from_args(cls, args: Any) -> dict[str, Any]:
+        """Space options from parsed CLI arguments (``argparse.Namespace``)."""
+        return {}
+
+    @classmethod
+    def build_database(cls, decoder: Any, pool: Any, args: Any, out: Path, progress: bool) -> dict[str, Any]:
+        """Build this space's level database into ``out``; returns the manifest."""
+        raise UserError(f"space '{cls.name}' needs no database")
+
+    def check_calibration(self, pool: Any) -> None:
+        """Refuse calibration data the space's database was not built for (no-op without a database)."""
+
+    def export(self, config: Config, out: Path, tokenizer: Any) -> dict[str, Any]:
+        """Write a checkpoint that plain ``transformers`` loads; returns a summary."""
+        raise UserError(f"export is not supported for space '{self.name}'")
 
     def initial_configs(self, rng: np.random.Generator, n: int) -> list[Config]:
         """``n`` distinct random feasible configurations (fewer if the space is smaller)."""

@@ -63,6 +63,10 @@ class DropSpace(Space):
         self._originals = [(decoder.attn(b), decoder.mlp(b)) for b in range(L)]
         self._dropped = [(False, False)] * L
 
+    @classmethod
+    def options_from_args(cls, args: Any) -> dict[str, Any]:
+        return {"granularity": args.granularity}
+
     def options(self) -> dict[str, Any]:
         return {"granularity": self.granularity}
 

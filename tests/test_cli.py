@@ -1,0 +1,41 @@
+"""CLI contract: bad input is one clear line on stderr and exit code 2."""
+
+import pytest
+
+from evopress.cli import main, parse_stages
+from evopress.errors import UserError
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["search", "--space", "nope", "--target", "0.25", "--out", "x"], "unknown space 'nope'"),
+    (["search", "--target", "0.25", "--model", "/does/not/exist", "--out", "x"], "not found"),
+    (["search", "--target", "0.25", "--stages", "2-2048", "--out", "x"], "--stages"),
+    (["search", "--target", "0.25", "--stages", "2:256,2:512", "--out", "x"], "exactly 1 survivor"),
+    (["search", "--target", "0.25", "--fitness", "mse", "--out", "x"], "invalid choice"),
+    (["baseline", "--method", "magic", "--target", "0.25", "--out", "x"], "unknown method 'magic'"),
+    (["search", "--out", "x"], "--target"),
+    (["eval", "/does/not/exist"], "not found"),
+    (["frobnicate"], "invalid choice"),
+])
+def test_errors_are_one_line_and_exit_2(argv, message, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("evopress: error:") and message in err
+    assert len(err.splitlines()) == 1
+
+
+def test_target_out_of_range_on_a_real_decoder(tmp_path, capsys):
+    from evopress.models import Decoder
+    from evopress.spaces import make_space
+
+    from .conftest import tiny_model
+
+    with pytest.raises(UserError, match="out of range"):
+        make_space("drop", Decoder(tiny_model()), 1.5, {"granularity": "sublayer"})
+
+
+def test_parse_stages():
+    assert parse_stages("2:2048,1:32768") == [(2, 2048), (1, 32768)]
+    with pytest.raises(UserError):
+        parse_stages("2:2048:1")
