@@ -52,7 +52,7 @@ def test_prefix_reuse_equals_full_forward(decoder, pool, granularity, cache_byte
     configs = space.initial_configs(rng, 10)
     configs += [configs[0]]  # a duplicate shares its whole prefix
     sample = pool.sample(96, rng)
-    naive = Evaluator(space, pool, FitnessConfig(prefix_reuse=False))
+    naive = Evaluator(space, pool, FitnessConfig(prefix_reuse=False, logit_cache_bytes=0))
     reuse = Evaluator(space, pool, FitnessConfig(cache_bytes=cache_bytes))
     a, b = naive.measure(configs, sample), reuse.measure(configs, sample)
     for x, y in zip(a, b):

@@ -80,6 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-switches", type=int, default=d.max_switches)
     s.add_argument("--initial-candidates", type=int, default=d.initial_candidates)
     s.add_argument("--initial-tokens", type=int, default=d.initial_tokens)
+    s.add_argument("--init-from", default="", help="comma-separated baselines whose configurations join "
+                   "the random initial population (e.g. shortgpt,angular); default: random only, as the paper")
     s.add_argument("--no-prefix-reuse", action="store_true", help="run every candidate from the embeddings")
     s.add_argument("--restart", action="store_true", help="ignore a checkpoint in --out and start over")
 
@@ -90,7 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--candidates", type=int, default=32, help="random: N of best-of-N")
 
     e = sub.add_parser("eval", help="held-out perplexity and KL of a saved result")
-    e.add_argument("dir", type=Path)
+    e.add_argument("dirs", type=Path, nargs="+", help="result directories (one model's share its teacher)")
     e.add_argument("--eval-data", default="wiki,ptb", help="comma-separated: wiki, ptb, or files")
     e.add_argument("--eval-tokens", type=int, default=16384, help="tokens per evaluation set")
     e.add_argument("--eval-seq-len", type=int, default=512)
@@ -147,6 +149,8 @@ def recipe_from_args(args: argparse.Namespace, method: str):
                     device=args.device, dtype=args.dtype, seq_len=args.seq_len,
                     calib_tokens=args.calib_tokens, space_options=options, search=search, fitness=fitness,
                     final_tokens=args.final_tokens)
+    if args.command == "search":
+        recipe.init_from = [m for m in args.init_from.split(",") if m]
     if args.command == "baseline":
         recipe.baseline_tokens, recipe.random_candidates = args.tokens, args.candidates
     return recipe
@@ -177,9 +181,12 @@ def run(argv: list[str] | None = None) -> int:
     elif args.command == "export":
         result = pipeline.export_result(args.dir, args.out, args.device, args.dtype, log)
     elif args.command == "eval":
-        result = pipeline.evaluate_result(args.dir, [d for d in args.eval_data.split(",") if d],
-                                          args.eval_tokens, args.eval_seq_len, args.device, args.dtype,
-                                          args.batch_size, log)
+        from .evaluate import EvalSettings
+
+        settings = EvalSettings([d for d in args.eval_data.split(",") if d], args.eval_tokens,
+                                args.eval_seq_len, args.batch_size)
+        reports = pipeline.evaluate_results(args.dirs, settings, args.device, args.dtype, log)
+        result = reports[0] if len(reports) == 1 else reports
     else:
         from .report import write_report
 

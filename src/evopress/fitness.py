@@ -15,7 +15,7 @@ stays under ``cache_bytes``; results are identical with or without reuse.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
@@ -36,6 +36,7 @@ class FitnessConfig:
     chunk_tokens: int = 1024  # positions per LM-head chunk: bounds the vocab-sized temporaries
     prefix_reuse: bool = True
     cache_bytes: int = 1 << 30  # memory for cached block-boundary activations
+    logit_cache_bytes: int = 1 << 30  # teacher log-probs of a sample are kept if they fit, else recomputed
 
 
 @dataclass
@@ -52,7 +53,8 @@ class EvalStats:
 
     candidates: int = 0
     block_tokens: int = 0  # sum over executed block forwards of their token counts
-    head_tokens: int = 0
+    head_tokens: int = 0  # LM-head positions for candidates
+    teacher_head_tokens: int = 0  # LM-head positions for the teacher
     naive_block_tokens: int = 0  # what running every candidate from the embeddings would cost
 
     def as_dict(self) -> dict[str, int]:
@@ -97,21 +99,33 @@ def _common_prefix(a: tuple, b: tuple) -> int:
     return n
 
 
+def _flat(hidden: torch.Tensor) -> torch.Tensor:
+    """[B, T, H] -> [B*(T-1), H]: the last position has no next token and is dropped."""
+    return hidden[:, :-1].reshape(-1, hidden.shape[-1])
+
+
+@torch.inference_mode()
+def teacher_log_probs(decoder: Decoder, teacher: torch.Tensor, chunk_tokens: int) -> list[torch.Tensor]:
+    t = _flat(teacher)
+    return [F.log_softmax(decoder.logits(t[i: i + chunk_tokens]), dim=-1) for i in range(0, len(t), chunk_tokens)]
+
+
 @torch.inference_mode()
 def compare_logits(decoder: Decoder, student: torch.Tensor, teacher: torch.Tensor, input_ids: torch.Tensor,
-                   chunk_tokens: int) -> tuple[float, float, float, int]:
+                   chunk_tokens: int, teacher_lp: list[torch.Tensor] | None = None) -> tuple[float, float, float, int]:
     """Sums of KL(teacher || student), student NLL and teacher NLL over all predicted positions.
 
-    Inputs are final-normed hidden states [B, T, H]; the last position has no next token and is dropped.
+    Inputs are final-normed hidden states [B, T, H]. ``teacher_lp``, if given, holds the teacher's
+    log-probs per chunk (computed once per sample); otherwise they are recomputed chunk by chunk.
     """
-    hidden = student.shape[-1]
-    s = student[:, :-1].reshape(-1, hidden)
-    t = teacher[:, :-1].reshape(-1, hidden).to(s.device)
+    s = _flat(student)
+    t = _flat(teacher).to(s.device)
     labels = input_ids[:, 1:].reshape(-1).to(s.device)
     kl = nll = dense_nll = 0.0
-    for i in range(0, len(s), chunk_tokens):
+    for c, i in enumerate(range(0, len(s), chunk_tokens)):
         log_q = F.log_softmax(decoder.logits(s[i: i + chunk_tokens]), dim=-1)
-        log_p = F.log_softmax(decoder.logits(t[i: i + chunk_tokens]), dim=-1)
+        log_p = teacher_lp[c] if teacher_lp is not None else \
+            F.log_softmax(decoder.logits(t[i: i + chunk_tokens]), dim=-1)
         y = labels[i: i + chunk_tokens]
         kl += F.kl_div(log_q, log_p, log_target=True, reduction="sum").item()
         nll += F.nll_loss(log_q, y, reduction="sum").item()
@@ -164,6 +178,7 @@ class Evaluator:
         L = self.decoder.num_blocks
         keys = [self.space.block_keys(c) for c in configs]
         stride = self._stride(sample.tokens)
+        teacher_lp = self._teacher_log_probs(batches) if len(configs) > 1 else None
         cache: dict[int, list[torch.Tensor]] = {0: [inp.hidden for inp in inputs]}
         previous: tuple | None = None
         results: list[Measurement | None] = [None] * len(configs)
@@ -178,20 +193,33 @@ class Evaluator:
                 states = [self.decoder.run_block(b, h, inp) for h, inp in zip(states, inputs)]
                 if (b + 1) % stride == 0 and b + 1 < L:
                     cache[b + 1] = states
-            results[i] = self._compare(states, batches)
+            results[i] = self._compare(states, batches, teacher_lp)
             previous = keys[i]
             self.stats.candidates += 1
             self.stats.block_tokens += (L - start) * sample.tokens
             self.stats.naive_block_tokens += L * sample.tokens
             self.stats.head_tokens += sample.tokens
+            self.stats.teacher_head_tokens += sample.tokens if teacher_lp is None else 0
         return results  # type: ignore[return-value]
 
-    def _compare(self, states: list[torch.Tensor], batches: list[tuple[torch.Tensor, list[int]]]) -> Measurement:
+    def _teacher_log_probs(self, batches: list[tuple[torch.Tensor, list[int]]]) -> list | None:
+        """The sample's teacher log-probs, shared by all candidates, when they fit in the budget."""
+        vocab = self.decoder.head.weight.shape[0]
+        positions = sum(ids.shape[0] * (ids.shape[1] - 1) for ids, _ in batches)
+        if positions * vocab * 4 > self.config.logit_cache_bytes:
+            return None
+        self.stats.teacher_head_tokens += positions
+        return [teacher_log_probs(self.decoder, self.teacher.get(w, ids.shape[1]), self.config.chunk_tokens)
+                for ids, w in batches]
+
+    def _compare(self, states: list[torch.Tensor], batches: list[tuple[torch.Tensor, list[int]]],
+                 teacher_lp: list | None) -> Measurement:
         kl = nll = dense_nll = 0.0
         positions = 0
-        for h, (ids, windows) in zip(states, batches):
+        for b, (h, (ids, windows)) in enumerate(zip(states, batches)):
             teacher = self.teacher.get(windows, ids.shape[1])
-            parts = compare_logits(self.decoder, self.decoder.norm(h), teacher, ids, self.config.chunk_tokens)
+            parts = compare_logits(self.decoder, self.decoder.norm(h), teacher, ids, self.config.chunk_tokens,
+                                   teacher_lp[b] if teacher_lp is not None else None)
             kl, nll, dense_nll = kl + parts[0], nll + parts[1], dense_nll + parts[2]
             positions += parts[3]
         n = max(positions, 1)

@@ -12,6 +12,7 @@ import hashlib
 import shutil
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -54,6 +55,11 @@ class LoadedModel:
     tokenizer: Any
     name: str  # what the user asked for, resolved to a path or "default"
     path: Path  # directory of the HF checkpoint actually loaded
+
+    @cached_property
+    def decoder(self) -> "Decoder":
+        """The one structural view of this model: every space built on the model must share it."""
+        return Decoder(self.model)
 
 
 def _file_key(path: Path) -> str:

@@ -19,6 +19,7 @@ import torch
 from . import __version__
 from .baselines import BASELINES, baseline_methods
 from .data import TokenPool, load_pool
+from .evaluate import EvalSettings, HeldOut, write_eval
 from .errors import UserError
 from .fitness import Evaluator, FitnessConfig
 from .io import read_json, write_json
@@ -28,7 +29,6 @@ from .spaces import SPACES, Space, make_space
 
 RESULT = "result.json"
 CHECKPOINT = "checkpoint.json"
-EVAL = "eval.json"
 RECIPE = "recipe.json"
 
 
@@ -51,6 +51,7 @@ class Recipe:
     final_tokens: int = 4096  # the shared calibration sample every method's final fitness is reported on
     baseline_tokens: int = 4096  # tokens the scoring baselines and best-of-N random look at
     random_candidates: int = 32
+    init_from: list[str] = field(default_factory=list)  # baselines whose configurations join the initial population
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -91,7 +92,7 @@ def prepare(recipe: Recipe, log: Callable[[str], None] = print) -> Context:
     device = resolve_device(recipe.device)
     dtype = resolve_dtype(recipe.dtype, device)
     loaded = load_model(recipe.model, device, dtype)
-    decoder = Decoder(loaded.model)
+    decoder = loaded.decoder
     space = make_space(recipe.space, decoder, recipe.target, recipe.space_options)
     pool = load_pool(loaded.tokenizer, recipe.data, "calibration", recipe.seq_len, recipe.calib_tokens)
     space.check_calibration(pool)
@@ -158,6 +159,8 @@ def run_search(ctx: Context, out: Path, restart: bool = False, progress: bool = 
     # A stream separate from the search's own, so the initial population does not shift its draws.
     rng = np.random.default_rng((recipe.search.seed, 1))
     initial = ctx.space.initial_configs(rng, recipe.search.initial_candidates)
+    if state is None:
+        initial = _warm_start(ctx, initial, log)
     try:
         state = evolve(ctx.space.problem, ctx.evaluator, initial, recipe.search, state, on_generation)
     except NoMoveError as e:
@@ -167,6 +170,22 @@ def run_search(ctx: Context, out: Path, restart: bool = False, progress: bool = 
     result = _result(ctx, state.parent, history, time.perf_counter() - start)
     write_json(out / RESULT, result)
     return result
+
+
+def _warm_start(ctx: Context, initial: list[tuple[int, ...]], log: Callable[[str], None]) -> list:
+    """Add the configurations of the ``init_from`` baselines to the initial population.
+
+    The paper starts from random configurations only; with a short search budget (CPU), starting the
+    competition from the scoring methods' answers means the search can only improve on them.
+    """
+    methods = BASELINES.get(ctx.recipe.space, {})
+    for method in ctx.recipe.init_from:
+        if method not in methods:
+            raise UserError(f"--init-from: unknown method '{method}' for space '{ctx.recipe.space}' "
+                            f"(choose from {', '.join(methods)})")
+        log(f"initial population: adding the '{method}' configuration")
+        initial = initial + [methods[method](ctx)]
+    return list(dict.fromkeys(initial))
 
 
 def run_baseline(ctx: Context, out: Path, log: Callable[[str], None] = print) -> dict[str, Any]:
@@ -183,13 +202,15 @@ def run_baseline(ctx: Context, out: Path, log: Callable[[str], None] = print) ->
     return result
 
 
-def load_result(out: Path, device: str | None, dtype: str | None) -> tuple[dict, LoadedModel, Space]:
-    """A saved result with its model loaded and its space rebuilt, checked against each other."""
+def load_result(out: Path, device: str | None, dtype: str | None,
+                loaded: LoadedModel | None = None) -> tuple[dict, LoadedModel, Space]:
+    """A saved result with its model loaded (or reused) and its space rebuilt, checked against each other."""
     result = read_json(Path(out) / RESULT)
     recipe = Recipe.from_json(result["recipe"])
-    dev = resolve_device(device or recipe.device)
-    loaded = load_model(recipe.model, dev, resolve_dtype(dtype or recipe.dtype, dev))
-    space = make_space(result["space"], Decoder(loaded.model), result["target"], result["space_options"])
+    if loaded is None:
+        dev = resolve_device(device or recipe.device)
+        loaded = load_model(recipe.model, dev, resolve_dtype(dtype or recipe.dtype, dev))
+    space = make_space(result["space"], loaded.decoder, result["target"], result["space_options"])
     if list(space.units) != list(result["units"]) or len(result["levels"]) != len(space.units):
         raise UserError(f"{out}/{RESULT} does not match the units of model {loaded.name}")
     if not space.problem.feasible(tuple(result["levels"])):
@@ -205,7 +226,7 @@ def build_database(args: Any, progress: bool = True, log: Callable[[str], None] 
     pool = load_pool(loaded.tokenizer, args.data, "calibration", args.seq_len, args.calib_tokens)
     log(f"building a '{args.space}' database for {loaded.name} on {pool.tokens} tokens of '{args.data}'")
     start = time.perf_counter()
-    manifest = SPACES[args.space].build_database(Decoder(loaded.model), pool, args, Path(args.out), progress)
+    manifest = SPACES[args.space].build_database(loaded.decoder, pool, args, Path(args.out), progress)
     log(f"database written to {args.out} in {time.perf_counter() - start:.0f} s")
     return manifest
 
@@ -218,29 +239,17 @@ def export_result(out: Path, target: Path, device: str | None = None, dtype: str
     return summary
 
 
-def evaluate_result(out: Path, eval_data: list[str], eval_tokens: int, eval_seq_len: int,
-                    device: str | None = None, dtype: str | None = None, batch_size: int = 4,
-                    log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Held-out perplexity and KL to the dense model of the configuration saved in ``out``."""
-    result, loaded, space = load_result(out, device, dtype)
-    config = tuple(result["levels"])
-    datasets = {}
-    for source in eval_data:
-        pool = load_pool(loaded.tokenizer, source, "evaluation", eval_seq_len, eval_tokens)
-        evaluator = Evaluator(space, pool, FitnessConfig(batch_size=batch_size, prefix_reuse=False))
-        m = evaluator.measure([config], pool.first(pool.tokens))[0]
-        datasets[source] = {
-            "ppl": float(np.exp(m.nll)), "kl": m.kl, "dense_ppl": float(np.exp(m.dense_nll)),
-            "tokens": pool.tokens,
-            "protocol": (f"'{source}' evaluation split: {len(pool.windows)} non-overlapping windows of "
-                         f"{eval_seq_len} tokens (documents joined by blank lines, no BOS, remainder "
-                         f"dropped); PPL = exp(mean NLL over {m.positions} predicted positions); KL = mean "
-                         "per-position KL(dense || compressed) over the full vocabulary"),
-        }
-        log(f"{source}: ppl {datasets[source]['ppl']:.3f} (dense {datasets[source]['dense_ppl']:.3f}), "
-            f"kl {m.kl:.4f} on {pool.tokens} tokens")
-    first = datasets[eval_data[0]]
-    report = {**first, "datasets": datasets, "method": result["method"], "space": result["space"],
-              "target": result["target"]}
-    write_json(Path(out) / EVAL, report)
-    return report
+def evaluate_results(dirs: list[Path], settings: EvalSettings, device: str | None = None,
+                     dtype: str | None = None, log: Callable[[str], None] = print) -> list[dict[str, Any]]:
+    """Held-out PPL and KL for each saved result; results of one model share the model and teachers."""
+    reports = []
+    loaded: LoadedModel | None = None
+    held_out: HeldOut | None = None
+    for out in dirs:
+        model = Recipe.from_json(read_json(Path(out) / RESULT)["recipe"]).model
+        if loaded is not None and model != loaded.name and not (model is None and loaded.name == "default"):
+            loaded = held_out = None
+        result, loaded, space = load_result(out, device, dtype, loaded)
+        held_out = held_out or HeldOut(loaded, loaded.decoder, settings)
+        reports.append(write_eval(Path(out), result, held_out.measure(space, tuple(result["levels"])), log))
+    return reports

@@ -1,0 +1,71 @@
+"""Held-out evaluation: perplexity and KL to the dense model, GPTQ-style windows.
+
+Several results of the same model are evaluated in one process: the model is loaded once and the
+dense model's hidden states on each evaluation set (the teacher) are computed once and shared.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from .data import TokenPool, load_pool
+from .fitness import Evaluator, FitnessConfig, TeacherCache
+from .io import write_json
+from .models import Decoder, LoadedModel
+from .spaces.base import Config, Space
+
+EVAL = "eval.json"
+
+
+@dataclass
+class EvalSettings:
+    data: list[str]
+    tokens: int = 16384
+    seq_len: int = 512
+    batch_size: int = 4
+
+
+def protocol(source: str, pool: TokenPool, positions: int) -> str:
+    return (f"'{source}' evaluation split: {len(pool.windows)} non-overlapping windows of {pool.seq_len} "
+            "tokens (documents joined by blank lines, no BOS, remainder dropped); PPL = exp(mean NLL over "
+            f"{positions} predicted positions); KL = mean per-position KL(dense || compressed) over the "
+            "full vocabulary")
+
+
+class HeldOut:
+    """Evaluation pools and their dense teachers for one loaded model."""
+
+    def __init__(self, loaded: LoadedModel, decoder: Decoder, settings: EvalSettings):
+        self.settings = settings
+        self.pools = {s: load_pool(loaded.tokenizer, s, "evaluation", settings.seq_len, settings.tokens)
+                      for s in settings.data}
+        self.teachers = {s: TeacherCache(decoder, pool, settings.batch_size) for s, pool in self.pools.items()}
+
+    def measure(self, space: Space, config: Config) -> dict[str, dict[str, Any]]:
+        out = {}
+        try:
+            for source, pool in self.pools.items():
+                evaluator = Evaluator(space, pool, FitnessConfig(batch_size=self.settings.batch_size,
+                                                                 prefix_reuse=False))
+                evaluator.teacher = self.teachers[source]
+                m = evaluator.measure([config], pool.first(pool.tokens))[0]
+                out[source] = {"ppl": float(np.exp(m.nll)), "kl": m.kl, "dense_ppl": float(np.exp(m.dense_nll)),
+                               "tokens": pool.tokens, "protocol": protocol(source, pool, m.positions)}
+        finally:
+            space.apply(None)  # the next result may build its space on the same model
+        return out
+
+
+def write_eval(out: Path, result: dict[str, Any], datasets: dict[str, dict[str, Any]],
+               log: Callable[[str], None]) -> dict[str, Any]:
+    for source, d in datasets.items():
+        log(f"{out} {source}: ppl {d['ppl']:.3f} (dense {d['dense_ppl']:.3f}), kl {d['kl']:.4f} "
+            f"on {d['tokens']} tokens")
+    report = {**next(iter(datasets.values())), "datasets": datasets, "method": result["method"],
+              "space": result["space"], "target": result["target"]}
+    write_json(Path(out) / EVAL, report)
+    return report
