@@ -78,3 +78,32 @@ def test_unknown_architecture_is_a_clear_error():
 
     with pytest.raises(UserError, match="could not find"):
         Decoder(NotALanguageModel())
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_depth_export_loads_in_transformers_with_identical_logits(arch, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    model = tiny_model(arch)
+    dec = Decoder(model)
+    space = DropSpace(dec, 0.5, "sublayer")  # 3 attention + 3 MLP of 6 blocks
+    # blocks 1 and 4 dropped whole, attention of 2 and MLP of 5 alone
+    config = space.config_from_masks([(False, False), (True, True), (True, False),
+                                      (False, False), (True, True), (False, True)])
+    ids = torch.randint(0, 97, (2, 10))
+    params_before = sum(p.numel() for p in model.parameters())
+    block_params = sum(p.numel() for p in dec.layers[1].parameters())
+    space.apply(config)
+    with torch.no_grad():
+        expected = model(input_ids=ids).logits
+
+    class Tok:  # export only needs save_pretrained from the tokenizer
+        def save_pretrained(self, out):
+            (out / "tokenizer_marker").write_text("x")
+
+    summary = space.export(config, tmp_path, Tok())
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert reloaded.config.num_hidden_layers == 4 == summary["num_hidden_layers"]
+    assert sum(p.numel() for p in reloaded.parameters()) == params_before - 2 * block_params
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(input_ids=ids).logits, expected, rtol=1e-5, atol=1e-5)
