@@ -15,6 +15,7 @@ stays under ``cache_bytes``; results are identical with or without reuse.
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -56,6 +57,7 @@ class EvalStats:
     head_tokens: int = 0  # LM-head positions for candidates
     teacher_head_tokens: int = 0  # LM-head positions for the teacher
     naive_block_tokens: int = 0  # what running every candidate from the embeddings would cost
+    seconds: float = 0.0  # wall time inside measure(): model forwards, teacher, KL
 
     def as_dict(self) -> dict[str, int]:
         return dict(self.__dict__)
@@ -170,8 +172,15 @@ class Evaluator:
         allowed = self.config.cache_bytes // max(per_boundary, 1)
         return L + 1 if allowed < 1 else max(1, math.ceil((L - 1) / allowed))
 
-    @torch.inference_mode()
     def measure(self, configs: Sequence[Config], sample: Sample) -> list[Measurement]:
+        start = time.perf_counter()
+        try:
+            return self._measure(configs, sample)
+        finally:
+            self.stats.seconds += time.perf_counter() - start
+
+    @torch.inference_mode()
+    def _measure(self, configs: Sequence[Config], sample: Sample) -> list[Measurement]:
         batches = self.pool.batches(sample, self.config.batch_size)
         self.teacher.ensure(sample.index, self.space)
         inputs = [self.decoder.enter(ids) for ids, _ in batches]
