@@ -32,7 +32,7 @@ def run_mode(args: argparse.Namespace) -> dict:
 
     from evopress.fitness import FitnessConfig
     from evopress.pipeline import Recipe, prepare, run_search
-    from evopress.search import SearchConfig
+    from evopress.evolution import SearchConfig
 
     options = {"granularity": "sublayer"} if args.space == "drop" else {"db": args.db}
     search = SearchConfig(generations=args.generations, offspring=args.offspring,

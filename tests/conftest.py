@@ -40,3 +40,32 @@ def decoder() -> Decoder:
 def pool() -> TokenPool:
     g = torch.Generator().manual_seed(1)
     return TokenPool(torch.randint(0, 97, (12, 16), generator=g), "random")
+
+
+WORDS = ("the of and to in is was for on as with by at from his that an are which it be this had were "
+         "not or first also but one their after new has been other its they who two all more into "
+         "city world war state river music film team known many most time year between during used").split()
+
+
+def write_tiny_checkpoint(root, layers: int = 6):
+    """A tiny random Llama + word-level tokenizer + a text file, as a user would pass with --model/--data."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {w: i for i, w in enumerate(["<unk>", "<s>", "</s>"] + WORDS)}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+    model = tiny_model(layers=layers)
+    model.resize_token_embeddings(len(vocab))
+    model.save_pretrained(root / "model")
+    fast.save_pretrained(root / "model")
+    rng = __import__("random").Random(0)
+    docs = ["\n".join(" ".join(rng.choice(WORDS) for _ in range(40)) for _ in range(3)) for _ in range(120)]
+    (root / "text.txt").write_text("\n\n".join(docs))
+    return root / "model", root / "text.txt"
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory):
+    return write_tiny_checkpoint(tmp_path_factory.mktemp("tiny"))

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from evopress.search import (NoMoveError, SearchConfig, SearchState, evolve, mutate, num_switches,
+from evopress.evolution import (NoMoveError, SearchConfig, SearchState, evolve, mutate, num_switches,
                              offspring, select)
 from evopress.spaces.base import Problem
 

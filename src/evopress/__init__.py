@@ -1,3 +1,11 @@
-"""evopress: non-uniform LLM compression by evolutionary search (EvoPress, Sieberling et al., ICML 2025)."""
+"""evopress: non-uniform LLM compression by evolutionary search (EvoPress, Sieberling et al., ICML 2025).
+
+Python API: ``evopress.search``, ``evopress.baseline``, ``evopress.run`` (see ``evopress.api``).
+"""
 
 __version__ = "0.1.0"
+
+
+from .api import Result, baseline, run, search
+
+__all__ = ["Result", "baseline", "run", "search", "__version__"]

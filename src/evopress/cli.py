@@ -14,7 +14,7 @@ from pathlib import Path
 from .baselines import baseline_methods
 from .errors import UserError
 from .fitness import METRICS, FitnessConfig
-from .search import SearchConfig
+from .evolution import SearchConfig
 from .spaces import SPACES
 
 
@@ -125,6 +125,13 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--quiet", action="store_true")
     x.add_argument("--json", action="store_true")
 
+    rr = sub.add_parser("run", help="run a recipe file (YAML) describing a whole run")
+    rr.add_argument("recipe", type=Path)
+    rr.add_argument("--out", type=Path, default=None, help="output directory (default: the recipe's 'out')")
+    rr.add_argument("--restart", action="store_true")
+    rr.add_argument("--quiet", action="store_true")
+    rr.add_argument("--json", action="store_true")
+
     r = sub.add_parser("report", help="compare runs: markdown table and PNG plots")
     r.add_argument("dirs", type=Path, nargs="+")
     r.add_argument("--out", type=Path, required=True)
@@ -176,6 +183,24 @@ def run(argv: list[str] | None = None) -> int:
         log(f"{result['method']}: calibration {result['fitness']['metric']} "
             f"{result['fitness']['kl' if result['fitness']['metric'] == 'kl' else 'nll']:.4f}; "
             f"wrote {args.out / pipeline.RESULT}")
+    elif args.command == "run":
+        from .api import load_recipe_file, run as run_recipe
+
+        data = load_recipe_file(args.recipe)
+        out = args.out or data.pop("out", None)
+        data.pop("out", None)
+        evaluation = data.pop("eval", None)
+        if out is None:
+            raise UserError(f"recipe {args.recipe} has no 'out' and no --out was given")
+        result = run_recipe(data, out, restart=args.restart, progress=not args.quiet, log=log).data
+        if evaluation is not None:
+            from .evaluate import EvalSettings
+
+            try:
+                settings = EvalSettings(**{"data": ["wiki"], **evaluation})
+            except TypeError as e:
+                raise UserError(f"recipe {args.recipe}: bad 'eval' section ({e})") from e
+            result = {"result": result, "eval": pipeline.evaluate_results([Path(out)], settings, log=log)[0]}
     elif args.command == "build-db":
         result = pipeline.build_database(args, progress=not args.quiet, log=log)
     elif args.command == "export":

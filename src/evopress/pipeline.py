@@ -24,7 +24,7 @@ from .errors import UserError
 from .fitness import Evaluator, FitnessConfig
 from .io import read_json, write_json
 from .models import Decoder, LoadedModel, load_model, resolve_device, resolve_dtype
-from .search import NoMoveError, SearchConfig, SearchState, evolve
+from .evolution import NoMoveError, SearchConfig, SearchState, evolve
 from .spaces import SPACES, Space, make_space
 
 RESULT = "result.json"

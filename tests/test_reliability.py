@@ -1,0 +1,137 @@
+"""Resume after SIGKILL, determinism, recipes, the Python API, and bad input on a tiny checkpoint."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from evopress.cli import main
+
+
+def search_args(model, text, out, generations=12):
+    return ["search", "--target", "0.34", "--model", str(model), "--data", str(text), "--seq-len", "32",
+            "--calib-tokens", "1024", "--final-tokens", "128", "--generations", str(generations),
+            "--offspring", "4", "--stages", "2:32,1:64", "--initial-candidates", "4", "--initial-tokens", "64",
+            "--out", str(out), "--quiet"]
+
+
+def comparable(path):
+    r = json.loads((path / "result.json").read_text())
+    r.pop("seconds")
+    for h in r["history"]:
+        h.pop("seconds")
+    return r
+
+
+def test_killed_search_resumes_to_the_uninterrupted_result(tiny_checkpoint, tmp_path):
+    model, text = tiny_checkpoint
+    assert main(search_args(model, text, tmp_path / "straight")) == 0
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    proc = subprocess.Popen([sys.executable, "-m", "evopress", *search_args(model, text, tmp_path / "killed")],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    checkpoint = tmp_path / "killed" / "checkpoint.json"
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        if checkpoint.is_file() and json.loads(checkpoint.read_text())["state"]["generation"] >= 3:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    killed_at = json.loads(checkpoint.read_text())["state"]["generation"]
+    assert 3 <= killed_at < 12, "the search must be killed mid-way for this test to mean anything"
+    assert not (tmp_path / "killed" / "result.json").exists()
+    assert main(search_args(model, text, tmp_path / "killed")) == 0
+    assert comparable(tmp_path / "killed") == comparable(tmp_path / "straight")
+
+
+def test_same_seed_same_result_and_changed_settings_are_refused(tiny_checkpoint, tmp_path, capsys):
+    model, text = tiny_checkpoint
+    assert main(search_args(model, text, tmp_path / "a", 3)) == 0
+    assert main(search_args(model, text, tmp_path / "b", 3)) == 0
+    assert comparable(tmp_path / "a") == comparable(tmp_path / "b")
+    changed = search_args(model, text, tmp_path / "a", 3)
+    changed[changed.index("--offspring") + 1] = "5"
+    assert main(changed) == 2
+    assert "different settings" in capsys.readouterr().err
+    assert main(changed + ["--restart"]) == 0
+
+
+def test_recipe_file_and_python_api(tiny_checkpoint, tmp_path):
+    import evopress
+
+    model, text = tiny_checkpoint
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(f"""
+space: drop
+target: 0.34
+model: {model}
+data: {text}
+seq_len: 32
+calib_tokens: 1024
+final_tokens: 128
+search: {{generations: 2, offspring: 4, stages: [[1, 64]], initial_candidates: 2, initial_tokens: 64}}
+out: {tmp_path / 'from-recipe'}
+eval: {{data: [{text}], tokens: 256, seq_len: 32}}
+""")
+    assert main(["run", str(recipe), "--quiet"]) == 0
+    assert (tmp_path / "from-recipe" / "eval.json").is_file()
+    resolved = tmp_path / "from-recipe" / "recipe.json"
+    assert main(["run", str(resolved), "--out", str(tmp_path / "rerun"), "--quiet"]) == 0
+    assert comparable(tmp_path / "rerun") == comparable(tmp_path / "from-recipe")
+    api = evopress.search(tmp_path / "api", space="drop", target=0.34, model=str(model), data=str(text),
+                          seq_len=32, calib_tokens=1024, final_tokens=128, generations=2, offspring=4,
+                          stages=[(1, 64)], initial_candidates=2, initial_tokens=64, progress=False,
+                          log=lambda m: None)
+    assert api.levels == comparable(tmp_path / "from-recipe")["levels"]
+    assert sum(api.profile.values()) == 4  # floor(0.34 * 6) = 2 attention + 2 MLP
+
+
+@pytest.mark.parametrize("case", ["no_config", "corrupt_config", "empty_text", "short_text", "bad_recipe",
+                                  "unsupported_gguf", "readonly_out"])
+def test_bad_input_is_one_line_exit_2(case, tiny_checkpoint, tmp_path, capsys):
+    model, text = tiny_checkpoint
+    args = search_args(model, text, tmp_path / "out", 1)
+    if case == "no_config":
+        (tmp_path / "m").mkdir()
+        args[args.index("--model") + 1] = str(tmp_path / "m")
+    elif case == "corrupt_config":
+        bad = tmp_path / "m2"
+        bad.mkdir()
+        (bad / "config.json").write_text("{not json")
+        args[args.index("--model") + 1] = str(bad)
+    elif case == "empty_text":
+        (tmp_path / "empty.txt").write_text("")
+        args[args.index("--data") + 1] = str(tmp_path / "empty.txt")
+    elif case == "short_text":
+        (tmp_path / "short.txt").write_text("the city of the river")
+        args[args.index("--data") + 1] = str(tmp_path / "short.txt")
+    elif case == "bad_recipe":
+        (tmp_path / "r.yaml").write_text("space: drop\ntarget: 0.3\nsurprise: 1\nout: x\n")
+        args = ["run", str(tmp_path / "r.yaml")]
+    elif case == "unsupported_gguf":
+        import gguf
+
+        path = tmp_path / "odd.gguf"
+        writer = gguf.GGUFWriter(str(path), "no-such-arch")
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+        args[args.index("--model") + 1] = str(path)
+    elif case == "readonly_out":
+        if os.geteuid() == 0:
+            blocker = tmp_path / "file"
+            blocker.write_text("x")  # even root cannot create a directory below a regular file
+            args[args.index("--out") + 1] = str(blocker / "out")
+        else:
+            ro = tmp_path / "ro"
+            ro.mkdir(mode=0o500)
+            args[args.index("--out") + 1] = str(ro / "out")
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("evopress: error:"), err
+    print(case, err[0])
