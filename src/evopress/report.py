@@ -38,6 +38,12 @@ def profile_matrix(units: list[str], levels: list[int]) -> tuple[list[str], np.n
     return kinds, mat
 
 
+def label(run: dict[str, Any]) -> str:
+    """Method name, marked when a search was warm-started from baselines."""
+    init = run.get("recipe", {}).get("init_from") or []
+    return run["method"] + (f" (init {'+'.join(init)})" if init else "")
+
+
 def markdown_table(runs: list[dict[str, Any]]) -> str:
     sets = list(dict.fromkeys(s for r in runs if r["eval"] for s in r["eval"]["datasets"]))
     head = ["method", "space", "target", "achieved", "calib KL"]
@@ -50,7 +56,7 @@ def markdown_table(runs: list[dict[str, Any]]) -> str:
             f"{dense[s]:.2f} | 0" if s in dense else "- | -" for s in sets) + " |")
     for r in runs:
         achieved = r["budget"].get("achieved")
-        row = [r["method"], r["space"], f"{r['target']:g}",
+        row = [label(r), r["space"], f"{r['target']:g}",
                f"{achieved:.4f}" if isinstance(achieved, float) else str(achieved), f"{r['fitness']['kl']:.4f}"]
         for s in sets:
             e = (r["eval"] or {}).get("datasets", {}).get(s)
@@ -75,7 +81,7 @@ def plot_profiles(runs: list[dict[str, Any]], path: Path) -> None:
         kinds, mat = profile_matrix(r["units"], r["levels"])
         ax.imshow(mat, aspect="auto", cmap="viridis", interpolation="nearest")
         ax.set_yticks(range(len(kinds)), kinds, fontsize=7)
-        ax.set_title(f"{r['method']} ({r['space']} {r['target']:g})", fontsize=9)
+        ax.set_title(f"{label(r)} ({r['space']} {r['target']:g})", fontsize=9)
         ax.set_xticks(range(mat.shape[1]), [str(b) if b % 5 == 0 else "" for b in range(mat.shape[1])], fontsize=7)
     axes[-1, 0].set_xlabel("block (level: 1 = dropped for the drop space)")
     fig.tight_layout()
@@ -95,7 +101,7 @@ def plot_search(runs: list[dict[str, Any]], path: Path) -> bool:
     fig, ax = plt.subplots(figsize=(7, 4))
     for r in searched:
         gens = [h["generation"] for h in r["history"]]
-        ax.plot(gens, [h["fitness"] for h in r["history"]], marker=".", label=f"{r['method']} {r['target']:g}")
+        ax.plot(gens, [h["fitness"] for h in r["history"]], marker=".", label=f"{label(r)} {r['target']:g}")
     ax.set_xlabel("generation")
     ax.set_ylabel(f"parent {searched[0]['fitness']['metric']} (last-stage sample)")
     ax.set_yscale("log")
@@ -118,7 +124,7 @@ def plot_metrics(runs: list[dict[str, Any]], path: Path) -> bool:
         return False
     sets = list(evaluated[0]["eval"]["datasets"])
     fig, axes = plt.subplots(1, 2 * len(sets), figsize=(4 * len(sets) * 2, 3.5), squeeze=False)
-    names = [f"{r['method']}\n{r['target']:g}" for r in evaluated]
+    names = [f"{label(r)}\n{r['target']:g}" for r in evaluated]
     for i, s in enumerate(sets):
         for j, key in enumerate(("ppl", "kl")):
             ax = axes[0, 2 * i + j]

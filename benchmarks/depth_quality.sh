@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Depth-pruning quality on the embedded default model (SmolLM2-135M, 30 blocks, CPU):
+# EvoPress (random initial population, as the paper; and warm-started from the scoring baselines)
+# against ShortGPT, angular distance and best-of-32 random, at 25% and 37.5% of the sub-blocks.
+# Held-out: Wikipedia summaries (last 2,000 articles) and PTB test, 8,192 tokens each, 512-token windows.
+#
+#   bash benchmarks/depth_quality.sh [OUT]      (about 1.5 h on 2 CPU cores)
+set -euo pipefail
+OUT=${1:-runs/depth-quality}
+GENERATIONS=${GENERATIONS:-40}
+for TARGET in 0.25 0.375; do
+    D="$OUT/$TARGET"
+    COMMON=(--space drop --target "$TARGET" --calib-tokens 32768 --seq-len 256 --final-tokens 4096 --seed 0 --quiet)
+    SEARCH=(--generations "$GENERATIONS" --offspring 16 --stages 2:256,1:1024 --initial-candidates 16 --initial-tokens 512)
+    for method in shortgpt angular; do
+        evopress baseline "${COMMON[@]}" --method "$method" --tokens 4096 --out "$D/$method"
+    done
+    evopress baseline "${COMMON[@]}" --method random --tokens 1024 --candidates 32 --out "$D/random"
+    evopress search "${COMMON[@]}" "${SEARCH[@]}" --init-from shortgpt,angular --out "$D/evopress-warm"
+    evopress search "${COMMON[@]}" "${SEARCH[@]}" --out "$D/evopress"
+    evopress eval "$D/evopress" "$D/evopress-warm" "$D/shortgpt" "$D/angular" "$D/random" \
+        --eval-data wiki,ptb --eval-tokens 8192 --eval-seq-len 512 --quiet
+    evopress report "$D/evopress" "$D/evopress-warm" "$D/shortgpt" "$D/angular" "$D/random" --out "$D/report"
+done
