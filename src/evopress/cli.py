@@ -168,6 +168,14 @@ def run(argv: list[str] | None = None) -> int:
     log = (lambda msg: None) if args.quiet else (lambda msg: print(msg, file=sys.stderr))
     from . import pipeline
 
+    if args.command == "search":
+        from .distributed import init_from_env
+
+        args.device = init_from_env() or args.device
+        from .distributed import is_main
+
+        if not is_main():
+            log = lambda msg: None  # noqa: E731  (one voice per run: rank 0's)
     if args.command in ("search", "baseline"):
         if args.space not in SPACES:
             raise UserError(f"unknown space '{args.space}' (choose from {', '.join(SPACES)})")
@@ -229,6 +237,14 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         print(f"evopress: error: {e}", file=sys.stderr)
         return 2
+    except (RuntimeError, OSError) as e:
+        from .distributed import world_size
+
+        if world_size() <= 1:
+            raise
+        # a peer died or a collective timed out: one clear line instead of a wall of gloo/nccl traces
+        print(f"evopress: error: distributed run failed on this rank: {str(e).splitlines()[0]}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("evopress: interrupted", file=sys.stderr)
         return 130

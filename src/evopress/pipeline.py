@@ -19,6 +19,7 @@ import torch
 from . import __version__
 from .baselines import BASELINES, baseline_methods
 from .data import TokenPool, load_pool
+from .distributed import ShardedEvaluator, is_main, world_size
 from .evaluate import EvalSettings, HeldOut, write_eval
 from .errors import UserError
 from .fitness import Evaluator, FitnessConfig
@@ -145,13 +146,15 @@ def run_search(ctx: Context, out: Path, restart: bool = False, progress: bool = 
             raise UserError(f"{out} holds a search with different settings; use another --out or --restart")
         state = SearchState.from_json(saved["state"])
         log(f"resuming from generation {state.generation}")
-    write_json(out / RECIPE, recipe.to_json())
+    if is_main():
+        write_json(out / RECIPE, recipe.to_json())
     start = time.perf_counter()
     bar = tqdm(total=recipe.search.generations, initial=state.generation if state else 0,
-               desc="search", unit="gen", disable=not progress)
+               desc="search", unit="gen", disable=not progress or not is_main())
 
     def on_generation(s: SearchState) -> None:
-        write_json(checkpoint, {"fingerprint": fingerprint, "state": s.to_json()})
+        if is_main():
+            write_json(checkpoint, {"fingerprint": fingerprint, "state": s.to_json()})
         if s.history:
             bar.n = s.generation
             bar.set_postfix({recipe.fitness.metric: f"{s.history[-1].fitness:.4f}"}, refresh=True)
@@ -162,13 +165,15 @@ def run_search(ctx: Context, out: Path, restart: bool = False, progress: bool = 
     if state is None:
         initial = _warm_start(ctx, initial, log)
     try:
-        state = evolve(ctx.space.problem, ctx.evaluator, initial, recipe.search, state, on_generation)
+        evaluator = ShardedEvaluator(ctx.evaluator) if world_size() > 1 else ctx.evaluator
+        state = evolve(ctx.space.problem, evaluator, initial, recipe.search, state, on_generation)
     except NoMoveError as e:
         raise UserError(f"target {recipe.target} leaves nothing to search: {e}") from e
     bar.close()
     history = [{k: v for k, v in asdict(h).items() if k != "parent"} for h in state.history]
     result = _result(ctx, state.parent, history, time.perf_counter() - start)
-    write_json(out / RESULT, result)
+    if is_main():
+        write_json(out / RESULT, result)
     return result
 
 
