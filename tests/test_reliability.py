@@ -135,3 +135,21 @@ def test_bad_input_is_one_line_exit_2(case, tiny_checkpoint, tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("evopress: error:"), err
     print(case, err[0])
+
+
+def test_lm_eval_without_the_harness_is_a_clear_error(tiny_checkpoint, tmp_path, capsys, monkeypatch):
+    import builtins
+
+    model, text = tiny_checkpoint
+    assert main(search_args(model, text, tmp_path / "s", 1)) == 0
+    real_import = builtins.__import__
+
+    def no_lm_eval(name, *args, **kwargs):
+        if name.startswith("lm_eval"):
+            raise ImportError(name)
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_lm_eval)
+    assert main(["eval", str(tmp_path / "s"), "--eval-data", str(text), "--eval-tokens", "128",
+                 "--eval-seq-len", "32", "--lm-eval", "arc_easy", "--quiet"]) == 2
+    assert "lm-evaluation-harness" in capsys.readouterr().err

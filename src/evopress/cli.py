@@ -55,6 +55,8 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--db", default=None, help="sparsity/quant: level database built by build-db")
     p.add_argument("--group-rule", default=None, help="sparsity/quant: which layers may trade levels: "
                    "global, size (equal-size layers) or name (same projection)")
+    p.add_argument("--count-overhead", action="store_true", help="quant: the budget counts each group's fp16 "
+                   "scale and zero point too (true bytes); default: weight bits only, as the paper")
     _model_args(p)
     p.add_argument("--fitness", default=f.metric, choices=METRICS)
     p.add_argument("--batch-size", type=int, default=f.batch_size)
@@ -99,6 +101,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--device", default=None)
     e.add_argument("--dtype", default=None)
     e.add_argument("--batch-size", type=int, default=4)
+    e.add_argument("--lm-eval", default=None, help="comma-separated lm-evaluation-harness tasks (zero-shot), "
+                   "e.g. arc_easy,arc_challenge,hellaswag,piqa,winogrande; needs lm-eval and local task data")
+    e.add_argument("--lm-eval-limit", type=int, default=None, help="examples per lm-eval task")
     e.add_argument("--quiet", action="store_true")
     e.add_argument("--json", action="store_true")
 
@@ -217,7 +222,9 @@ def run(argv: list[str] | None = None) -> int:
         from .evaluate import EvalSettings
 
         settings = EvalSettings([d for d in args.eval_data.split(",") if d], args.eval_tokens,
-                                args.eval_seq_len, args.batch_size)
+                                args.eval_seq_len, args.batch_size,
+                                [t for t in args.lm_eval.split(",") if t] if args.lm_eval else None,
+                                args.lm_eval_limit)
         reports = pipeline.evaluate_results(args.dirs, settings, args.device, args.dtype, log)
         result = reports[0] if len(reports) == 1 else reports
     else:

@@ -13,6 +13,7 @@ from typing import Any, Callable
 import numpy as np
 
 from .data import TokenPool, load_pool
+from .errors import UserError
 from .fitness import Evaluator, FitnessConfig, TeacherCache
 from .io import write_json
 from .models import Decoder, LoadedModel
@@ -27,6 +28,8 @@ class EvalSettings:
     tokens: int = 16384
     seq_len: int = 512
     batch_size: int = 4
+    lm_eval: list[str] | None = None  # lm-evaluation-harness tasks, zero-shot
+    lm_eval_limit: int | None = None  # examples per task (None: all)
 
 
 def protocol(source: str, pool: TokenPool, positions: int) -> str:
@@ -61,11 +64,37 @@ class HeldOut:
 
 
 def write_eval(out: Path, result: dict[str, Any], datasets: dict[str, dict[str, Any]],
-               log: Callable[[str], None]) -> dict[str, Any]:
+               log: Callable[[str], None], extra: dict[str, Any] | None = None) -> dict[str, Any]:
     for source, d in datasets.items():
         log(f"{out} {source}: ppl {d['ppl']:.3f} (dense {d['dense_ppl']:.3f}), kl {d['kl']:.4f} "
             f"on {d['tokens']} tokens")
     report = {**next(iter(datasets.values())), "datasets": datasets, "method": result["method"],
-              "space": result["space"], "target": result["target"]}
+              "space": result["space"], "target": result["target"], **(extra or {})}
     write_json(Path(out) / EVAL, report)
     return report
+
+
+def lm_eval_tasks(loaded: LoadedModel, space: Space, config: Config, tasks: list[str], limit: int | None,
+                  batch_size: int) -> dict[str, Any]:
+    """Zero-shot tasks with lm-evaluation-harness, on the compressed model held in memory.
+
+    Works offline only when lm-eval is installed and the tasks' data sets are in the local HF cache;
+    otherwise the user gets one line saying which of the two is missing.
+    """
+    try:
+        from lm_eval import simple_evaluate
+        from lm_eval.models.huggingface import HFLM
+    except ImportError as e:
+        raise UserError("--lm-eval needs lm-evaluation-harness: pip install 'lm-eval>=0.4'") from e
+    space.apply(config)
+    try:
+        lm = HFLM(pretrained=loaded.model, tokenizer=loaded.tokenizer, batch_size=batch_size,
+                  device=str(loaded.decoder.device))
+        out = simple_evaluate(model=lm, tasks=tasks, num_fewshot=0, limit=limit, log_samples=False)
+    except Exception as e:  # data sets missing offline surface as many exception types
+        raise UserError(f"lm-eval could not run {','.join(tasks)} offline: {str(e).splitlines()[0][:200]} "
+                        "(are the task data sets in the local HF cache?)") from e
+    finally:
+        space.apply(None)
+    return {task: {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
+            for task, metrics in out["results"].items()}

@@ -20,7 +20,7 @@ from . import __version__
 from .baselines import BASELINES, baseline_methods
 from .data import TokenPool, load_pool
 from .distributed import ShardedEvaluator, is_main, world_size
-from .evaluate import EvalSettings, HeldOut, write_eval
+from .evaluate import EvalSettings, HeldOut, lm_eval_tasks, write_eval
 from .errors import UserError
 from .fitness import Evaluator, FitnessConfig
 from .io import read_json, write_json
@@ -256,5 +256,8 @@ def evaluate_results(dirs: list[Path], settings: EvalSettings, device: str | Non
             loaded = held_out = None
         result, loaded, space = load_result(out, device, dtype, loaded)
         held_out = held_out or HeldOut(loaded, loaded.decoder, settings)
-        reports.append(write_eval(Path(out), result, held_out.measure(space, tuple(result["levels"])), log))
+        config = tuple(result["levels"])
+        extra = {"lm_eval": lm_eval_tasks(loaded, space, config, settings.lm_eval, settings.lm_eval_limit,
+                                          settings.batch_size)} if settings.lm_eval else None
+        reports.append(write_eval(Path(out), result, held_out.measure(space, config), log, extra))
     return reports
