@@ -153,3 +153,24 @@ def test_lm_eval_without_the_harness_is_a_clear_error(tiny_checkpoint, tmp_path,
     assert main(["eval", str(tmp_path / "s"), "--eval-data", str(text), "--eval-tokens", "128",
                  "--eval-seq-len", "32", "--lm-eval", "arc_easy", "--quiet"]) == 2
     assert "lm-evaluation-harness" in capsys.readouterr().err
+
+
+def test_text_config_round_trip_and_errors(tiny_checkpoint, tmp_path, capsys):
+    model, text = tiny_checkpoint
+    assert main(search_args(model, text, tmp_path / "s", 2)) == 0
+    config_txt = (tmp_path / "s" / "config.txt").read_text()
+    assert "model.layers.0.self_attn: " in config_txt and len(config_txt.splitlines()) == 12
+    common = ["--target", "0.34", "--model", str(model), "--data", str(text), "--seq-len", "32",
+              "--calib-tokens", "1024", "--final-tokens", "128", "--quiet"]
+    assert main(["import-config", str(tmp_path / "s" / "config.txt"), *common, "--out", str(tmp_path / "i")]) == 0
+    imported, searched = comparable(tmp_path / "i"), comparable(tmp_path / "s")
+    assert imported["levels"] == searched["levels"] and imported["fitness"] == searched["fitness"]
+    assert imported["method"] == "imported"
+    broken = tmp_path / "broken.txt"
+    for bad, message in [(config_txt.replace("self_attn: ", "self_attn= ", 1), "expected"),
+                         ("\n".join(config_txt.splitlines()[1:]), "no level"),
+                         (config_txt.replace(": 0", ": 7", 1), "not one of"),
+                         (config_txt.replace(": 0", ": 1", 1), "budget")]:
+        broken.write_text(bad)
+        assert main(["import-config", str(broken), *common, "--out", str(tmp_path / "b")]) == 2
+        assert message in capsys.readouterr().err

@@ -93,6 +93,10 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--tokens", type=int, default=4096, help="calibration tokens the baseline looks at")
     b.add_argument("--candidates", type=int, default=32, help="random: N of best-of-N")
 
+    im = sub.add_parser("import-config", help="turn a text config ('module: level' lines) into a result")
+    im.add_argument("config", type=Path)
+    _common(im)
+
     e = sub.add_parser("eval", help="held-out perplexity and KL of a saved result")
     e.add_argument("dirs", type=Path, nargs="+", help="result directories (one model's share its teacher)")
     e.add_argument("--eval-data", default="wiki,ptb", help="comma-separated: wiki, ptb, or files")
@@ -181,7 +185,9 @@ def run(argv: list[str] | None = None) -> int:
 
         if not is_main():
             log = lambda msg: None  # noqa: E731  (one voice per run: rank 0's)
-    if args.command in ("search", "baseline"):
+    if args.command == "import-config":
+        result = pipeline.import_config(args.config, recipe_from_args(args, "imported"), args.out, log)
+    elif args.command in ("search", "baseline"):
         if args.space not in SPACES:
             raise UserError(f"unknown space '{args.space}' (choose from {', '.join(SPACES)})")
         if args.command == "baseline" and args.method not in baseline_methods(args.space):

@@ -23,6 +23,7 @@ from .distributed import ShardedEvaluator, is_main, world_size
 from .evaluate import EvalSettings, HeldOut, lm_eval_tasks, write_eval
 from .errors import UserError
 from .fitness import Evaluator, FitnessConfig
+from .interchange import parse_config, write_config
 from .io import read_json, write_json
 from .models import Decoder, LoadedModel, load_model, resolve_device, resolve_dtype
 from .evolution import NoMoveError, SearchConfig, SearchState, evolve
@@ -31,6 +32,7 @@ from .spaces import SPACES, Space, make_space
 RESULT = "result.json"
 CHECKPOINT = "checkpoint.json"
 RECIPE = "recipe.json"
+CONFIG_TXT = "config.txt"
 
 
 @dataclass
@@ -173,7 +175,7 @@ def run_search(ctx: Context, out: Path, restart: bool = False, progress: bool = 
     history = [{k: v for k, v in asdict(h).items() if k != "parent"} for h in state.history]
     result = _result(ctx, state.parent, history, time.perf_counter() - start)
     if is_main():
-        write_json(out / RESULT, result)
+        save_result(ctx.space, out, result)
     return result
 
 
@@ -202,8 +204,26 @@ def run_baseline(ctx: Context, out: Path, log: Callable[[str], None] = print) ->
                         f"(choose from {', '.join(methods)})")
     config = methods[recipe.method](ctx)
     result = _result(ctx, config, [], time.perf_counter() - start)
-    write_json(out / RECIPE, recipe.to_json())
-    write_json(Path(out) / RESULT, result)
+    write_json(Path(out) / RECIPE, recipe.to_json())
+    save_result(ctx.space, Path(out), result)
+    return result
+
+
+def save_result(space: Space, out: Path, result: dict[str, Any]) -> None:
+    """result.json plus the same configuration as a reference-style text config."""
+    write_config(out / CONFIG_TXT, space, tuple(result["levels"]))
+    write_json(out / RESULT, result)
+
+
+def import_config(path: Path, recipe: Recipe, out: Path, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """A configuration found elsewhere (text, one ``module: level`` per line) as an evopress result."""
+    if not Path(path).is_file():
+        raise UserError(f"config {path} not found")
+    ctx = prepare(recipe, log)
+    config = parse_config(Path(path).read_text(), ctx.space, str(path))
+    result = _result(ctx, config, [], 0.0)
+    write_json(Path(out) / RECIPE, recipe.to_json())
+    save_result(ctx.space, Path(out), result)
     return result
 
 

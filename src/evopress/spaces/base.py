@@ -78,6 +78,10 @@ class Space(ABC):
         raise UserError(f"export is not supported for space '{self.name}'")
 
     def initial_configs(self, rng: np.random.Generator, n: int) -> list[Config]:
+        """The search's starting candidates: random ones, unless a space has a canonical start."""
+        return self.random_configs(rng, n)
+
+    def random_configs(self, rng: np.random.Generator, n: int) -> list[Config]:
         """``n`` distinct random feasible configurations (fewer if the space is smaller)."""
         seen: dict[Config, None] = {}
         for _ in range(50 * n):
@@ -92,6 +96,10 @@ class Space(ABC):
         for u, level in enumerate(config):
             keys[self.unit_block[u]].append(level)
         return tuple(tuple(k) for k in keys)
+
+    def level_labels(self, u: int) -> list[Any]:
+        """What each level of unit ``u`` means to a user (text configs, reports): the index by default."""
+        return list(range(self.problem.num_levels[u]))
 
     def profile(self, config: Config) -> dict[str, int]:
         return dict(zip(self.units, config))
