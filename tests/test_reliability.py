@@ -174,3 +174,17 @@ def test_text_config_round_trip_and_errors(tiny_checkpoint, tmp_path, capsys):
         broken.write_text(bad)
         assert main(["import-config", str(broken), *common, "--out", str(tmp_path / "b")]) == 2
         assert message in capsys.readouterr().err
+
+
+def test_rules_file_through_the_cli(tiny_checkpoint, tmp_path):
+    model, text = tiny_checkpoint
+    rules = tmp_path / "rules.yaml"
+    rules.write_text("- {match: 're:model\\.layers\\.0\\..*', pin: 0}\n"
+                     "- {match: 're:model\\.layers\\.(\\d+)\\.(self_attn|mlp)', tie: true}\n")
+    assert main(search_args(model, text, tmp_path / "s", 3) + ["--rules", str(rules)]) == 0
+    result = comparable(tmp_path / "s")
+    attn, mlp = result["levels"][:6], result["levels"][6:]
+    assert attn == mlp and attn[0] == 0 and sum(attn) == 2
+    assert result["space_options"]["rules"][1]["tie"] is True
+    assert main(["eval", str(tmp_path / "s"), "--eval-data", str(text), "--eval-tokens", "128",
+                 "--eval-seq-len", "32", "--quiet"]) == 0

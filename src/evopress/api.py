@@ -95,16 +95,20 @@ def baseline(out: str | Path, method: str, space: str = "drop", target: float = 
     return run(make_recipe(space=space, target=target, method=method, **settings), out, log=log)
 
 
-def load_recipe_file(path: Path) -> dict[str, Any]:
-    """YAML (or JSON, which is YAML) describing a run; the ``out`` and ``eval`` keys are for the runner."""
+def load_yaml(path: Path, what: str) -> Any:
     import yaml
 
-    if not path.is_file():
-        raise UserError(f"recipe {path} not found")
+    if not Path(path).is_file():
+        raise UserError(f"{what} file {path} not found")
     try:
-        data = yaml.safe_load(path.read_text())
+        return yaml.safe_load(Path(path).read_text())
     except yaml.YAMLError as e:
-        raise UserError(f"recipe {path} is not valid YAML: {str(e).splitlines()[0]}") from e
+        raise UserError(f"{what} file {path} is not valid YAML: {str(e).splitlines()[0]}") from e
+
+
+def load_recipe_file(path: Path) -> dict[str, Any]:
+    """YAML (or JSON, which is YAML) describing a run; the ``out`` and ``eval`` keys are for the runner."""
+    data = load_yaml(path, "recipe")
     if not isinstance(data, dict):
         raise UserError(f"recipe {path} must be a mapping of settings")
     return data

@@ -53,6 +53,8 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--granularity", default="sublayer", help="drop space: sublayer (attention and MLP "
                    "separately, as in the paper) or block (whole blocks)")
     p.add_argument("--db", default=None, help="sparsity/quant: level database built by build-db")
+    p.add_argument("--rules", type=Path, default=None, help="YAML list of constraints: {match: 're:...', "
+                   "pin | min | max: level, tie: true} (see docs/constraints.md)")
     p.add_argument("--group-rule", default=None, help="sparsity/quant: which layers may trade levels: "
                    "global, size (equal-size layers) or name (same projection)")
     p.add_argument("--count-overhead", action="store_true", help="quant: the budget counts each group's fp16 "
@@ -161,6 +163,10 @@ def recipe_from_args(args: argparse.Namespace, method: str):
     fitness = FitnessConfig(metric=args.fitness, batch_size=args.batch_size,
                             prefix_reuse=not getattr(args, "no_prefix_reuse", False))
     options = SPACES[args.space].options_from_args(args)
+    if args.rules is not None:
+        from .api import load_yaml
+
+        options["rules"] = load_yaml(args.rules, "rules")
     recipe = Recipe(space=args.space, target=args.target, method=method, model=args.model, data=args.data,
                     device=args.device, dtype=args.dtype, seq_len=args.seq_len,
                     calib_tokens=args.calib_tokens, space_options=options, search=search, fitness=fitness,

@@ -15,8 +15,9 @@ from .spaces.base import Config, Space
 
 
 def format_config(space: Space, config: Config) -> str:
-    return "".join(f"{unit}: {space.level_labels(u)[level]}\n" for u, (unit, level)
-                   in enumerate(zip(space.units, config)))
+    model, levels = space.model_space, space.to_model_levels(config)
+    return "".join(f"{unit}: {model.level_labels(u)[level]}\n" for u, (unit, level)
+                   in enumerate(zip(model.units, levels)))
 
 
 def write_config(path: Path, space: Space, config: Config) -> None:
@@ -25,6 +26,15 @@ def write_config(path: Path, space: Space, config: Config) -> None:
 
 
 def parse_config(text: str, space: Space, source: str = "config") -> Config:
+    """A configuration of ``space`` from text naming the model's modules (rules, if any, are checked)."""
+    config = space.from_model_levels(_parse_levels(text, space.model_space, source))
+    if not space.problem.feasible(config):
+        raise UserError(f"{source}: the configuration does not meet the budget of target "
+                        f"{getattr(space, 'target', '?')} (cost {space.problem.cost(config)} != {space.problem.budget})")
+    return config
+
+
+def _parse_levels(text: str, space: Space, source: str) -> Config:
     index = {unit: u for u, unit in enumerate(space.units)}
     levels: dict[int, int] = {}
     for n, line in enumerate(text.splitlines(), 1):
@@ -43,8 +53,4 @@ def parse_config(text: str, space: Space, source: str = "config") -> Config:
     missing = [space.units[u] for u in range(len(space.units)) if u not in levels]
     if missing:
         raise UserError(f"{source}: no level for {len(missing)} units, e.g. {missing[0]}")
-    config = tuple(levels[u] for u in range(len(space.units)))
-    if not space.problem.feasible(config):
-        raise UserError(f"{source}: the configuration does not meet the budget of target {getattr(space, 'target', '?')} "
-                        f"(cost {space.problem.cost(config)} != {space.problem.budget})")
-    return config
+    return tuple(levels[u] for u in range(len(space.units)))

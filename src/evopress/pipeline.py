@@ -122,8 +122,8 @@ def _result(ctx: Context, config: tuple[int, ...], history: list[dict], seconds:
         "data": r.data,
         "seed": r.search.seed,
         "space_options": ctx.space.options(),
-        "units": ctx.space.units,
-        "levels": list(config),
+        "units": ctx.space.model_space.units,
+        "levels": list(ctx.space.to_model_levels(config)),
         "budget": ctx.space.budget_report(config),
         "fitness": _final_fitness(ctx, config),
         "history": history,
@@ -211,7 +211,7 @@ def run_baseline(ctx: Context, out: Path, log: Callable[[str], None] = print) ->
 
 def save_result(space: Space, out: Path, result: dict[str, Any]) -> None:
     """result.json plus the same configuration as a reference-style text config."""
-    write_config(out / CONFIG_TXT, space, tuple(result["levels"]))
+    write_config(out / CONFIG_TXT, space.model_space, tuple(result["levels"]))
     write_json(out / RESULT, result)
 
 
@@ -228,7 +228,7 @@ def import_config(path: Path, recipe: Recipe, out: Path, log: Callable[[str], No
 
 
 def load_result(out: Path, device: str | None, dtype: str | None,
-                loaded: LoadedModel | None = None) -> tuple[dict, LoadedModel, Space]:
+                loaded: LoadedModel | None = None) -> tuple[dict, LoadedModel, Space, tuple[int, ...]]:
     """A saved result with its model loaded (or reused) and its space rebuilt, checked against each other."""
     result = read_json(Path(out) / RESULT)
     recipe = Recipe.from_json(result["recipe"])
@@ -236,11 +236,13 @@ def load_result(out: Path, device: str | None, dtype: str | None,
         dev = resolve_device(device or recipe.device)
         loaded = load_model(recipe.model, dev, resolve_dtype(dtype or recipe.dtype, dev))
     space = make_space(result["space"], loaded.decoder, result["target"], result["space_options"])
-    if list(space.units) != list(result["units"]) or len(result["levels"]) != len(space.units):
+    units = space.model_space.units
+    if list(units) != list(result["units"]) or len(result["levels"]) != len(units):
         raise UserError(f"{out}/{RESULT} does not match the units of model {loaded.name}")
-    if not space.problem.feasible(tuple(result["levels"])):
+    config = space.from_model_levels(tuple(result["levels"]))
+    if not space.problem.feasible(config):
         raise UserError(f"{out}/{RESULT}: levels violate the budget of space '{result['space']}'")
-    return result, loaded, space
+    return result, loaded, space, config
 
 
 def build_database(args: Any, progress: bool = True, log: Callable[[str], None] = print) -> dict[str, Any]:
@@ -258,8 +260,8 @@ def build_database(args: Any, progress: bool = True, log: Callable[[str], None] 
 
 def export_result(out: Path, target: Path, device: str | None = None, dtype: str | None = None,
                   log: Callable[[str], None] = print) -> dict[str, Any]:
-    result, loaded, space = load_result(out, device, dtype)
-    summary = space.export(tuple(result["levels"]), Path(target), loaded.tokenizer)
+    result, loaded, space, config = load_result(out, device, dtype)
+    summary = space.export(config, Path(target), loaded.tokenizer)
     log(f"exported {result['method']} {result['space']} {result['target']:g} to {target}")
     return summary
 
@@ -274,9 +276,8 @@ def evaluate_results(dirs: list[Path], settings: EvalSettings, device: str | Non
         model = Recipe.from_json(read_json(Path(out) / RESULT)["recipe"]).model
         if loaded is not None and model != loaded.name and not (model is None and loaded.name == "default"):
             loaded = held_out = None
-        result, loaded, space = load_result(out, device, dtype, loaded)
+        result, loaded, space, config = load_result(out, device, dtype, loaded)
         held_out = held_out or HeldOut(loaded, loaded.decoder, settings)
-        config = tuple(result["levels"])
         extra = {"lm_eval": lm_eval_tasks(loaded, space, config, settings.lm_eval, settings.lm_eval_limit,
                                           settings.batch_size)} if settings.lm_eval else None
         reports.append(write_eval(Path(out), result, held_out.measure(space, config), log, extra))

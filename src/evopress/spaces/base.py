@@ -97,6 +97,18 @@ class Space(ABC):
             keys[self.unit_block[u]].append(level)
         return tuple(tuple(k) for k in keys)
 
+    @property
+    def model_space(self) -> "Space":
+        """The space whose units are the model's own modules (itself, unless this space wraps another)."""
+        return self
+
+    def to_model_levels(self, config: Config) -> Config:
+        """Levels of ``model_space.units`` for a configuration of this space."""
+        return tuple(config)
+
+    def from_model_levels(self, levels: Sequence[int]) -> Config:
+        return tuple(levels)
+
     def level_labels(self, u: int) -> list[Any]:
         """What each level of unit ``u`` means to a user (text configs, reports): the index by default."""
         return list(range(self.problem.num_levels[u]))
