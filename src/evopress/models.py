@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import shutil
-from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -246,7 +245,7 @@ class Decoder:
         return out[0] if isinstance(out, tuple) else out
 
     @torch.inference_mode()
-    def run_blocks(self, input_ids: torch.Tensor, start: int = 0) -> Iterator[torch.Tensor]:
+    def run_blocks(self, input_ids: torch.Tensor) -> Iterator[torch.Tensor]:
         """Yield the residual stream at every block boundary 0..L (before the final norm)."""
         inputs = self.enter(input_ids)
         h = inputs.hidden
@@ -261,13 +260,3 @@ class Decoder:
         if self.softcap:
             logits = torch.tanh(logits / self.softcap) * self.softcap
         return logits
-
-
-@contextmanager
-def swapped(parent: nn.Module, attr: str, replacement: nn.Module) -> Iterator[None]:
-    original = getattr(parent, attr)
-    setattr(parent, attr, replacement)
-    try:
-        yield
-    finally:
-        setattr(parent, attr, original)
