@@ -4,11 +4,12 @@
 # against ShortGPT, angular distance and best-of-32 random, at 25% and 37.5% of the sub-blocks.
 # Held-out: Wikipedia summaries (last 2,000 articles) and PTB test, 8,192 tokens each, 512-token windows.
 #
-#   bash benchmarks/depth_quality.sh [OUT]      (about 1.5 h on 2 CPU cores)
+#   bash benchmarks/depth_quality.sh [OUT]      (about 1.5 h on 2 idle CPU cores)
+#   TARGETS=0.375 GENERATIONS=30 bash benchmarks/depth_quality.sh   (one target, shorter search)
 set -euo pipefail
 OUT=${1:-runs/depth-quality}
 GENERATIONS=${GENERATIONS:-40}
-for TARGET in 0.25 0.375; do
+for TARGET in ${TARGETS:-0.25 0.375}; do
     D="$OUT/$TARGET"
     COMMON=(--space drop --target "$TARGET" --calib-tokens 32768 --seq-len 256 --final-tokens 4096 --seed 0 --quiet)
     SEARCH=(--generations "$GENERATIONS" --offspring 16 --stages 2:256,1:1024 --initial-candidates 16 --initial-tokens 512)
