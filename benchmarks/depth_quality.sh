@@ -13,10 +13,11 @@ for TARGET in ${TARGETS:-0.25 0.375}; do
     D="$OUT/$TARGET"
     COMMON=(--space drop --target "$TARGET" --calib-tokens 32768 --seq-len 256 --final-tokens 4096 --seed 0 --quiet)
     SEARCH=(--generations "$GENERATIONS" --offspring 16 --stages 2:256,1:1024 --initial-candidates 16 --initial-tokens 512)
+    # baselines are deterministic: an existing result is kept (searches resume from their checkpoints)
     for method in shortgpt angular; do
-        evopress baseline "${COMMON[@]}" --method "$method" --tokens 4096 --out "$D/$method"
+        [ -f "$D/$method/result.json" ] || evopress baseline "${COMMON[@]}" --method "$method" --tokens 4096 --out "$D/$method"
     done
-    evopress baseline "${COMMON[@]}" --method random --tokens 1024 --candidates 32 --out "$D/random"
+    [ -f "$D/random/result.json" ] || evopress baseline "${COMMON[@]}" --method random --tokens 1024 --candidates 32 --out "$D/random"
     evopress search "${COMMON[@]}" "${SEARCH[@]}" --init-from shortgpt,angular --out "$D/evopress-warm"
     evopress search "${COMMON[@]}" "${SEARCH[@]}" --out "$D/evopress"
     evopress eval "$D/evopress" "$D/evopress-warm" "$D/shortgpt" "$D/angular" "$D/random" \
