@@ -49,7 +49,8 @@ def _common(p: argparse.ArgumentParser) -> None:
     f = FitnessConfig()
     p.add_argument("--space", default="drop", help=f"compression space ({', '.join(SPACES)})")
     p.add_argument("--target", type=float, required=True,
-                   help="drop: fraction of sub-blocks of each kind to remove, e.g. 0.25")
+                   help="drop: fraction of sub-blocks of each kind to remove, e.g. 0.25; sparsity: average "
+                   "fraction of zeros in the blocks' linear weights, e.g. 0.5")
     p.add_argument("--granularity", default="sublayer", help="drop space: sublayer (attention and MLP "
                    "separately, as in the paper) or block (whole blocks)")
     p.add_argument("--db", default=None, help="sparsity/quant: level database built by build-db")
@@ -91,7 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     b = sub.add_parser("baseline", help="baseline configurations at the same budget")
     _common(b)
-    b.add_argument("--method", required=True, help="drop: shortgpt, angular, random")
+    b.add_argument("--method", required=True, help="drop: shortgpt, angular, random; sparsity: uniform, owl, random")
     b.add_argument("--tokens", type=int, default=4096, help="calibration tokens the baseline looks at")
     b.add_argument("--candidates", type=int, default=32, help="random: N of best-of-N")
 
@@ -117,10 +118,12 @@ def build_parser() -> argparse.ArgumentParser:
     db.add_argument("--space", required=True, help="sparsity or quant")
     _model_args(db, calib_tokens=16384)
     db.add_argument("--batch-size", type=int, default=8)
-    db.add_argument("--target", type=float, default=None, help="sparsity: the average sparsity the levels centre on")
-    db.add_argument("--levels", type=int, default=None, help="sparsity: levels on each side of the target")
-    db.add_argument("--step", type=int, default=None, help="sparsity: weights pruned per level step")
-    db.add_argument("--method", default=None, help="sparsity: sparsegpt, wanda, magnitude")
+    db.add_argument("--target", type=float, default=None, help="sparsity: the average sparsity the levels centre "
+                    "on (default 0.5); the database serves any search target inside its level range")
+    db.add_argument("--levels", type=int, default=None, help="sparsity: levels on each side of the target (default 8)")
+    db.add_argument("--step", type=int, default=None, help="sparsity: weights pruned per level step, the same for "
+                    "every layer (default: min(largest layer / 50, smallest layer / 4))")
+    db.add_argument("--method", default=None, help="sparsity: sparsegpt (default), wanda, magnitude")
     db.add_argument("--bits", default=None, help="quant: comma-separated bitwidths, e.g. 2,3,4,5,6,8")
     db.add_argument("--group-size", type=int, default=None, help="quant: columns per scale/zero group")
     db.add_argument("--calib-bits", type=int, default=None, help="quant: bitwidth installed between blocks")

@@ -77,9 +77,18 @@ def plot_profiles(runs: list[dict[str, Any]], path: Path) -> None:
 
     fig, axes = plt.subplots(len(runs), 1, figsize=(10, 0.5 + 0.45 * sum(
         len(profile_matrix(r["units"], r["levels"])[0]) + 1.5 for r in runs)), squeeze=False)
+    per_unit = [v for r in runs for v in r["budget"].get("unit_values") or []]  # e.g. per-layer sparsity
     for ax, r in zip(axes[:, 0], runs):
-        kinds, mat = profile_matrix(r["units"], r["levels"])
-        ax.imshow(mat, aspect="auto", cmap="viridis", interpolation="nearest")
+        values = r["budget"].get("level_values")  # e.g. bitwidths: plot what a level means, not its index
+        if r["budget"].get("unit_values"):
+            shown, values = r["budget"]["unit_values"], per_unit  # one colour scale across the panels
+        else:
+            shown = [values[lv] for lv in r["levels"]] if values else r["levels"]
+        kinds, mat = profile_matrix(r["units"], shown)
+        scale = {"vmin": min(values), "vmax": max(values)} if values else {}  # same colours in every panel
+        image = ax.imshow(mat, aspect="auto", cmap="viridis", interpolation="nearest", **scale)
+        if values:
+            fig.colorbar(image, ax=ax, label=r["budget"].get("value_label", "bits"), pad=0.01)
         ax.set_yticks(range(len(kinds)), kinds, fontsize=7)
         ax.set_title(f"{label(r)} ({r['space']} {r['target']:g})", fontsize=9)
         ax.set_xticks(range(mat.shape[1]), [str(b) if b % 5 == 0 else "" for b in range(mat.shape[1])], fontsize=7)

@@ -6,7 +6,7 @@ Each is a function ``(Context) -> Config`` registered per space; the CLI and pip
 from typing import TYPE_CHECKING, Callable
 
 from ..spaces.base import Config
-from . import drop
+from . import drop, quant, sparsity
 from .random_search import best_of_random
 
 if TYPE_CHECKING:
@@ -16,6 +16,8 @@ Baseline = Callable[["Context"], Config]
 
 BASELINES: dict[str, dict[str, Baseline]] = {
     "drop": {"shortgpt": drop.shortgpt, "angular": drop.angular, "random": best_of_random},
+    "quant": {"uniform": quant.uniform, "dp": quant.dp, "random": best_of_random},
+    "sparsity": {"uniform": sparsity.uniform, "owl": sparsity.owl, "random": best_of_random},
 }
 
 

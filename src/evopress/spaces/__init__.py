@@ -7,8 +7,10 @@ from ..models import Decoder
 from .base import Config, Problem, Space
 from .constraints import ConstrainedSpace, parse_rules
 from .drop import DropSpace
+from .quant import QuantSpace
+from .sparsity import SparsitySpace
 
-SPACES: dict[str, type[Space]] = {"drop": DropSpace}
+SPACES: dict[str, type[Space]] = {"drop": DropSpace, "quant": QuantSpace, "sparsity": SparsitySpace}
 
 
 def make_space(name: str, decoder: Decoder, target: float, options: dict[str, Any]) -> Space:

@@ -1,0 +1,213 @@
+"""Export a searched bit profile: a compressed-tensors checkpoint plus GPTQModel / llm-compressor configs.
+
+Files written to the output directory:
+
+* ``model.safetensors`` + ``config.json``: a compressed-tensors ``pack-quantized`` checkpoint (the
+  format llm-compressor writes and vLLM reads). Each quantized linear layer stores
+  ``weight_packed`` (int32, codes densely bit-packed along the input dimension: 32 codes fill exactly
+  ``bits`` words), ``weight_scale`` (fp16, [out, groups]), ``weight_zero_point`` (int32, zero points
+  packed the same way along the output dimension) and ``weight_shape``. Stored integers are the
+  library's signed values plus its offset 2^(bits-1), which are exactly our unsigned codes, so the
+  bytes are our database's codes re-laid out, bit for bit. ``quantization_config`` has one config
+  group per bitwidth whose ``targets`` are the exact module names (asymmetric, ``group`` strategy, or
+  ``channel`` for per-channel grids). Everything else (embeddings, norms, LM head) stays dense.
+* ``gptqmodel_quantize_config.json``: a GPTQModel ``QuantizeConfig`` with base ``bits`` (the most
+  common width) and a ``dynamic`` dict of ``"+:<anchored module regex>" -> {"bits": b}`` overrides, to
+  re-quantize the same profile with GPTQModel.
+* ``llmcompressor_recipe.yaml``: an llm-compressor ``GPTQModifier`` recipe with the same config groups.
+* ``evopress_profile.json``: bits per layer, the grid, the budget report and these notes.
+
+Loading: transformers 5.24 with compressed-tensors 0.20.1 cannot load *asymmetric* pack-quantized
+checkpoints (its meta-device compression keeps ``weight_zero_point`` unpacked, so the packed
+tensors in the file mismatch; a checkpoint written by compressed-tensors itself fails the same way),
+and its ``dequantize=True`` path decodes every dense layer with the first config group's scheme,
+which is wrong for mixed bitwidths. ``load_compressed`` therefore builds the architecture with
+transformers and decodes the layers with our own reader; the tests cross-check that reader
+against compressed-tensors' decompressor. vLLM's compressed-tensors kernels cover 4- and 8-bit
+weights and need fused projections (q/k/v, gate/up) to share a scheme, so a mixed 2-6 bit profile
+is a storage/interchange artifact there, not a fast-kernel one. 3/5/6-bit packing follows
+compressed-tensors >= 0.20 (dense across words); older versions packed 32 // bits codes per word.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+from collections import Counter
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+import yaml
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+
+from .compressors.gptq import QuantGrid, QuantizedWeight
+from .compressors.packing import pack_codes, unpack_codes
+from .errors import UserError
+from .io import atomic_write, write_json
+from .spaces.base import Config
+
+if TYPE_CHECKING:
+    from .spaces.quant import QuantSpace
+
+WEIGHTS = "model.safetensors"
+GPTQMODEL = "gptqmodel_quantize_config.json"
+RECIPE = "llmcompressor_recipe.yaml"
+PROFILE = "evopress_profile.json"
+_WORD = 32
+
+
+def pack_rows_int32(codes: Tensor, bits: int) -> Tensor:
+    """uint8 codes [rows, cols] -> int32 [rows, ceil(cols*bits/32)]: each row one little-endian bitstream.
+
+    That is compressed-tensors' dense packing: code j of a row sits at bits [j*bits, (j+1)*bits) of
+    the row's word sequence, least significant bit first, crossing word boundaries when it must.
+    """
+    rows, cols = codes.shape
+    padded = torch.nn.functional.pad(codes, (0, -cols % _WORD))  # 32 codes fill exactly `bits` words
+    stream = pack_codes(padded, bits).view(rows, -1, 4).long()
+    words = stream[..., 0] | stream[..., 1] << 8 | stream[..., 2] << 16 | stream[..., 3] << 24
+    words = torch.where(words >= 1 << 31, words - (1 << 32), words)  # two's complement int32
+    return words[:, : -(-cols * bits // _WORD)].to(torch.int32).contiguous()
+
+
+def unpack_rows_int32(packed: Tensor, bits: int, cols: int) -> Tensor:
+    """Inverse of ``pack_rows_int32``."""
+    rows = packed.shape[0]
+    words = packed.long() & 0xFFFFFFFF
+    full = -(-cols // _WORD) * bits  # words of the row padded to whole 32-code chunks
+    words = torch.nn.functional.pad(words, (0, full - words.shape[1]))
+    stream = torch.stack([(words >> s) & 0xFF for s in (0, 8, 16, 24)], dim=-1).to(torch.uint8).reshape(-1)
+    return unpack_codes(stream, bits, (rows, full * _WORD // bits))[:, :cols].contiguous()
+
+
+def to_compressed_tensors(q: QuantizedWeight) -> dict[str, Tensor]:
+    out, n = q.shape
+    return {
+        "weight_packed": pack_rows_int32(q.codes, q.grid.bits),
+        "weight_scale": q.scales.contiguous(),
+        "weight_zero_point": pack_rows_int32(q.zeros.T.contiguous(), q.grid.bits).T.contiguous(),
+        "weight_shape": torch.tensor([out, n], dtype=torch.int64),
+    }
+
+
+def from_compressed_tensors(t: dict[str, Tensor], bits: int, group_size: int) -> QuantizedWeight:
+    out, n = (int(x) for x in t["weight_shape"])
+    n_groups = t["weight_scale"].shape[1]
+    zeros = unpack_rows_int32(t["weight_zero_point"].T.contiguous(), bits, out).T.contiguous()
+    return QuantizedWeight(unpack_rows_int32(t["weight_packed"], bits, n), t["weight_scale"], zeros,
+                           QuantGrid(bits, group_size if n_groups > 1 else -1))
+
+
+def _weights_args(bits: int, group_size: int) -> dict[str, Any]:
+    if group_size > 0:
+        return {"num_bits": bits, "type": "int", "symmetric": False, "strategy": "group", "group_size": group_size}
+    return {"num_bits": bits, "type": "int", "symmetric": False, "strategy": "channel"}
+
+
+def config_groups(layer_bits: dict[str, int], group_size: int) -> dict[str, dict[str, Any]]:
+    """One compressed-tensors / llm-compressor config group per bitwidth, targeting exact module names."""
+    groups: dict[str, dict[str, Any]] = {}
+    for name, bits in layer_bits.items():
+        groups.setdefault(f"group_{bits}bit", {"targets": [], "weights": _weights_args(bits, group_size)})
+        groups[f"group_{bits}bit"]["targets"].append(name)
+    return dict(sorted(groups.items()))
+
+
+def quantization_config(layer_bits: dict[str, int], group_size: int) -> dict[str, Any]:
+    return {"quant_method": "compressed-tensors", "format": "pack-quantized", "quantization_status": "compressed",
+            "config_groups": config_groups(layer_bits, group_size), "ignore": ["lm_head"], "kv_cache_scheme": None}
+
+
+def gptqmodel_config(layer_bits: dict[str, int], group_size: int, damp: float) -> dict[str, Any]:
+    """GPTQModel ``QuantizeConfig``: base bits plus ``dynamic`` per-module overrides (regex, re.match)."""
+    base = Counter(layer_bits.values()).most_common(1)[0][0]
+    dynamic = {f"+:^{re.escape(name)}$": {"bits": bits} for name, bits in layer_bits.items() if bits != base}
+    return {"bits": base, "group_size": group_size if group_size > 0 else -1, "sym": False, "desc_act": False,
+            "damp_percent": damp, "dynamic": dynamic}
+
+
+def llmcompressor_recipe(layer_bits: dict[str, int], group_size: int, damp: float) -> dict[str, Any]:
+    return {"quant_stage": {"quant_modifiers": {"GPTQModifier": {
+        "dampening_frac": damp, "block_size": 128, "ignore": ["lm_head"],
+        "config_groups": config_groups(layer_bits, group_size)}}}}
+
+
+def _dense_tensors(model: torch.nn.Module, skip: set[str]) -> dict[str, Tensor]:
+    """The model's own tensors except ``skip``; tied tensors are written once (first name wins)."""
+    out: dict[str, Tensor] = {}
+    seen: set[int] = set()
+    for key, value in model.state_dict().items():
+        if key in skip or value.data_ptr() in seen:
+            continue
+        seen.add(value.data_ptr())
+        out[key] = value.detach().cpu().contiguous()
+    return out
+
+
+def export_quantized(space: "QuantSpace", config: Config, out: Path, tokenizer: Any) -> dict[str, Any]:
+    """Write the checkpoint and configs for ``config`` (see module doc); leaves the model dense."""
+    space.apply(None)
+    model = space.decoder.model
+    layer_bits = space.layer_bits(config)
+    tensors = _dense_tensors(model, {f"{name}.weight" for name in space.units})
+    for u, name in enumerate(space.units):
+        for key, value in to_compressed_tensors(space.quantized(u, layer_bits[name])).items():
+            tensors[f"{name}.{key}"] = value.cpu()
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write(out / WEIGHTS, lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt"}))
+    hf_config = copy.deepcopy(model.config)
+    hf_config.quantization_config = quantization_config(layer_bits, space.grid_size)
+    hf_config.save_pretrained(out)
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    damp = space.db.manifest["damp"]
+    write_json(out / GPTQMODEL, gptqmodel_config(layer_bits, space.grid_size, damp))
+    recipe = yaml.safe_dump(llmcompressor_recipe(layer_bits, space.grid_size, damp), sort_keys=False)
+    atomic_write(out / RECIPE, lambda tmp: tmp.write_text(recipe))
+    budget = space.budget_report(config)
+    write_json(out / PROFILE, {"space": space.name, "target": space.target, "group_size": space.grid_size,
+                               "symmetric": False, "layer_bits": layer_bits, "budget": budget,
+                               "formats": {WEIGHTS: "compressed-tensors pack-quantized (see evopress.export_quant)",
+                                           GPTQMODEL: "GPTQModel QuantizeConfig with per-module dynamic bits",
+                                           RECIPE: "llm-compressor GPTQModifier recipe"}})
+    return {"out": str(out), "weights_bytes": (out / WEIGHTS).stat().st_size,
+            "layers_per_bitwidth": budget["layers_per_bitwidth"], "accounting": budget["accounting"],
+            "achieved_bits": budget["achieved"], "files": [WEIGHTS, "config.json", GPTQMODEL, RECIPE, PROFILE]}
+
+
+def read_compressed_weights(path: Path) -> dict[str, Tensor]:
+    """All tensors of an exported checkpoint, quantized layers decoded to float32 ``<module>.weight``."""
+    from transformers import AutoConfig
+
+    qc = AutoConfig.from_pretrained(path, local_files_only=True).quantization_config
+    qc = qc if isinstance(qc, dict) else qc.to_dict()
+    raw = load_file(str(Path(path) / WEIGHTS))
+    out = {k: v for k, v in raw.items() if not k.rsplit(".", 1)[-1].startswith("weight_")}
+    for group in qc["config_groups"].values():
+        args = group["weights"]
+        for name in group["targets"]:
+            parts = {k: raw[f"{name}.{k}"] for k in ("weight_packed", "weight_scale", "weight_zero_point",
+                                                     "weight_shape")}
+            out[f"{name}.weight"] = from_compressed_tensors(parts, args["num_bits"], args.get("group_size") or -1) \
+                .dequantize(torch.float32)
+    return out
+
+
+def load_compressed(path: str | Path, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+    """An exported checkpoint as a plain transformers model (architecture from its config.json)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(path, local_files_only=True)
+    del config.quantization_config
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    state = read_compressed_weights(Path(path))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    params = dict(model.named_parameters(remove_duplicate=False))
+    loaded = {params[k].data_ptr() for k in state if k in params}
+    untied = [k for k in missing if k not in params or params[k].data_ptr() not in loaded]  # tied: shared storage
+    if unexpected or untied:
+        raise UserError(f"{path} does not match its config: missing {untied[:3]}, unexpected {unexpected[:3]}")
+    return model.eval().requires_grad_(False)
