@@ -188,3 +188,22 @@ def test_rules_file_through_the_cli(tiny_checkpoint, tmp_path):
     assert result["space_options"]["rules"][1]["tie"] is True
     assert main(["eval", str(tmp_path / "s"), "--eval-data", str(text), "--eval-tokens", "128",
                  "--eval-seq-len", "32", "--quiet"]) == 0
+
+
+def test_atomic_writes_keep_the_old_file_and_normal_permissions(tmp_path):
+    from evopress.io import atomic_write, write_json
+
+    path = tmp_path / "result.json"
+    write_json(path, {"a": 1})
+    mask = os.umask(0o022)
+    os.umask(mask)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~mask
+
+    def crash(tmp):
+        tmp.write_text("half")
+        raise RuntimeError("killed mid-write")
+
+    with pytest.raises(RuntimeError):
+        atomic_write(path, crash)
+    assert json.loads(path.read_text()) == {"a": 1}
+    assert [p.name for p in tmp_path.iterdir()] == ["result.json"]  # no temporary left behind

@@ -17,8 +17,18 @@ def cache_dir() -> Path:
     return Path(os.environ.get("EVOPRESS_CACHE", Path.home() / ".cache" / "evopress"))
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    """Call ``write(tmp_path)`` and rename the result onto ``path``."""
+    """Call ``write(tmp_path)`` and rename the result onto ``path``.
+
+    ``mkstemp`` creates the temporary file 0600; it is widened to what ``open`` would have given
+    (0666 minus the umask) so exported models and results stay readable by the user's other tools.
+    """
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -28,6 +38,7 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
         raise UserError(f"cannot write to {path.parent}: {e.strerror or e}") from e
     try:
         write(Path(tmp))
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     except OSError as e:
         Path(tmp).unlink(missing_ok=True)
