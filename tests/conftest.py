@@ -1,9 +1,11 @@
 """Shared fixtures: tiny random Llama-like models built in code, and token pools over them."""
 
+import numpy as np
 import pytest
 import torch
 
 from evopress.data import TokenPool
+from evopress.fitness import Evaluator, FitnessConfig
 from evopress.models import Decoder
 
 
@@ -69,3 +71,21 @@ def write_tiny_checkpoint(root, layers: int = 6):
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory):
     return write_tiny_checkpoint(tmp_path_factory.mktemp("tiny"))
+
+
+def assert_prefix_reuse_matches_full_forward(space, pool, configs, cache_bytes, tokens=96, seed=4):
+    """The optimised evaluator (prefix reuse, cached teacher) gives the naive evaluator's KL and NLL.
+
+    Shared by every space's tests: the evaluator must be exact whatever ``apply`` rewrites.
+    """
+    configs = list(configs) + [configs[0]]  # a duplicate shares its whole prefix
+    sample = pool.sample(tokens, np.random.default_rng(seed))
+    naive = Evaluator(space, pool, FitnessConfig(prefix_reuse=False, logit_cache_bytes=0))
+    reuse = Evaluator(space, pool, FitnessConfig(cache_bytes=cache_bytes))
+    a, b = naive.measure(configs, sample), reuse.measure(configs, sample)
+    for x, y in zip(a, b):
+        assert y.kl == pytest.approx(x.kl, rel=1e-5, abs=1e-7)
+        assert y.nll == pytest.approx(x.nll, rel=1e-5)
+    if cache_bytes > 1:
+        assert reuse.stats.block_tokens < naive.stats.block_tokens
+    assert naive.stats.block_tokens == naive.stats.naive_block_tokens

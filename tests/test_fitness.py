@@ -8,6 +8,8 @@ import torch.nn.functional as F
 from evopress.fitness import Evaluator, FitnessConfig
 from evopress.spaces.drop import DropSpace
 
+from .conftest import assert_prefix_reuse_matches_full_forward
+
 
 def test_kl_is_zero_for_dense_and_positive_otherwise(decoder, pool):
     space = DropSpace(decoder, 0.34, "sublayer")
@@ -48,19 +50,8 @@ def test_teacher_cache_matches_uncached_full_logit_kl(decoder, pool):
 @pytest.mark.parametrize("cache_bytes", [1 << 30, 16 * 32 * 4 * 24, 1])  # ample, evicting, none
 def test_prefix_reuse_equals_full_forward(decoder, pool, granularity, cache_bytes):
     space = DropSpace(decoder, 0.34, granularity)
-    rng = np.random.default_rng(4)
-    configs = space.initial_configs(rng, 10)
-    configs += [configs[0]]  # a duplicate shares its whole prefix
-    sample = pool.sample(96, rng)
-    naive = Evaluator(space, pool, FitnessConfig(prefix_reuse=False, logit_cache_bytes=0))
-    reuse = Evaluator(space, pool, FitnessConfig(cache_bytes=cache_bytes))
-    a, b = naive.measure(configs, sample), reuse.measure(configs, sample)
-    for x, y in zip(a, b):
-        assert y.kl == pytest.approx(x.kl, rel=1e-5, abs=1e-7)
-        assert y.nll == pytest.approx(x.nll, rel=1e-5)
-    if cache_bytes > 1:
-        assert reuse.stats.block_tokens < naive.stats.block_tokens
-    assert naive.stats.block_tokens == naive.stats.naive_block_tokens
+    assert_prefix_reuse_matches_full_forward(space, pool, space.initial_configs(np.random.default_rng(4), 10),
+                                             cache_bytes)
 
 
 def test_ppl_fitness_is_the_candidate_nll(decoder, pool):

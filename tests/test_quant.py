@@ -25,7 +25,7 @@ from evopress.spaces import make_space
 from evopress.spaces.quant import (QuantSpace, build_quant_database, default_group_size, default_levels,
                                    exact_knapsack, max_reachable)
 
-from .conftest import tiny_model
+from .conftest import assert_prefix_reuse_matches_full_forward, tiny_model
 
 BITS = (2, 3, 4, 5, 6, 8)
 
@@ -283,3 +283,13 @@ def test_cli_build_search_baselines_export_report(tiny_checkpoint, tmp_path):
     dirs = [str(tmp_path / d) for d in ("evo", "dp", "uniform")]
     assert main(["report", *dirs, "--out", str(tmp_path / "report"), "--quiet"]) == 0
     assert (tmp_path / "report" / "profile.png").stat().st_size > 1000
+
+
+@pytest.mark.parametrize("cache_bytes", [1 << 30, 16 * 32 * 4 * 24, 1])  # ample, evicting, none
+def test_prefix_reuse_equals_full_forward(built, cache_bytes):
+    space = space_for(built, 3.0)
+    configs = space.random_configs(np.random.default_rng(7), 6)
+    # children of one parent share prefixes, as in a real generation
+    configs += [mutate(configs[0], space.problem, np.random.default_rng(s), 3) for s in range(4)]
+    assert_prefix_reuse_matches_full_forward(space, built[2], configs, cache_bytes)
+    space.apply(None)

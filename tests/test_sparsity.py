@@ -22,7 +22,7 @@ from evopress.models import Decoder
 from evopress.spaces.sparsity import (PROFILE, SparsitySpace, build_sparsity_database, decode_level, default_step,
                                       encode_level, level_grid, nearest_levels, sparsity_problem)
 
-from .conftest import tiny_model
+from .conftest import assert_prefix_reuse_matches_full_forward, tiny_model
 
 STEP = 24  # tiny layers: 512 (k/v), 1024 (q/o), 2048 (MLP) weights
 
@@ -303,3 +303,13 @@ def test_real_model_budget_and_levels(tmp_path):
     assert result["budget"]["exact"] and f"{result['budget']['achieved']:.4f}" == "0.5000"
     assert result["budget"]["weights"] == 30 * (2 * 576 * 576 + 2 * 192 * 576 + 3 * 576 * 1536)
     assert 0 < result["fitness"]["kl"] < 5
+
+
+@pytest.mark.parametrize("cache_bytes", [1 << 30, 16 * 32 * 4 * 24, 1])  # ample, evicting, none
+def test_prefix_reuse_equals_full_forward(built, cache_bytes):
+    space = space_for(built, 0.5)
+    configs = space.random_configs(np.random.default_rng(7), 6)
+    # children of one parent share prefixes, as in a real generation
+    configs += [mutate(configs[0], space.problem, np.random.default_rng(s), 3) for s in range(4)]
+    assert_prefix_reuse_matches_full_forward(space, _pool(), configs, cache_bytes)
+    space.apply(None)
