@@ -39,8 +39,9 @@ def model_fingerprint(model: nn.Module) -> str:
     h = hashlib.sha256()
     config = getattr(model, "config", None)
     if config is not None:
-        d = {k: v for k, v in config.to_dict().items() if k not in ("dtype", "torch_dtype", "_name_or_path",
-                                                                       "transformers_version")}
+        # metadata that loading or save_pretrained rewrites (``architectures``) is not the model
+        meta = ("dtype", "torch_dtype", "_name_or_path", "transformers_version", "architectures")
+        d = {k: v for k, v in config.to_dict().items() if k not in meta}
         h.update(json.dumps(d, sort_keys=True, default=str).encode())
     for name, p in model.named_parameters():
         flat = p.detach().reshape(-1)
@@ -109,6 +110,22 @@ def write_manifest(root: Path, manifest: dict[str, Any]) -> None:
 def block_linears(decoder: Decoder, b: int) -> dict[str, nn.Linear]:
     prefix = next(n for n, m in decoder.model.named_modules() if m is decoder.layers)
     return {f"{prefix}.{b}.{n}": m for n, m in decoder.layers[b].named_modules() if isinstance(m, nn.Linear)}
+
+
+def linear_units(decoder: Decoder, db: Database) -> tuple[list[str], list[int], list[nn.Linear]]:
+    """The per-layer spaces' units: every block's linear layers in block order, checked against ``db``.
+
+    Returns module names, the block of each and the modules themselves.
+    """
+    names, blocks, layers = [], [], []
+    for b in range(decoder.num_blocks):
+        for name, module in block_linears(decoder, b).items():
+            names.append(name)
+            blocks.append(b)
+            layers.append(module)
+    if sorted(names) != sorted(db.manifest["layers"]):
+        raise UserError(f"database {db.root} holds other layers than this model's linear layers")
+    return names, blocks, layers
 
 
 @contextmanager

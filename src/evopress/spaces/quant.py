@@ -41,7 +41,7 @@ from torch import nn
 from ..compressors.gptq import QuantGrid, QuantizedWeight, gptq_quantize_levels
 from ..compressors.hessian import HessianAccumulator
 from ..data import TokenPool
-from ..database import (Database, block_linears, calibrate_blocks, data_fingerprint, layer_file,
+from ..database import (Database, calibrate_blocks, data_fingerprint, layer_file, linear_units,
                         model_fingerprint, save_layer, single_thread, write_manifest)
 from ..errors import UserError
 from ..models import Decoder
@@ -276,15 +276,7 @@ class QuantSpace(Space):
                             f"({','.join(map(str, stored))})")
         self.grid_size = manifest["group_size"]
         self.num_blocks = decoder.num_blocks
-        self.layers: list[nn.Linear] = []
-        self.units, self.unit_block = [], []
-        for b in range(self.num_blocks):
-            for name, module in block_linears(decoder, b).items():
-                self.units.append(name)
-                self.unit_block.append(b)
-                self.layers.append(module)
-        if sorted(self.units) != sorted(manifest["layers"]):
-            raise UserError(f"database {self.db.root} holds other layers than this model's linear layers")
+        self.units, self.unit_block, self.layers = linear_units(decoder, self.db)
         self.shapes = [tuple(manifest["layers"][name]) for name in self.units]
         self.numel = sum(o * i for o, i in self.shapes)
         costs = tuple(tuple(level_cost(b, s, self.grid(b), overhead) for b in self.bits) for s in self.shapes)

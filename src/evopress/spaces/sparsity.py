@@ -43,7 +43,7 @@ from ..compressors.hessian import HessianAccumulator
 from ..compressors.packing import pack_codes, unpack_codes
 from ..compressors.sparsegpt import magnitude_prune, sparsegpt_prune_levels, wanda_prune
 from ..data import TokenPool
-from ..database import (Database, block_linears, calibrate_blocks, data_fingerprint, layer_file,
+from ..database import (Database, calibrate_blocks, data_fingerprint, layer_file, linear_units,
                         model_fingerprint, save_layer, single_thread, write_manifest)
 from ..errors import UserError
 from ..evolution import NoMoveError, switch
@@ -267,15 +267,7 @@ class SparsitySpace(Space):
         manifest = self.db.manifest
         self.step: int = manifest["step"]
         self.num_blocks = decoder.num_blocks
-        self.layers: list[nn.Linear] = []
-        self.units, self.unit_block = [], []
-        for b in range(self.num_blocks):
-            for name, module in block_linears(decoder, b).items():
-                self.units.append(name)
-                self.unit_block.append(b)
-                self.layers.append(module)
-        if sorted(self.units) != sorted(manifest["layers"]):
-            raise UserError(f"database {self.db.root} holds other layers than this model's linear layers")
+        self.units, self.unit_block, self.layers = linear_units(decoder, self.db)
         entries = [manifest["layers"][name] for name in self.units]
         self.shapes = [tuple(e["shape"]) for e in entries]
         self.numels = [o * i for o, i in self.shapes]
