@@ -60,11 +60,18 @@ def run_mode(args: argparse.Namespace) -> dict:
     return {
         "mode": args.mode,
         "levels": result["levels"],
+        # the parent after every generation, from the search's checkpoint (result.json keeps only the last)
+        "trajectory": [h["parent"] for h in json.loads((Path(args.workdir) / args.mode / "checkpoint.json")
+                                                       .read_text())["state"]["history"]],
         "fitness": result["fitness"]["kl"],
         "seconds_per_generation": sum(h["seconds"] for h in gens) / len(gens),
         "candidate_tokens_per_second": sum(h["tokens"] for h in gens) / sum(h["seconds"] for h in gens),
         "wall_seconds": wall,
         "fraction_in_evaluator": stats["seconds"] / wall,
+        # candidate decoder blocks + LM head/KL are the model forwards; the rest is teacher, apply(), search
+        "fraction_in_blocks": stats["block_seconds"] / wall,
+        "fraction_in_head_and_kl": stats["head_seconds"] / wall,
+        "fraction_in_model_forwards": (stats["block_seconds"] + stats["head_seconds"]) / wall,
         "flops_one_generation": counter.get_total_flops(),
         "block_tokens": stats["block_tokens"],
         "naive_block_tokens": stats["naive_block_tokens"],
@@ -105,6 +112,7 @@ def main() -> None:
         "space": args.space, "target": args.target, "generations": args.generations,
         "offspring": args.offspring, "stages": args.stages,
         "identical_final_configuration": naive["levels"] == fast["levels"],
+        "identical_trajectory": naive["trajectory"] == fast["trajectory"],  # the parent after every generation
         "speedup_wall_per_generation": naive["seconds_per_generation"] / fast["seconds_per_generation"],
         "flops_ratio_optimised_over_naive": fast["flops_one_generation"] / naive["flops_one_generation"],
         "runs": runs,

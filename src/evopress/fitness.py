@@ -58,8 +58,10 @@ class EvalStats:
     teacher_head_tokens: int = 0  # LM-head positions for the teacher
     naive_block_tokens: int = 0  # what running every candidate from the embeddings would cost
     seconds: float = 0.0  # wall time inside measure(): model forwards, teacher, KL
+    block_seconds: float = 0.0  # of which candidate decoder-block forwards
+    head_seconds: float = 0.0  # of which candidate LM head, log-softmax and KL; the rest: teacher, apply()
 
-    def as_dict(self) -> dict[str, int]:
+    def as_dict(self) -> dict[str, float]:
         return dict(self.__dict__)
 
 
@@ -198,11 +200,15 @@ class Evaluator:
             start = max(cache)
             self.space.apply(configs[i])
             states = cache[start]
+            t0 = time.perf_counter()
             for b in range(start, L):
                 states = [self.decoder.run_block(b, h, inp) for h, inp in zip(states, inputs)]
                 if (b + 1) % stride == 0 and b + 1 < L:
                     cache[b + 1] = states
+            t1 = time.perf_counter()
             results[i] = self._compare(states, batches, teacher_lp)
+            self.stats.block_seconds += t1 - t0
+            self.stats.head_seconds += time.perf_counter() - t1
             previous = keys[i]
             self.stats.candidates += 1
             self.stats.block_tokens += (L - start) * sample.tokens
