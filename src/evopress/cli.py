@@ -50,7 +50,7 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--space", default="drop", help=f"compression space ({', '.join(SPACES)})")
     p.add_argument("--target", type=float, required=True,
                    help="drop: fraction of sub-blocks of each kind to remove, e.g. 0.25; sparsity: average "
-                   "fraction of zeros in the blocks' linear weights, e.g. 0.5")
+                   "fraction of zeros in the blocks' linear weights, e.g. 0.5; quant: average bits per weight, e.g. 3 or 2.5")
     p.add_argument("--granularity", default="sublayer", help="drop space: sublayer (attention and MLP "
                    "separately, as in the paper) or block (whole blocks)")
     p.add_argument("--db", default=None, help="sparsity/quant: level database built by build-db")
@@ -92,7 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     b = sub.add_parser("baseline", help="baseline configurations at the same budget")
     _common(b)
-    b.add_argument("--method", required=True, help="drop: shortgpt, angular, random; sparsity: uniform, owl, random")
+    b.add_argument("--method", required=True, help="drop: shortgpt, angular, random; sparsity: uniform, owl, "
+                   "random; quant: uniform, dp, random")
     b.add_argument("--tokens", type=int, default=4096, help="calibration tokens the baseline looks at")
     b.add_argument("--candidates", type=int, default=32, help="random: N of best-of-N")
 
