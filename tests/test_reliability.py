@@ -155,6 +155,40 @@ def test_lm_eval_without_the_harness_is_a_clear_error(tiny_checkpoint, tmp_path,
     assert "lm-evaluation-harness" in capsys.readouterr().err
 
 
+LOCAL_TASK = """task: evopress_local_mc
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+output_type: multiple_choice
+doc_to_text: "{{{{question}}}}"
+doc_to_target: label
+doc_to_choice: "{{{{choices}}}}"
+metric_list:
+  - metric: acc
+"""
+
+
+def test_lm_eval_runs_the_compressed_model_on_a_local_task(tiny_checkpoint, tmp_path):
+    """The real harness, offline, on a task whose data is a local file: the in-memory handoff works."""
+    import lm_eval  # noqa: F401  the [lmeval] extra, installed by make test
+    model, text = tiny_checkpoint
+    rows = [{"question": "the city is on the", "choices": ["river", "of", "and"], "label": 0},
+            {"question": "the first world", "choices": ["war", "the", "by"], "label": 0},
+            {"question": "music and", "choices": ["film", "of", "an"], "label": 1}]
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    (tasks / "data.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    (tasks / "local.yaml").write_text(LOCAL_TASK.format(data=tasks / "data.jsonl"))
+    assert main(search_args(model, text, tmp_path / "s", 1)) == 0
+    assert main(["eval", str(tmp_path / "s"), "--eval-data", str(text), "--eval-tokens", "128",
+                 "--eval-seq-len", "32", "--lm-eval", "evopress_local_mc", "--lm-eval-include", str(tasks),
+                 "--quiet"]) == 0
+    acc = json.loads((tmp_path / "s" / "eval.json").read_text())["lm_eval"]["evopress_local_mc"]
+    assert 0.0 <= acc["acc,none"] <= 1.0 and "acc_stderr,none" in acc
+
+
 def test_text_config_round_trip_and_errors(tiny_checkpoint, tmp_path, capsys):
     model, text = tiny_checkpoint
     assert main(search_args(model, text, tmp_path / "s", 2)) == 0

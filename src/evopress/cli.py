@@ -112,6 +112,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--lm-eval", default=None, help="comma-separated lm-evaluation-harness tasks (zero-shot), "
                    "e.g. arc_easy,arc_challenge,hellaswag,piqa,winogrande; needs lm-eval and local task data")
     e.add_argument("--lm-eval-limit", type=int, default=None, help="examples per lm-eval task")
+    e.add_argument("--lm-eval-include", default=None, help="directory of extra lm-eval task YAMLs (e.g. tasks "
+                   "over local data files: dataset_path: json, dataset_kwargs.data_files)")
     e.add_argument("--quiet", action="store_true")
     e.add_argument("--json", action="store_true")
 
@@ -240,7 +242,7 @@ def run(argv: list[str] | None = None) -> int:
         settings = EvalSettings([d for d in args.eval_data.split(",") if d], args.eval_tokens,
                                 args.eval_seq_len, args.batch_size,
                                 [t for t in args.lm_eval.split(",") if t] if args.lm_eval else None,
-                                args.lm_eval_limit)
+                                args.lm_eval_limit, args.lm_eval_include)
         reports = pipeline.evaluate_results(args.dirs, settings, args.device, args.dtype, log)
         result = reports[0] if len(reports) == 1 else reports
     else:

@@ -30,6 +30,7 @@ class EvalSettings:
     batch_size: int = 4
     lm_eval: list[str] | None = None  # lm-evaluation-harness tasks, zero-shot
     lm_eval_limit: int | None = None  # examples per task (None: all)
+    lm_eval_include: str | None = None  # directory of extra task YAMLs, e.g. tasks over local data files
 
 
 def protocol(source: str, pool: TokenPool, positions: int) -> str:
@@ -74,25 +75,29 @@ def write_eval(out: Path, result: dict[str, Any], datasets: dict[str, dict[str, 
     return report
 
 
-def lm_eval_tasks(loaded: LoadedModel, space: Space, config: Config, tasks: list[str], limit: int | None,
-                  batch_size: int) -> dict[str, Any]:
+def lm_eval_tasks(loaded: LoadedModel, space: Space, config: Config, settings: EvalSettings) -> dict[str, Any]:
     """Zero-shot tasks with lm-evaluation-harness, on the compressed model held in memory.
 
-    Works offline only when lm-eval is installed and the tasks' data sets are in the local HF cache;
-    otherwise the user gets one line saying which of the two is missing.
+    Works offline only when lm-eval is installed and the tasks' data sets are local (the HF cache, or
+    data files named by task YAMLs in ``lm_eval_include``); otherwise one line says what is missing.
     """
     try:
         from lm_eval import simple_evaluate
         from lm_eval.models.huggingface import HFLM
+        from lm_eval.tasks import TaskManager
     except ImportError as e:
         raise UserError("--lm-eval needs lm-evaluation-harness: pip install 'lm-eval>=0.4'") from e
+    include = settings.lm_eval_include
+    if include is not None and not Path(include).is_dir():
+        raise UserError(f"--lm-eval-include {include}: not a directory of task YAML files")
     space.apply(config)
     try:
-        lm = HFLM(pretrained=loaded.model, tokenizer=loaded.tokenizer, batch_size=batch_size,
+        lm = HFLM(pretrained=loaded.model, tokenizer=loaded.tokenizer, batch_size=settings.batch_size,
                   device=str(loaded.decoder.device))
-        out = simple_evaluate(model=lm, tasks=tasks, num_fewshot=0, limit=limit, log_samples=False)
+        out = simple_evaluate(model=lm, tasks=settings.lm_eval, num_fewshot=0, limit=settings.lm_eval_limit,
+                              log_samples=False, task_manager=TaskManager(include_path=include))
     except Exception as e:  # data sets missing offline surface as many exception types
-        raise UserError(f"lm-eval could not run {','.join(tasks)} offline: {str(e).splitlines()[0][:200]} "
+        raise UserError(f"lm-eval could not run {','.join(settings.lm_eval)} offline: {str(e).splitlines()[0][:200]} "
                         "(are the task data sets in the local HF cache?)") from e
     finally:
         space.apply(None)

@@ -278,7 +278,6 @@ def evaluate_results(dirs: list[Path], settings: EvalSettings, device: str | Non
             loaded = held_out = None
         result, loaded, space, config = load_result(out, device, dtype, loaded)
         held_out = held_out or HeldOut(loaded, loaded.decoder, settings)
-        extra = {"lm_eval": lm_eval_tasks(loaded, space, config, settings.lm_eval, settings.lm_eval_limit,
-                                          settings.batch_size)} if settings.lm_eval else None
+        extra = {"lm_eval": lm_eval_tasks(loaded, space, config, settings)} if settings.lm_eval else None
         reports.append(write_eval(Path(out), result, held_out.measure(space, config), log, extra))
     return reports
