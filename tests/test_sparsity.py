@@ -284,6 +284,28 @@ def test_cli_build_search_baselines_export_report(tiny_checkpoint, tmp_path):
     assert main(["search", "--target", "0.99", "--out", str(tmp_path / "bad"), *run]) == 2  # outside the levels
 
 
+def test_cli_refuses_a_foreign_or_truncated_database(tiny_checkpoint, tmp_path, capsys):
+    from evopress.cli import main
+
+    from .conftest import write_tiny_checkpoint
+
+    model, text = tiny_checkpoint
+    data = ["--data", str(text), "--seq-len", "32", "--calib-tokens", "256", "--quiet"]
+    db = tmp_path / "db"
+    assert main(["build-db", "--space", "sparsity", "--levels", "1", "--out", str(db), "--model", str(model), *data]) == 0
+    other, _ = write_tiny_checkpoint(tmp_path / "other", layers=4)
+    run = ["search", "--space", "sparsity", "--target", "0.5", "--db", str(db), "--generations", "1",
+           "--offspring", "2", "--stages", "1:32", "--final-tokens", "32", *data]
+    capsys.readouterr()
+    assert main([*run, "--model", str(other), "--out", str(tmp_path / "a")]) == 2
+    assert "built for another model" in capsys.readouterr().err
+    layer = next((db / "layers").iterdir())
+    layer.write_bytes(layer.read_bytes()[:100])  # a copy cut short
+    assert main([*run, "--model", str(model), "--out", str(tmp_path / "b")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "corrupt" in err[0] and "rebuild" in err[0], err
+
+
 @pytest.mark.real_model
 def test_real_model_budget_and_levels(tmp_path):
     """SmolLM2-135M: real GQA shapes, default step, exact 50% uniform budget; magnitude keeps it fast."""
