@@ -6,12 +6,13 @@
 #
 #   bash benchmarks/depth_quality.sh [OUT]      (about 1.5 h on 2 idle CPU cores)
 #   TARGETS=0.375 GENERATIONS=30 bash benchmarks/depth_quality.sh   (one target, shorter search)
+#   DATA=ptb TARGETS=0.25 bash benchmarks/depth_quality.sh runs/depth-quality-ptb   (calibrate on PTB train)
 set -euo pipefail
 OUT=${1:-runs/depth-quality}
 GENERATIONS=${GENERATIONS:-40}
 for TARGET in ${TARGETS:-0.25 0.375}; do
     D="$OUT/$TARGET"
-    COMMON=(--space drop --target "$TARGET" --calib-tokens 32768 --seq-len 256 --final-tokens 4096 --seed 0 --quiet)
+    COMMON=(--space drop --target "$TARGET" --data "${DATA:-wiki}" --calib-tokens 32768 --seq-len 256 --final-tokens 4096 --seed 0 --quiet)
     SEARCH=(--generations "$GENERATIONS" --offspring 16 --stages 2:256,1:1024 --initial-candidates 16 --initial-tokens 512)
     # baselines are deterministic: an existing result is kept (searches resume from their checkpoints)
     for method in shortgpt angular; do
