@@ -243,7 +243,8 @@ def run(argv: list[str] | None = None) -> int:
                                 args.eval_seq_len, args.batch_size,
                                 [t for t in args.lm_eval.split(",") if t] if args.lm_eval else None,
                                 args.lm_eval_limit, args.lm_eval_include)
-        reports = pipeline.evaluate_results(args.dirs, settings, args.device, args.dtype, log)
+        reports = pipeline.evaluate_results(args.dirs, settings, args.device, args.dtype, log,
+                                            progress=not args.quiet)
         result = reports[0] if len(reports) == 1 else reports
     else:
         from .report import write_report

@@ -267,12 +267,15 @@ def export_result(out: Path, target: Path, device: str | None = None, dtype: str
 
 
 def evaluate_results(dirs: list[Path], settings: EvalSettings, device: str | None = None,
-                     dtype: str | None = None, log: Callable[[str], None] = print) -> list[dict[str, Any]]:
+                     dtype: str | None = None, log: Callable[[str], None] = print,
+                     progress: bool = False) -> list[dict[str, Any]]:
     """Held-out PPL and KL for each saved result; results of one model share the model and teachers."""
+    from tqdm.auto import tqdm
+
     reports = []
     loaded: LoadedModel | None = None
     held_out: HeldOut | None = None
-    for out in dirs:
+    for out in tqdm(dirs, desc="eval", unit="result", disable=not progress):
         model = Recipe.from_json(read_json(Path(out) / RESULT)["recipe"]).model
         if loaded is not None and model != loaded.name and not (model is None and loaded.name == "default"):
             loaded = held_out = None
