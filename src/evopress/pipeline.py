@@ -272,11 +272,12 @@ def evaluate_results(dirs: list[Path], settings: EvalSettings, device: str | Non
     """Held-out PPL and KL for each saved result; results of one model share the model and teachers."""
     from tqdm.auto import tqdm
 
+    # every directory is checked before the first (long) evaluation: a typo fails at once
+    models = [Recipe.from_json(read_json(Path(out) / RESULT)["recipe"]).model for out in dirs]
     reports = []
     loaded: LoadedModel | None = None
     held_out: HeldOut | None = None
-    for out in tqdm(dirs, desc="eval", unit="result", disable=not progress):
-        model = Recipe.from_json(read_json(Path(out) / RESULT)["recipe"]).model
+    for out, model in zip(tqdm(dirs, desc="eval", unit="result", disable=not progress), models):
         if loaded is not None and model != loaded.name and not (model is None and loaded.name == "default"):
             loaded = held_out = None
         result, loaded, space, config = load_result(out, device, dtype, loaded)
