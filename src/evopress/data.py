@@ -141,8 +141,23 @@ class TokenPool:
         return out
 
 
+def _interleave(parts: list[torch.Tensor]) -> torch.Tensor:
+    """Round-robin rows of several window tensors, so any prefix of the pool is a mix of all sources."""
+    rows = [p[i] for i in range(max(len(p) for p in parts)) for p in parts if i < len(p)]
+    return torch.stack(rows)
+
+
 def load_pool(tokenizer, source: str, role: str, seq_len: int, max_tokens: int | None) -> TokenPool:
+    """Windows of one source, or an equal-token mix of several joined by '+' (e.g. ``wiki+ptb``).
+
+    Mixing matters because the search optimises the text it is shown: a profile calibrated on one
+    domain can lose to a scoring baseline on another (docs/depth.md).
+    """
     if seq_len < 2:
         raise UserError("--seq-len must be at least 2")
-    windows = tokenize_windows(tokenizer, documents(source, role), seq_len, max_tokens)
-    return TokenPool(windows, source)
+    sources = [source] if Path(source).expanduser().is_file() else [s for s in source.split("+") if s]
+    if len(sources) == 1:
+        return TokenPool(tokenize_windows(tokenizer, documents(sources[0], role), seq_len, max_tokens), source)
+    share = None if max_tokens is None else -(-max_tokens // len(sources))
+    parts = [load_pool(tokenizer, s, role, seq_len, share).windows for s in sources]
+    return TokenPool(_interleave(parts), source)
