@@ -68,10 +68,14 @@ def run_mode(args: argparse.Namespace) -> dict:
         "candidate_tokens_per_second": sum(h["tokens"] for h in gens) / sum(h["seconds"] for h in gens),
         "wall_seconds": wall,
         "fraction_in_evaluator": stats["seconds"] / wall,
-        # candidate decoder blocks + LM head/KL are the model forwards; the rest is teacher, apply(), search
+        # model forwards: candidate decoder blocks, candidate LM head + KL, and the dense teacher's
+        # forwards/log-probs; the rest is rewriting layers (apply), mutation, sorting, checkpoints
         "fraction_in_blocks": stats["block_seconds"] / wall,
         "fraction_in_head_and_kl": stats["head_seconds"] / wall,
-        "fraction_in_model_forwards": (stats["block_seconds"] + stats["head_seconds"]) / wall,
+        "fraction_in_teacher": stats["teacher_seconds"] / wall,
+        "fraction_in_apply": stats["apply_seconds"] / wall,
+        "fraction_in_model_forwards": (stats["block_seconds"] + stats["head_seconds"]
+                                       + stats["teacher_seconds"]) / wall,
         "flops_one_generation": counter.get_total_flops(),
         "block_tokens": stats["block_tokens"],
         "naive_block_tokens": stats["naive_block_tokens"],
@@ -105,7 +109,7 @@ def main() -> None:
     runs = {}
     for mode in MODES:
         out = subprocess.run([sys.executable, __file__, *sys.argv[1:], "--mode", mode], check=True,
-                             capture_output=True, text=True).stdout
+                             stdout=subprocess.PIPE, text=True).stdout  # child errors reach stderr
         runs[mode] = json.loads(out.strip().splitlines()[-1])
     naive, fast = runs["naive"], runs["optimised"]
     summary = {

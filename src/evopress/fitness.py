@@ -59,7 +59,9 @@ class EvalStats:
     naive_block_tokens: int = 0  # what running every candidate from the embeddings would cost
     seconds: float = 0.0  # wall time inside measure(): model forwards, teacher, KL
     block_seconds: float = 0.0  # of which candidate decoder-block forwards
-    head_seconds: float = 0.0  # of which candidate LM head, log-softmax and KL; the rest: teacher, apply()
+    head_seconds: float = 0.0  # of which candidate LM head, log-softmax and KL
+    teacher_seconds: float = 0.0  # of which dense forwards and teacher log-probs for the sample
+    apply_seconds: float = 0.0  # of which rewriting layers for the next candidate (space.apply)
 
     def as_dict(self) -> dict[str, float]:
         return dict(self.__dict__)
@@ -184,12 +186,14 @@ class Evaluator:
     @torch.inference_mode()
     def _measure(self, configs: Sequence[Config], sample: Sample) -> list[Measurement]:
         batches = self.pool.batches(sample, self.config.batch_size)
+        t0 = time.perf_counter()
         self.teacher.ensure(sample.index, self.space)
+        teacher_lp = self._teacher_log_probs(batches) if len(configs) > 1 else None
+        self.stats.teacher_seconds += time.perf_counter() - t0
         inputs = [self.decoder.enter(ids) for ids, _ in batches]
         L = self.decoder.num_blocks
         keys = [self.space.block_keys(c) for c in configs]
         stride = self._stride(sample.tokens)
-        teacher_lp = self._teacher_log_probs(batches) if len(configs) > 1 else None
         cache: dict[int, list[torch.Tensor]] = {0: [inp.hidden for inp in inputs]}
         previous: tuple | None = None
         results: list[Measurement | None] = [None] * len(configs)
@@ -198,9 +202,11 @@ class Evaluator:
             for b in [b for b in cache if b > shared]:
                 del cache[b]
             start = max(cache)
+            t_apply = time.perf_counter()
             self.space.apply(configs[i])
             states = cache[start]
             t0 = time.perf_counter()
+            self.stats.apply_seconds += t0 - t_apply
             for b in range(start, L):
                 states = [self.decoder.run_block(b, h, inp) for h, inp in zip(states, inputs)]
                 if (b + 1) % stride == 0 and b + 1 < L:
