@@ -6,6 +6,7 @@
 # About 60 minutes on 2 shared CPU cores (database 8 min, each search 13 min, baselines and evaluation 25).
 #
 #   bash benchmarks/quant_quality.sh [OUT]          (inside the project's venv)
+#   DATA=wiki+ptb TARGETS=3 bash benchmarks/quant_quality.sh runs/quant-mix   (calibrate on a text mix)
 #
 # The reference is the dequantized Q4_1 GGUF (its weights sit on a 4-bit grid, 32-weight blocks); the
 # database uses group-64 asymmetric grids (64 divides 576 and 1536; 128 does not) and 2-3 bit targets.
@@ -16,14 +17,15 @@ OUT=${1:-runs/quant}
 GENERATIONS=${GENERATIONS:-20}
 # One intra-op thread: on a shared 2-core CPU, two threads ran the forward 1.6x slower (barrier waits).
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
-COMMON=(--space quant --db "$OUT/db" --calib-tokens 32768 --seq-len 256 --final-tokens 4096 --seed 0 --quiet)
+DATA=${DATA:-wiki}
+COMMON=(--space quant --db "$OUT/db" --data "$DATA" --calib-tokens 32768 --seq-len 256 --final-tokens 4096 --seed 0 --quiet)
 
 if [ ! -f "$OUT/db/manifest.json" ]; then
-    evopress build-db --space quant --bits 2,3,4,5,6,8 --calib-tokens 8192 --seq-len 256 --out "$OUT/db"
+    evopress build-db --space quant --bits 2,3,4,5,6,8 --calib-tokens 8192 --seq-len 256 --data "$DATA" --out "$OUT/db"
 fi
 RUNS=()
 todo() { [ ! -f "$1/result.json" ]; }  # rerunning the script skips finished baselines; searches resume
-for T in 3 2.5; do
+for T in ${TARGETS:-3 2.5}; do
     todo "$OUT/dp-$T" && evopress baseline "${COMMON[@]}" --target "$T" --method dp --out "$OUT/dp-$T"
     todo "$OUT/random-$T" && evopress baseline "${COMMON[@]}" --target "$T" --method random --tokens 1024 \
         --candidates 16 --out "$OUT/random-$T"
