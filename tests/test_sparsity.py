@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 from evopress.baselines.sparsity import owl, owl_configs, owl_sparsities, uniform
 from evopress.compressors.sparsegpt import sparsegpt_prune_levels
 from evopress.data import TokenPool
-from evopress.database import calibrate_blocks, layer_file, single_thread
+from evopress.database import CACHE_ENV, calibrate_blocks, layer_file, single_thread
 from evopress.errors import UserError
 from evopress.evolution import mutate
 from evopress.fitness import Evaluator
@@ -155,6 +155,25 @@ def test_database_refuses_another_model_or_data(built):
         space.check_calibration(TokenPool(_pool().windows, "wiki"))
     with pytest.raises(UserError, match="no database"):
         SparsitySpace(space.decoder, 0.5, db=str(root / "missing"))
+
+
+def test_levels_are_read_on_demand_within_the_cache_budget(built, monkeypatch):
+    """A database larger than EVOPRESS_DB_CACHE_GB still serves every level, evicting the oldest."""
+    full = space_for(built, 0.5)
+    assert full._variants.bytes == 0  # nothing read before it is needed
+    expected = {(u, lv): full.weight(u, lv) for u in (0, 5, 9) for lv in range(len(full.zeros[u]))}
+    one_level = sum(t.numel() * t.element_size() for t in full._variants.get(full.units[9],
+                                                                                  full._level_keys(9, 0)).values())
+    monkeypatch.setenv(CACHE_ENV, str(1.5 * one_level / 2**30))
+    small = space_for(built, 0.5)
+    for _ in range(2):
+        for (u, lv), w in expected.items():
+            assert torch.equal(small.weight(u, lv), w)
+            assert small._variants.bytes <= small._variants.max_bytes
+    assert len(small._variants._lru) <= 2
+    monkeypatch.setenv(CACHE_ENV, "lots")
+    with pytest.raises(UserError, match=CACHE_ENV):
+        space_for(built, 0.5)
 
 
 # --- the space -----------------------------------------------------------------------------------

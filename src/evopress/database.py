@@ -14,13 +14,16 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+from collections import OrderedDict
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 from safetensors import SafetensorError
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -32,6 +35,8 @@ from .models import Decoder
 
 MANIFEST = "manifest.json"
 FORMAT = "evopress-db/1"
+CACHE_ENV = "EVOPRESS_DB_CACHE_GB"
+DEFAULT_CACHE_GB = 8.0
 
 
 def model_fingerprint(model: nn.Module) -> str:
@@ -100,7 +105,77 @@ class Database:
         try:
             return load_file(str(path))
         except (SafetensorError, OSError) as e:
-            raise UserError(f"database layer file {path} is missing or corrupt ({e}); rebuild the database") from e
+            raise _corrupt(path, e) from e
+
+    def check_layer(self, name: str, keys: Sequence[str]) -> None:
+        """Refuse a missing, truncated or incomplete layer file now rather than mid-search.
+
+        Reads only the header: safetensors checks it against the file size on open.
+        """
+        path = layer_file(self.root, name)
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                missing = set(keys) - set(f.keys())
+        except (SafetensorError, OSError) as e:
+            raise _corrupt(path, e) from e
+        if missing:
+            raise UserError(f"database layer file for {name} lacks {sorted(missing)}; rebuild the database")
+
+    def read(self, name: str, keys: Sequence[str]) -> dict[str, torch.Tensor]:
+        """Some tensors of one layer file, without reading the rest of it."""
+        path = layer_file(self.root, name)
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                return {k: f.get_tensor(k) for k in keys}
+        except (SafetensorError, OSError) as e:
+            raise _corrupt(path, e) from e
+
+
+def _corrupt(path: Path, e: Exception) -> UserError:
+    return UserError(f"database layer file {path} is missing or corrupt ({e}); rebuild the database")
+
+
+class VariantCache:
+    """Compressed layer variants read from a database on demand, kept in CPU RAM up to a byte budget.
+
+    Why: a database is several times its model (all levels of a 70B model's quant database are 240 GB),
+    so it can live neither on the accelerator nor always in RAM. A search keeps revisiting the levels
+    near its parent, which a least-recently-used cache keeps hot; a small model's database fits whole
+    and is read once. Budget: ``$EVOPRESS_DB_CACHE_GB`` (default 8); variants move to the model's
+    device only when applied.
+    """
+
+    def __init__(self, db: Database, max_bytes: int | None = None):
+        self.db = db
+        self.max_bytes = cache_budget() if max_bytes is None else max_bytes
+        self.bytes = 0
+        self._lru: OrderedDict[tuple[str, tuple[str, ...]], dict[str, torch.Tensor]] = OrderedDict()
+
+    def get(self, name: str, keys: Sequence[str]) -> dict[str, torch.Tensor]:
+        key = (name, tuple(keys))
+        if key in self._lru:
+            self._lru.move_to_end(key)
+            return self._lru[key]
+        tensors = self.db.read(name, keys)
+        size = sum(t.numel() * t.element_size() for t in tensors.values())
+        while self._lru and self.bytes + size > self.max_bytes:
+            _, old = self._lru.popitem(last=False)
+            self.bytes -= sum(t.numel() * t.element_size() for t in old.values())
+        if size <= self.max_bytes:
+            self._lru[key] = tensors
+            self.bytes += size
+        return tensors
+
+
+def cache_budget() -> int:
+    raw = os.environ.get(CACHE_ENV, str(DEFAULT_CACHE_GB))
+    try:
+        gb = float(raw)
+    except ValueError:
+        raise UserError(f"{CACHE_ENV}={raw!r} is not a number of GiB") from None
+    if gb < 0:
+        raise UserError(f"{CACHE_ENV}={raw!r} must be >= 0")
+    return int(gb * 2**30)
 
 
 def write_manifest(root: Path, manifest: dict[str, Any]) -> None:

@@ -41,7 +41,7 @@ from torch import nn
 from ..compressors.gptq import QuantGrid, QuantizedWeight, gptq_quantize_levels
 from ..compressors.hessian import HessianAccumulator
 from ..data import TokenPool
-from ..database import (Database, calibrate_blocks, data_fingerprint, layer_file, linear_units,
+from ..database import (Database, VariantCache, calibrate_blocks, data_fingerprint, layer_file, linear_units,
                         model_fingerprint, save_layer, single_thread, write_manifest)
 from ..errors import UserError
 from ..models import Decoder
@@ -51,6 +51,7 @@ DEFAULT_BITS = (2, 3, 4, 5, 6, 8)
 DEFAULT_CALIB_BITS = 3  # the paper's calibration bitwidth; 0 builds every block on dense inputs
 SCALE_BITS = 16  # one fp16 scale per group
 GROUP_RULES = ("size", "name")
+PACKED = ("codes", "scales", "zeros")  # per bitwidth in a layer file: packed codes, fp16 scales, packed zero points
 MAX_DP_STATES = 50_000_000  # reachable-total DP array; far above any grid whose groups divide in_features
 
 
@@ -288,7 +289,7 @@ class QuantSpace(Space):
                             f"with every layer at {self.bits[0]} bits, {self.accounting()})")
         self.problem = Problem(num_levels=(len(self.bits),) * len(self.units), costs=costs, budget=budget,
                                groups=self._groups(costs))
-        self._packed = self._load_levels()
+        self._variants = self._open_levels()
         # Weights are swapped, never overwritten: the dense originals stay as they are (on CPU; no copy
         # on a CPU model), and going dense stashes each layer's quantized tensor, so the fitness's
         # teacher passes cost no dequantization when the next candidate shares the bitwidths.
@@ -313,20 +314,17 @@ class QuantSpace(Space):
             raise UserError("--group-rule name: layers with the same name differ in size; use --group-rule size")
         return tuple(tuple(g) for g in groups.values())
 
-    def _load_levels(self) -> list[dict[int, dict[str, torch.Tensor]]]:
-        """All levels of all layers, packed, in RAM (on the model's device): dequantized only when applied."""
-        out = []
-        for name, layer in zip(self.units, self.layers):
-            tensors = self.db.load_layer(name)
-            try:
-                out.append({b: {k: tensors[f"{b}.{k}"].to(layer.weight.device) for k in ("codes", "scales", "zeros")}
-                            for b in self.bits})
-            except KeyError as e:
-                raise UserError(f"database layer file for {name} lacks {e}; rebuild the database") from e
-        return out
+    def _open_levels(self) -> VariantCache:
+        """Check every layer file now; read packed levels on demand, dequantized only when applied."""
+        for name in self.units:
+            self.db.check_layer(name, [f"{b}.{k}" for b in self.bits for k in PACKED])
+        return VariantCache(self.db)
 
     def quantized(self, u: int, bits: int) -> QuantizedWeight:
-        return QuantizedWeight.from_packed(self._packed[u][bits], self.shapes[u], self.grid(bits))
+        packed = self._variants.get(self.units[u], [f"{bits}.{k}" for k in PACKED])
+        device = self.layers[u].weight.device
+        return QuantizedWeight.from_packed({k: packed[f"{bits}.{k}"].to(device) for k in PACKED},
+                                           self.shapes[u], self.grid(bits))
 
     @torch.no_grad()
     def apply(self, config: Config | None) -> None:

@@ -43,7 +43,7 @@ from ..compressors.hessian import HessianAccumulator
 from ..compressors.packing import pack_codes, unpack_codes
 from ..compressors.sparsegpt import magnitude_prune, sparsegpt_prune_levels, wanda_prune
 from ..data import TokenPool
-from ..database import (Database, calibrate_blocks, data_fingerprint, layer_file, linear_units,
+from ..database import (Database, VariantCache, calibrate_blocks, data_fingerprint, layer_file, linear_units,
                         model_fingerprint, save_layer, single_thread, write_manifest)
 from ..errors import UserError
 from ..evolution import NoMoveError, switch
@@ -283,35 +283,35 @@ class SparsitySpace(Space):
             raise UserError(f"--target {target} is outside database {self.db.root}, whose levels cover average "
                             f"sparsity {lo:.4f}..{hi:.4f} (centre {manifest['center']}); build one around the "
                             "target or with more --levels") from None
-        self._levels = self._load_levels()
+        self._variants = self._open_levels()
         self._dense = [m.weight.detach().to("cpu", copy=True) for m in self.layers]  # apply(None) restores these
         self._current: list[int | None] = [None] * len(self.units)  # level each layer holds (None: dense)
 
-    def _load_levels(self) -> list[list[tuple[torch.Tensor, torch.Tensor]]]:
-        """Every level of every layer in its compact form, in RAM on the model's device.
+    def _level_keys(self, u: int, level: int) -> list[str]:
+        offset = self.first_offsets[u] + level
+        return [f"{offset}.mask", f"{offset}.values"]
 
-        Memory: about (0.125 + 2 * density) bytes per weight and level (see the manifest's ``bytes``),
-        plus the CPU copy of the dense linear weights (425 MB for SmolLM2-135M in fp32).
+    def _open_levels(self) -> VariantCache:
+        """Check every layer file now; read levels on demand (``VariantCache``).
+
+        Memory: the cache (up to ``$EVOPRESS_DB_CACHE_GB``, about 0.125 + 2 x density bytes per weight
+        and level) plus the CPU copy of the dense linear weights (425 MB for SmolLM2-135M in fp32).
         """
-        out = []
-        self.input_sq_norms: list[torch.Tensor] = []  # per layer: sum of x_j^2 over the database's inputs (OWL)
-        for u, (name, layer) in enumerate(zip(self.units, self.layers)):
-            tensors = self.db.load_layer(name)
-            offsets = range(self.first_offsets[u], self.first_offsets[u] + len(self.zeros[u]))
-            device = layer.weight.device
-            try:
-                out.append([(tensors[f"{o}.mask"].to(device), tensors[f"{o}.values"].to(device)) for o in offsets])
-                self.input_sq_norms.append(tensors["input_sq_norms"])
-            except KeyError as e:
-                raise UserError(f"database layer file for {name} lacks {e}; rebuild the database") from e
-        return out
+        keys = [[k for lv in range(len(self.zeros[u])) for k in self._level_keys(u, lv)] + ["input_sq_norms"]
+                for u in range(len(self.units))]
+        for name, k in zip(self.units, keys):
+            self.db.check_layer(name, k)
+        # per layer: sum of x_j^2 over the database's inputs (OWL)
+        self.input_sq_norms = [self.db.read(name, ["input_sq_norms"])["input_sq_norms"] for name in self.units]
+        return VariantCache(self.db)
 
     def dense_weight(self, u: int) -> torch.Tensor:
         return self._dense[u]
 
     def weight(self, u: int, level: int) -> torch.Tensor:
-        mask, values = self._levels[u][level]
-        return decode_level(mask, values, self.shapes[u], self.layers[u].weight.dtype)
+        mask, values = self._variants.get(self.units[u], self._level_keys(u, level)).values()
+        device = self.layers[u].weight.device
+        return decode_level(mask.to(device), values.to(device), self.shapes[u], self.layers[u].weight.dtype)
 
     @torch.no_grad()
     def apply(self, config: Config | None) -> None:
