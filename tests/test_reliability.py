@@ -241,3 +241,22 @@ def test_atomic_writes_keep_the_old_file_and_normal_permissions(tmp_path):
         atomic_write(path, crash)
     assert json.loads(path.read_text()) == {"a": 1}
     assert [p.name for p in tmp_path.iterdir()] == ["result.json"]  # no temporary left behind
+
+
+def test_full_disk_is_a_clear_error_and_keeps_the_old_file(tmp_path):
+    import errno
+
+    from evopress.errors import UserError
+    from evopress.io import atomic_write, write_json
+
+    path = tmp_path / "result.json"
+    write_json(path, {"a": 1})
+
+    def disk_full(tmp):
+        tmp.write_text("half")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    with pytest.raises(UserError, match="No space left on device"):
+        atomic_write(path, disk_full)
+    assert json.loads(path.read_text()) == {"a": 1}
+    assert [p.name for p in tmp_path.iterdir()] == ["result.json"]
