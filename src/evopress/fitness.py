@@ -186,10 +186,10 @@ class Evaluator:
     @torch.inference_mode()
     def _measure(self, configs: Sequence[Config], sample: Sample) -> list[Measurement]:
         batches = self.pool.batches(sample, self.config.batch_size)
-        t0 = time.perf_counter()
+        t0 = self._clock()
         self.teacher.ensure(sample.index, self.space)
         teacher_lp = self._teacher_log_probs(batches) if len(configs) > 1 else None
-        self.stats.teacher_seconds += time.perf_counter() - t0
+        self.stats.teacher_seconds += self._clock() - t0
         inputs = [self.decoder.enter(ids) for ids, _ in batches]
         L = self.decoder.num_blocks
         keys = [self.space.block_keys(c) for c in configs]
@@ -202,19 +202,19 @@ class Evaluator:
             for b in [b for b in cache if b > shared]:
                 del cache[b]
             start = max(cache)
-            t_apply = time.perf_counter()
+            t_apply = self._clock()
             self.space.apply(configs[i])
             states = cache[start]
-            t0 = time.perf_counter()
+            t0 = self._clock()
             self.stats.apply_seconds += t0 - t_apply
             for b in range(start, L):
                 states = [self.decoder.run_block(b, h, inp) for h, inp in zip(states, inputs)]
                 if (b + 1) % stride == 0 and b + 1 < L:
                     cache[b + 1] = states
-            t1 = time.perf_counter()
+            t1 = self._clock()
             results[i] = self._compare(states, batches, teacher_lp)
             self.stats.block_seconds += t1 - t0
-            self.stats.head_seconds += time.perf_counter() - t1
+            self.stats.head_seconds += self._clock() - t1
             previous = keys[i]
             self.stats.candidates += 1
             self.stats.block_tokens += (L - start) * sample.tokens
@@ -222,6 +222,14 @@ class Evaluator:
             self.stats.head_tokens += sample.tokens
             self.stats.teacher_head_tokens += sample.tokens if teacher_lp is None else 0
         return results  # type: ignore[return-value]
+
+    def _clock(self) -> float:
+        """Wall time after the device's queued work: GPU kernels run asynchronously, so without a
+        sync the block time would land in whichever step next waits on a result (stats only)."""
+        device = self.decoder.head.weight.device
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return time.perf_counter()
 
     def _teacher_log_probs(self, batches: list[tuple[torch.Tensor, list[int]]]) -> list | None:
         """The sample's teacher log-probs, shared by all candidates, when they fit in the budget."""
