@@ -8,6 +8,7 @@ import sys
 import time
 
 import pytest
+import torch
 
 from evopress.cli import main
 
@@ -260,3 +261,60 @@ def test_full_disk_is_a_clear_error_and_keeps_the_old_file(tmp_path):
         atomic_write(path, disk_full)
     assert json.loads(path.read_text()) == {"a": 1}
     assert [p.name for p in tmp_path.iterdir()] == ["result.json"]
+
+
+@pytest.mark.parametrize("space", ["sparsity", "quant"])
+def test_killed_database_build_resumes_to_the_uninterrupted_database(space, tmp_path, monkeypatch):
+    """Layers finished before a kill are reused (not solved again) and the result is the same database."""
+    import importlib
+
+    from safetensors.torch import load_file
+
+    from evopress.data import TokenPool
+    from evopress.database import MANIFEST, layer_file
+    from evopress.models import Decoder
+
+    from .conftest import tiny_model
+
+    module = importlib.import_module(f"evopress.spaces.{space}")
+    pool = TokenPool(torch.randint(0, 97, (8, 16), generator=torch.Generator().manual_seed(1)), "random")
+
+    def build(out, **kw):
+        decoder = Decoder(tiny_model(layers=2))
+        if space == "sparsity":
+            return module.build_sparsity_database(decoder, pool, out, 0.5, 2, 24, batch_size=4, progress=False, **kw)
+        return module.build_quant_database(decoder, pool, out, (2, 3, 4), 16, 3, batch_size=4, progress=False, **kw)
+
+    reference = build(tmp_path / "ref")
+    saved = []
+    real_save = module.save_layer
+
+    def save_then_die(root, name, tensors):
+        if len(saved) == 9:
+            raise KeyboardInterrupt  # killed mid-build, in block 1
+        real_save(root, name, tensors)
+        saved.append(name)
+
+    monkeypatch.setattr(module, "save_layer", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        build(tmp_path / "db")
+    assert not (tmp_path / "db" / MANIFEST).exists()
+    saved.clear()
+    monkeypatch.setattr(module, "save_layer", lambda root, name, tensors: saved.append(name) or real_save(root, name, tensors))
+    resumed = build(tmp_path / "db")
+    assert len(saved) == 14 - 9  # 2 blocks x 7 layers, 9 were finished
+    drop = ("seconds",)
+    assert {k: v for k, v in resumed.items() if k not in drop} == {k: v for k, v in reference.items() if k not in drop}
+    for name in reference["layers"]:
+        a, b = load_file(str(layer_file(tmp_path / "ref", name))), load_file(str(layer_file(tmp_path / "db", name)))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert not (tmp_path / "db" / "build.json").exists()
+    # other settings start over instead of mixing layers of two builds
+    saved.clear()
+    if space == "sparsity":
+        module.build_sparsity_database(Decoder(tiny_model(layers=2)), pool, tmp_path / "db", 0.5, 1, 24,
+                                       batch_size=4, progress=False)
+    else:
+        module.build_quant_database(Decoder(tiny_model(layers=2)), pool, tmp_path / "db", (2, 4), 16, 0,
+                                    batch_size=4, progress=False)
+    assert len(saved) == 14

@@ -34,6 +34,7 @@ from .io import atomic_write, read_json, write_json
 from .models import Decoder
 
 MANIFEST = "manifest.json"
+BUILD = "build.json"  # settings of a build in progress (see BuildLog)
 FORMAT = "evopress-db/1"
 CACHE_ENV = "EVOPRESS_DB_CACHE_GB"
 DEFAULT_CACHE_GB = 8.0
@@ -180,6 +181,41 @@ def cache_budget() -> int:
 
 def write_manifest(root: Path, manifest: dict[str, Any]) -> None:
     write_json(Path(root) / MANIFEST, {"format": FORMAT, **manifest})
+
+
+class BuildLog:
+    """Lets a killed ``build-db`` resume: layers a rerun with the same settings need not solve again.
+
+    Why: a 70B database takes hours. Layer files are written atomically, so any that exists is whole;
+    ``build.json`` records the settings they were made with (fingerprints and parameters). Starting a
+    build removes an old manifest first, so a database half-rebuilt with other settings can never be
+    mistaken for a finished one.
+    """
+
+    def __init__(self, root: Path, settings: dict[str, Any]):
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+        (self.root / MANIFEST).unlink(missing_ok=True)
+        path = self.root / BUILD
+        settings = json.loads(json.dumps(settings))  # as it reads back
+        self.resuming = path.is_file() and read_json(path) == settings
+        if not self.resuming:
+            write_json(path, settings)
+
+    def done(self, name: str, keys: Sequence[str]) -> dict[str, torch.Tensor] | None:
+        """The stored tensors of a layer this build already finished, else None."""
+        path = layer_file(self.root, name)
+        if not self.resuming or not path.is_file():
+            return None
+        try:
+            tensors = load_file(str(path))
+        except (SafetensorError, OSError):
+            return None
+        return tensors if set(keys) <= set(tensors) else None
+
+    def finish(self, manifest: dict[str, Any]) -> None:
+        write_manifest(self.root, manifest)
+        (self.root / BUILD).unlink(missing_ok=True)
 
 
 def block_linears(decoder: Decoder, b: int) -> dict[str, nn.Linear]:

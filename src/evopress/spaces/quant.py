@@ -41,8 +41,8 @@ from torch import nn
 from ..compressors.gptq import QuantGrid, QuantizedWeight, gptq_quantize_levels
 from ..compressors.hessian import HessianAccumulator
 from ..data import TokenPool
-from ..database import (Database, VariantCache, calibrate_blocks, data_fingerprint, layer_file, linear_units,
-                        model_fingerprint, save_layer, single_thread, write_manifest)
+from ..database import (BuildLog, Database, VariantCache, calibrate_blocks, data_fingerprint, layer_file, linear_units,
+                        model_fingerprint, save_layer, single_thread)
 from ..errors import UserError
 from ..models import Decoder
 from .base import Config, Problem, Space
@@ -208,19 +208,32 @@ def build_quant_database(decoder: Decoder, pool: TokenPool, out: Path, bits: tup
         raise UserError(f"--group-size {group_size}: {e}; choose one dividing every layer's in_features "
                         "or -1 for per-channel") from e
     fingerprint = model_fingerprint(decoder.model)  # before calibration overwrites weights
+    build = BuildLog(out, {"space": "quant", "model_fingerprint": fingerprint, "data_fingerprint":
+                           data_fingerprint(pool), "bits": list(bits), "group_size": group_size,
+                           "calib_bits": calib_bits, "damp": damp, "dtype": str(decoder.head.weight.dtype)})
+    keys = [f"{g.bits}.{k}" for g in grids for k in PACKED] + ["errors"]
     errors: dict[str, dict[str, float]] = {}
     start = time.perf_counter()
 
     def compress(b: int, layers: dict[str, nn.Linear], hessians: dict[str, HessianAccumulator]) -> None:
         for name, layer in layers.items():
-            H = hessians[name].hessian()
-            with single_thread():  # GPTQ's column loop: 0.15 s vs 5 s per level with 2 threads here
-                levels = gptq_quantize_levels(layer.weight, H, grids, damp=damp)
-            errors[name] = {str(g.bits): _relative_error(layer.weight, q, H) for g, q in zip(grids, levels)}
-            save_layer(out, name, {f"{g.bits}.{k}": v for g, q in zip(grids, levels)
-                                   for k, v in q.to_packed().items()})
-            if calib_bits:
-                layer.weight.data.copy_(levels[bits.index(calib_bits)].dequantize(layer.weight.dtype))
+            stored = build.done(name, keys)
+            if stored is None:
+                H = hessians[name].hessian()
+                with single_thread():  # GPTQ's column loop: 0.15 s vs 5 s per level with 2 threads here
+                    levels = gptq_quantize_levels(layer.weight, H, grids, damp=damp)
+                rel = [_relative_error(layer.weight, q, H) for q in levels]
+                save_layer(out, name, {**{f"{g.bits}.{k}": v for g, q in zip(grids, levels)
+                                          for k, v in q.to_packed().items()},
+                                       "errors": torch.tensor(rel, dtype=torch.float64)})
+                calib = levels[bits.index(calib_bits)] if calib_bits else None
+            else:  # solved before the build was interrupted
+                rel = stored["errors"].tolist()
+                calib = QuantizedWeight.from_packed({k: stored[f"{calib_bits}.{k}"] for k in PACKED}, shapes[name],
+                                                    QuantGrid(calib_bits, group_size)) if calib_bits else None
+            errors[name] = {str(g.bits): e for g, e in zip(grids, rel)}
+            if calib is not None:
+                layer.weight.data.copy_(calib.dequantize(layer.weight.dtype))
 
     calibrate_blocks(decoder, pool, batch_size, compress, progress)
     size = sum(layer_file(out, name).stat().st_size for name in shapes)
@@ -244,7 +257,7 @@ def build_quant_database(decoder: Decoder, pool: TokenPool, out: Path, bits: tup
         "bytes": size,
         "seconds": round(time.perf_counter() - start, 1),
     }
-    write_manifest(out, manifest)
+    build.finish(manifest)
     return manifest
 
 

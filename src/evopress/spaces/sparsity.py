@@ -43,8 +43,8 @@ from ..compressors.hessian import HessianAccumulator
 from ..compressors.packing import pack_codes, unpack_codes
 from ..compressors.sparsegpt import magnitude_prune, sparsegpt_prune_levels, wanda_prune
 from ..data import TokenPool
-from ..database import (Database, VariantCache, calibrate_blocks, data_fingerprint, layer_file, linear_units,
-                        model_fingerprint, save_layer, single_thread, write_manifest)
+from ..database import (BuildLog, Database, VariantCache, calibrate_blocks, data_fingerprint, layer_file, linear_units,
+                        model_fingerprint, save_layer, single_thread)
 from ..errors import UserError
 from ..evolution import NoMoveError, switch
 from ..io import write_json
@@ -205,11 +205,17 @@ def build_sparsity_database(decoder: Decoder, pool: TokenPool, out: Path, center
         raise UserError(f"--step {step} must be a positive number of weights")
     grids = {name: level_grid(n, center, step, levels) for name, n in numels.items()}
     fingerprint = model_fingerprint(decoder.model)
+    build = BuildLog(out, {"space": "sparsity", "model_fingerprint": fingerprint, "data_fingerprint":
+                           data_fingerprint(pool), "method": method, "grids": grids, "damp": damp,
+                           "dtype": str(decoder.head.weight.dtype)})
     start = time.perf_counter()
 
     def compress(b: int, layers: dict[str, nn.Linear], hessians: dict[str, HessianAccumulator]) -> None:
         for name, layer in layers.items():
             first, zeros = grids[name]
+            keys = [k for o in range(first, first + len(zeros)) for k in (f"{o}.mask", f"{o}.values")]
+            if build.done(name, keys + ["input_sq_norms"]) is not None:
+                continue  # solved before the build was interrupted
             with single_thread():
                 variants = PRUNERS[method](layer.weight, hessians[name], zeros, damp)
             tensors = {"input_sq_norms": hessians[name].input_sq_norms()}
@@ -241,7 +247,7 @@ def build_sparsity_database(decoder: Decoder, pool: TokenPool, out: Path, center
         "dense_fp16_bytes": 2 * sum(numels[name] * len(z) for name, (_, z) in grids.items()),
         "seconds": round(time.perf_counter() - start, 1),
     }
-    write_manifest(out, manifest)
+    build.finish(manifest)
     return manifest
 
 
