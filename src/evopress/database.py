@@ -196,6 +196,8 @@ class BuildLog:
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
         (self.root / MANIFEST).unlink(missing_ok=True)
+        for stale in (self.root / "layers").glob(".*.tmp"):  # a write cut short by SIGKILL
+            stale.unlink()
         path = self.root / BUILD
         settings = json.loads(json.dumps(settings))  # as it reads back
         self.resuming = path.is_file() and read_json(path) == settings
