@@ -272,6 +272,7 @@ def test_killed_database_build_resumes_to_the_uninterrupted_database(space, tmp_
 
     from evopress.data import TokenPool
     from evopress.database import MANIFEST, layer_file
+    from evopress.errors import UserError
     from evopress.models import Decoder
 
     from .conftest import tiny_model
@@ -309,7 +310,10 @@ def test_killed_database_build_resumes_to_the_uninterrupted_database(space, tmp_
         a, b = load_file(str(layer_file(tmp_path / "ref", name))), load_file(str(layer_file(tmp_path / "db", name)))
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert not (tmp_path / "db" / "build.json").exists()
-    # other settings start over instead of mixing layers of two builds
+    with pytest.raises(UserError, match="already holds a finished database"):
+        build(tmp_path / "db")  # a finished database is never overwritten
+    # an interrupted build resumed with other settings starts over instead of mixing two builds
+    (tmp_path / "db" / MANIFEST).unlink()
     saved.clear()
     if space == "sparsity":
         module.build_sparsity_database(Decoder(tiny_model(layers=2)), pool, tmp_path / "db", 0.5, 1, 24,

@@ -187,15 +187,16 @@ class BuildLog:
     """Lets a killed ``build-db`` resume: layers a rerun with the same settings need not solve again.
 
     Why: a 70B database takes hours. Layer files are written atomically, so any that exists is whole;
-    ``build.json`` records the settings they were made with (fingerprints and parameters). Starting a
-    build removes an old manifest first, so a database half-rebuilt with other settings can never be
-    mistaken for a finished one.
+    ``build.json`` records the settings they were made with (fingerprints and parameters); the
+    manifest comes last. A finished database is never overwritten: that would destroy hours of work
+    for a mistyped ``--out``.
     """
 
     def __init__(self, root: Path, settings: dict[str, Any]):
         self.root = Path(root)
+        if (self.root / MANIFEST).is_file():
+            raise UserError(f"{self.root} already holds a finished database; delete it or choose another --out")
         self.root.mkdir(parents=True, exist_ok=True)
-        (self.root / MANIFEST).unlink(missing_ok=True)
         for stale in (self.root / "layers").glob(".*.tmp"):  # a write cut short by SIGKILL
             stale.unlink()
         path = self.root / BUILD
