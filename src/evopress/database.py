@@ -22,8 +22,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
 import torch
-from safetensors import SafetensorError
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -101,35 +100,25 @@ class Database:
             raise UserError(f"database {self.root} was built on data '{self.manifest.get('data')}', "
                             f"the search uses '{pool.source}'; rebuild it or pass the same --data")
 
-    def load_layer(self, name: str) -> dict[str, torch.Tensor]:
-        path = layer_file(self.root, name)
-        try:
-            return load_file(str(path))
-        except (SafetensorError, OSError) as e:
-            raise _corrupt(path, e) from e
+    def check_layer(self, name: str, keys: Sequence[str], load: Sequence[str] = ()) -> dict[str, torch.Tensor]:
+        """Refuse a missing, truncated or incomplete layer file now rather than mid-search; return ``load``.
 
-    def check_layer(self, name: str, keys: Sequence[str]) -> None:
-        """Refuse a missing, truncated or incomplete layer file now rather than mid-search.
-
-        Reads only the header: safetensors checks it against the file size on open.
+        Reads the header (safetensors checks it against the file size on open) and only the tensors
+        named in ``load``.
         """
         path = layer_file(self.root, name)
         try:
             with safe_open(str(path), framework="pt") as f:
-                missing = set(keys) - set(f.keys())
+                missing = (set(keys) | set(load)) - set(f.keys())
+                if not missing:
+                    return {k: f.get_tensor(k) for k in load}
         except (SafetensorError, OSError) as e:
             raise _corrupt(path, e) from e
-        if missing:
-            raise UserError(f"database layer file for {name} lacks {sorted(missing)}; rebuild the database")
+        raise UserError(f"database layer file for {name} lacks {sorted(missing)}; rebuild the database")
 
     def read(self, name: str, keys: Sequence[str]) -> dict[str, torch.Tensor]:
         """Some tensors of one layer file, without reading the rest of it."""
-        path = layer_file(self.root, name)
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                return {k: f.get_tensor(k) for k in keys}
-        except (SafetensorError, OSError) as e:
-            raise _corrupt(path, e) from e
+        return self.check_layer(name, (), load=keys)
 
 
 def _corrupt(path: Path, e: Exception) -> UserError:
@@ -150,20 +139,20 @@ class VariantCache:
         self.db = db
         self.max_bytes = cache_budget() if max_bytes is None else max_bytes
         self.bytes = 0
-        self._lru: OrderedDict[tuple[str, tuple[str, ...]], dict[str, torch.Tensor]] = OrderedDict()
+        self._lru: OrderedDict[tuple[str, tuple[str, ...]], tuple[dict[str, torch.Tensor], int]] = OrderedDict()
 
     def get(self, name: str, keys: Sequence[str]) -> dict[str, torch.Tensor]:
         key = (name, tuple(keys))
         if key in self._lru:
             self._lru.move_to_end(key)
-            return self._lru[key]
+            return self._lru[key][0]
         tensors = self.db.read(name, keys)
         size = sum(t.numel() * t.element_size() for t in tensors.values())
         while self._lru and self.bytes + size > self.max_bytes:
-            _, old = self._lru.popitem(last=False)
-            self.bytes -= sum(t.numel() * t.element_size() for t in old.values())
+            _, (_, old_size) = self._lru.popitem(last=False)
+            self.bytes -= old_size
         if size <= self.max_bytes:
-            self._lru[key] = tensors
+            self._lru[key] = (tensors, size)
             self.bytes += size
         return tensors
 

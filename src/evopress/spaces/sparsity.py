@@ -170,10 +170,16 @@ def value_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.bfloat16 if dtype == torch.bfloat16 else torch.float16
 
 
+def level_keys(offset: int) -> tuple[str, str]:
+    """Names of one level's tensors in a layer file: its packed mask and its non-zero values."""
+    return f"{offset}.mask", f"{offset}.values"
+
+
 def encode_level(offset: int, weight: torch.Tensor) -> dict[str, torch.Tensor]:
     mask = weight != 0
-    return {f"{offset}.mask": pack_codes(mask.to(torch.uint8).reshape(-1), 1),
-            f"{offset}.values": weight[mask].to(value_dtype(weight.dtype))}
+    mask_key, values_key = level_keys(offset)
+    return {mask_key: pack_codes(mask.to(torch.uint8).reshape(-1), 1),
+            values_key: weight[mask].to(value_dtype(weight.dtype))}
 
 
 def decode_level(mask: torch.Tensor, values: torch.Tensor, shape: tuple[int, int], dtype: torch.dtype) -> torch.Tensor:
@@ -213,7 +219,7 @@ def build_sparsity_database(decoder: Decoder, pool: TokenPool, out: Path, center
     def compress(b: int, layers: dict[str, nn.Linear], hessians: dict[str, HessianAccumulator]) -> None:
         for name, layer in layers.items():
             first, zeros = grids[name]
-            keys = [k for o in range(first, first + len(zeros)) for k in (f"{o}.mask", f"{o}.values")]
+            keys = [k for o in range(first, first + len(zeros)) for k in level_keys(o)]
             if build.done(name, keys + ["input_sq_norms"]) is not None:
                 continue  # solved before the build was interrupted
             with single_thread():
@@ -293,9 +299,8 @@ class SparsitySpace(Space):
         self._dense = [m.weight.detach().to("cpu", copy=True) for m in self.layers]  # apply(None) restores these
         self._current: list[int | None] = [None] * len(self.units)  # level each layer holds (None: dense)
 
-    def _level_keys(self, u: int, level: int) -> list[str]:
-        offset = self.first_offsets[u] + level
-        return [f"{offset}.mask", f"{offset}.values"]
+    def _level_keys(self, u: int, level: int) -> tuple[str, str]:
+        return level_keys(self.first_offsets[u] + level)
 
     def _open_levels(self) -> VariantCache:
         """Check every layer file now; read levels on demand (``VariantCache``).
@@ -303,12 +308,11 @@ class SparsitySpace(Space):
         Memory: the cache (up to ``$EVOPRESS_DB_CACHE_GB``, about 0.125 + 2 x density bytes per weight
         and level) plus the CPU copy of the dense linear weights (425 MB for SmolLM2-135M in fp32).
         """
-        keys = [[k for lv in range(len(self.zeros[u])) for k in self._level_keys(u, lv)] + ["input_sq_norms"]
-                for u in range(len(self.units))]
-        for name, k in zip(self.units, keys):
-            self.db.check_layer(name, k)
-        # per layer: sum of x_j^2 over the database's inputs (OWL)
-        self.input_sq_norms = [self.db.read(name, ["input_sq_norms"])["input_sq_norms"] for name in self.units]
+        # per layer: sum of x_j^2 over the database's inputs (OWL), read while each file is checked
+        self.input_sq_norms = [
+            self.db.check_layer(name, [k for lv in range(len(self.zeros[u])) for k in self._level_keys(u, lv)],
+                                load=["input_sq_norms"])["input_sq_norms"]
+            for u, name in enumerate(self.units)]
         return VariantCache(self.db)
 
     def dense_weight(self, u: int) -> torch.Tensor:
