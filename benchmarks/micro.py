@@ -1,0 +1,67 @@
+"""Micro-benchmarks behind docs/speed.md's profile: where a candidate-token's time goes besides the blocks.
+
+    OMP_NUM_THREADS=1 python benchmarks/micro.py [--hidden 576 --vocab 49152 --tokens 1024]
+
+(1) The LM head and KL for one chunk of positions, as the evaluator computes them (head matmul,
+log-softmax, KL against cached teacher log-probs), and the fused form KL = logsumexp(s) - p.s - H(p)
+that never materialises the candidate's log-probs. (2) Decoding one sparse level (1-bit mask + fp16
+values) into a dense 1536 x 576 weight, the sparsity space's `apply`. Shapes default to SmolLM2-135M.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+import torch.nn.functional as F
+
+from evopress.compressors.packing import pack_codes, unpack_codes
+from evopress.spaces.sparsity import decode_level
+
+
+def timed(fn, repeat: int) -> float:
+    fn()
+    start = time.perf_counter()
+    for _ in range(repeat):
+        fn()
+    return (time.perf_counter() - start) / repeat
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--hidden", type=int, default=576)
+    p.add_argument("--vocab", type=int, default=49152)
+    p.add_argument("--tokens", type=int, default=1024)
+    p.add_argument("--repeat", type=int, default=5)
+    args = p.parse_args()
+    torch.manual_seed(0)
+    head = torch.randn(args.vocab, args.hidden) / args.hidden**0.5
+    h = torch.randn(args.tokens, args.hidden)
+    teacher = F.log_softmax(torch.randn(args.tokens, args.vocab), -1)
+    logits = h @ head.T
+    student = F.log_softmax(logits, -1)
+    p_t, neg_entropy = teacher.exp(), (teacher.exp() * teacher).sum(-1)
+    with torch.inference_mode():
+        parts = {
+            "head matmul": lambda: h @ head.T,
+            "log_softmax": lambda: F.log_softmax(logits, -1),
+            "kl_div": lambda: F.kl_div(student, teacher, log_target=True, reduction="sum"),
+            "fused KL (logsumexp - p.s - H)": lambda: (torch.logsumexp(logits, -1) - (p_t * logits).sum(-1)
+                                                       + neg_entropy).sum(),
+        }
+        print(f"per {args.tokens} positions, hidden {args.hidden}, vocab {args.vocab}:")
+        for name, fn in parts.items():
+            print(f"  {name:32s} {timed(fn, args.repeat):.3f} s")
+        shape = (1536, 576)
+        keep = torch.rand(shape) > 0.5
+        mask = pack_codes(keep.to(torch.uint8).reshape(-1), 1)
+        values = torch.randn(int(keep.sum())).half()
+        print(f"one sparse level, {shape[0]} x {shape[1]} at 50%:")
+        print(f"  unpack 1-bit mask                {timed(lambda: unpack_codes(mask, 1, shape), 50) * 1e3:.2f} ms")
+        print(f"  decode (unpack + masked_scatter) "
+              f"{timed(lambda: decode_level(mask, values, shape, torch.float32), 50) * 1e3:.2f} ms")
+
+
+if __name__ == "__main__":
+    main()
