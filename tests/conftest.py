@@ -80,7 +80,7 @@ def assert_prefix_reuse_matches_full_forward(space, pool, configs, cache_bytes, 
     """
     configs = list(configs) + [configs[0]]  # a duplicate shares its whole prefix
     sample = pool.sample(tokens, np.random.default_rng(seed))
-    naive = Evaluator(space, pool, FitnessConfig(prefix_reuse=False, logit_cache_bytes=0))
+    naive = Evaluator(space, pool, FitnessConfig(prefix_reuse=False))
     reuse = Evaluator(space, pool, FitnessConfig(cache_bytes=cache_bytes))
     a, b = naive.measure(configs, sample), reuse.measure(configs, sample)
     for x, y in zip(a, b):

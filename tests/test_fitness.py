@@ -63,3 +63,47 @@ def test_ppl_fitness_is_the_candidate_nll(decoder, pool):
     m = kl_ev.measure([config], sample)[0]
     assert ppl_ev.score([config], sample)[0] == pytest.approx(m.nll)
     assert m.nll > m.dense_nll - 1e-6 or m.kl > 0
+
+
+def decoder_kl(decoder, space, config, pool, sample):
+    """Full-logit KL from the decoder's own logits (bias and soft-capping included), no caches."""
+    total, n = 0.0, 0
+    for i, length in zip(sample.index, sample.lengths):
+        ids = pool.windows[i: i + 1, :length]
+        log_probs = []
+        for c in (None, config):
+            space.apply(c)
+            *_, h = decoder.run_blocks(ids)
+            log_probs.append(F.log_softmax(decoder.logits(decoder.norm(h))[0, :-1], -1))
+        p, q = log_probs
+        total += (p.exp() * (p - q)).sum().item()
+        n += length - 1
+    return total / n
+
+
+@pytest.mark.parametrize("head", ["bias", "softcap"])
+def test_kl_for_biased_and_soft_capped_heads(decoder, pool, head, monkeypatch):
+    """A biased head takes the hidden-space shortcut; a soft-capped one the full-logit path."""
+    if head == "bias":
+        bias = torch.nn.Parameter(torch.randn(decoder.head.weight.shape[0], generator=torch.Generator().manual_seed(0)))
+        monkeypatch.setattr(decoder.head, "bias", bias)
+    else:
+        monkeypatch.setattr(decoder, "softcap", 2.0)
+    space = DropSpace(decoder, 0.34, "sublayer")
+    ev = Evaluator(space, pool, FitnessConfig(chunk_tokens=9))
+    sample = pool.sample(50, np.random.default_rng(7))
+    configs = space.initial_configs(np.random.default_rng(8), 3)
+    for config, m in zip(configs, ev.measure(configs, sample)):
+        assert m.kl == pytest.approx(decoder_kl(decoder, space, config, pool, sample), rel=1e-4)
+    entry = next(iter(ev.teacher.store.values()))
+    assert set(entry) == ({"u", "a", "nll"} if head == "bias" else {"hidden"})
+
+
+def test_warm_computes_every_window_once(decoder, pool):
+    space = DropSpace(decoder, 0.34, "sublayer")
+    ev = Evaluator(space, pool)
+    ev.warm()
+    assert set(ev.teacher.store) == set(range(len(pool.windows)))
+    assert ev.stats.teacher_head_tokens == len(pool.windows) * (pool.seq_len - 1)
+    ev.score(space.initial_configs(np.random.default_rng(9), 2), pool.sample(64, np.random.default_rng(10)))
+    assert ev.stats.teacher_head_tokens == len(pool.windows) * (pool.seq_len - 1)  # nothing left to compute

@@ -1,9 +1,14 @@
 """Fitness: KL(dense || candidate) per token, with a lazily built teacher cache and prefix reuse.
 
-Teacher cache: instead of full-vocabulary teacher logits (tokens x vocab floats, hundreds of GB for a
-real calibration pool) we keep the dense model's final *normed hidden states* (tokens x hidden) and
-recompute teacher logits chunk by chunk through the LM head. A window's entry is computed the first
-time a sample touches it, so short searches never pay for the whole pool.
+Teacher cache: full-vocabulary teacher logits would take tokens x vocab floats (hundreds of GB for a
+real calibration pool). For a linear LM head (z = W s + b) the KL needs far less, because
+KL(p || softmax(z)) = sum p log p - p.b - (W^T p).s + logsumexp(z): per predicted position we keep the
+hidden-sized vector u = W^T p and the scalar a = sum p log p - p.b (plus the dense NLL, for reports).
+A candidate's KL then costs its own LM head and one logsumexp, with no vocabulary-sized pass over
+teacher log-probs at all. Heads that are not linear (Gemma-2's logit soft-capping) keep the dense
+final normed hidden states instead and recompute teacher log-probs chunk by chunk. A window's entry
+is computed the first time a sample touches it (``Evaluator.warm`` does the whole pool up front), and
+lives in CPU RAM; a stage moves only its sample's entries to the model's device.
 
 Prefix reuse: all candidates of a stage share one sample, and a child differs from its parent in a
 few units. Candidates are evaluated in lexicographic order of their per-block configuration; the
@@ -37,7 +42,6 @@ class FitnessConfig:
     chunk_tokens: int = 1024  # positions per LM-head chunk: bounds the vocab-sized temporaries
     prefix_reuse: bool = True
     cache_bytes: int = 1 << 30  # memory for cached block-boundary activations
-    logit_cache_bytes: int = 1 << 30  # teacher log-probs of a sample are kept if they fit, else recomputed
 
 
 @dataclass
@@ -59,41 +63,82 @@ class EvalStats:
     naive_block_tokens: int = 0  # what running every candidate from the embeddings would cost
     seconds: float = 0.0  # wall time inside measure(): model forwards, teacher, KL
     block_seconds: float = 0.0  # of which candidate decoder-block forwards
-    head_seconds: float = 0.0  # of which candidate LM head, log-softmax and KL
-    teacher_seconds: float = 0.0  # of which dense forwards and teacher log-probs for the sample
+    head_seconds: float = 0.0  # of which candidate LM head and KL
+    teacher_seconds: float = 0.0  # of which dense forwards for windows not seen before
     apply_seconds: float = 0.0  # of which rewriting layers for the next candidate (space.apply)
 
     def as_dict(self) -> dict[str, float]:
         return dict(self.__dict__)
 
 
-class TeacherCache:
-    """Dense final-normed hidden states per pool window, computed on first use."""
+def linear_head(decoder: Decoder) -> bool:
+    """Whether logits are an affine function of the normed hidden state (the KL shortcut's condition)."""
+    return isinstance(decoder.head, torch.nn.Linear) and not decoder.softcap
 
-    def __init__(self, decoder: Decoder, pool: TokenPool, batch_size: int):
+
+def _fp32_product(p: torch.Tensor, weight: torch.Tensor, rows: int = 16384) -> torch.Tensor:
+    """p @ weight in float32, converting at most ``rows`` vocabulary rows of a bf16/fp16 head at a time
+    (a whole fp32 copy of a 128k-vocabulary head would be GBs of accelerator memory)."""
+    if weight.dtype == torch.float32:
+        return p @ weight
+    return sum(p[:, i: i + rows] @ weight[i: i + rows].float() for i in range(0, weight.shape[0], rows))
+
+
+@torch.inference_mode()
+def teacher_targets(decoder: Decoder, normed: torch.Tensor, labels: torch.Tensor,
+                    chunk_tokens: int) -> dict[str, torch.Tensor]:
+    """What the KL against the dense model needs at each predicted position [N, H] (labels [N])."""
+    if not linear_head(decoder):
+        return {"hidden": normed}
+    weight, bias = decoder.head.weight, decoder.head.bias
+    parts: dict[str, list[torch.Tensor]] = {"u": [], "a": [], "nll": []}
+    for i in range(0, len(normed), chunk_tokens):
+        log_p = F.log_softmax(decoder.logits(normed[i: i + chunk_tokens]), dim=-1)
+        p = log_p.exp()
+        a = (p * log_p).sum(-1)
+        parts["a"].append(a - p @ bias.float() if bias is not None else a)
+        parts["u"].append(_fp32_product(p, weight))
+        parts["nll"].append(-log_p.gather(1, labels[i: i + chunk_tokens, None]).squeeze(1))
+    return {k: torch.cat(v) for k, v in parts.items()}
+
+
+class TeacherCache:
+    """Per pool window, the dense model's ``teacher_targets``, computed on first use, kept in CPU RAM."""
+
+    def __init__(self, decoder: Decoder, pool: TokenPool, batch_size: int, chunk_tokens: int = 1024):
         self.decoder = decoder
         self.pool = pool
         self.batch_size = batch_size
-        self.store: dict[int, torch.Tensor] = {}
+        self.chunk_tokens = chunk_tokens
+        self.store: dict[int, dict[str, torch.Tensor]] = {}
 
     @torch.inference_mode()
-    def ensure(self, windows: Sequence[int], space: Space) -> None:
+    def ensure(self, windows: Sequence[int], space: Space) -> int:
+        """Compute the missing windows' entries; returns how many positions went through the LM head."""
         missing = [w for w in dict.fromkeys(windows) if w not in self.store]
         if not missing:
-            return
+            return 0
         space.apply(None)
         for s in range(0, len(missing), self.batch_size):
             chunk = missing[s: s + self.batch_size]
-            *_, h = self.decoder.run_blocks(self.pool.windows[chunk])
-            for w, row in zip(chunk, self.decoder.norm(h)):
-                self.store[w] = row.clone()
+            ids = self.pool.windows[chunk]
+            *_, h = self.decoder.run_blocks(ids)
+            labels = ids[:, 1:].to(h.device)
+            for w, row, y in zip(chunk, self.decoder.norm(h), labels):
+                self.store[w] = {k: v.to("cpu", copy=True) for k, v in self.targets(row[:-1], y).items()}
+        return len(missing) * (self.pool.seq_len - 1) if linear_head(self.decoder) else 0
 
-    def get(self, windows: Sequence[int], length: int) -> torch.Tensor:
-        return torch.stack([self.store[w][:length] for w in windows])
+    def targets(self, normed: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
+        return teacher_targets(self.decoder, normed, labels, self.chunk_tokens)
+
+    def get(self, windows: Sequence[int], length: int, device: torch.device) -> dict[str, torch.Tensor]:
+        """Entries of the predicted positions of the first ``length`` tokens of each window, concatenated."""
+        keys = self.store[windows[0]].keys()
+        return {k: torch.cat([self.store[w][k][: length - 1] for w in windows]).to(device) for k in keys}
 
     @property
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.store.values())
+        return sum(t.numel() * t.element_size() for entry in self.store.values() for t in entry.values())
 
 
 def _common_prefix(a: tuple, b: tuple) -> int:
@@ -111,32 +156,31 @@ def _flat(hidden: torch.Tensor) -> torch.Tensor:
 
 
 @torch.inference_mode()
-def teacher_log_probs(decoder: Decoder, teacher: torch.Tensor, chunk_tokens: int) -> list[torch.Tensor]:
-    t = _flat(teacher)
-    return [F.log_softmax(decoder.logits(t[i: i + chunk_tokens]), dim=-1) for i in range(0, len(t), chunk_tokens)]
-
-
-@torch.inference_mode()
-def compare_logits(decoder: Decoder, student: torch.Tensor, teacher: torch.Tensor, input_ids: torch.Tensor,
-                   chunk_tokens: int, teacher_lp: list[torch.Tensor] | None = None) -> tuple[float, float, float, int]:
+def compare(decoder: Decoder, student: torch.Tensor, targets: dict[str, torch.Tensor], input_ids: torch.Tensor,
+            chunk_tokens: int) -> tuple[torch.Tensor, int]:
     """Sums of KL(teacher || student), student NLL and teacher NLL over all predicted positions.
 
-    Inputs are final-normed hidden states [B, T, H]. ``teacher_lp``, if given, holds the teacher's
-    log-probs per chunk (computed once per sample); otherwise they are recomputed chunk by chunk.
+    ``student`` holds final-normed hidden states [B, T, H]; ``targets`` the teacher's entries for the
+    same positions. Sums stay on the device in float64 (one sync per candidate, not per chunk).
     """
     s = _flat(student)
-    t = _flat(teacher).to(s.device)
     labels = input_ids[:, 1:].reshape(-1).to(s.device)
-    kl = nll = dense_nll = 0.0
-    for c, i in enumerate(range(0, len(s), chunk_tokens)):
-        log_q = F.log_softmax(decoder.logits(s[i: i + chunk_tokens]), dim=-1)
-        log_p = teacher_lp[c] if teacher_lp is not None else \
-            F.log_softmax(decoder.logits(t[i: i + chunk_tokens]), dim=-1)
+    sums = torch.zeros(3, dtype=torch.float64, device=s.device)
+    for i in range(0, len(s), chunk_tokens):
+        part = s[i: i + chunk_tokens]
+        z = decoder.logits(part)
+        lse = torch.logsumexp(z, dim=-1)
         y = labels[i: i + chunk_tokens]
-        kl += F.kl_div(log_q, log_p, log_target=True, reduction="sum").item()
-        nll += F.nll_loss(log_q, y, reduction="sum").item()
-        dense_nll += F.nll_loss(log_p, y, reduction="sum").item()
-    return kl, nll, dense_nll, len(s)
+        nll = lse - z.gather(1, y[:, None]).squeeze(1)
+        if "u" in targets:
+            kl = targets["a"][i: i + chunk_tokens] + lse - (part.float() * targets["u"][i: i + chunk_tokens]).sum(-1)
+            dense_nll = targets["nll"][i: i + chunk_tokens]
+        else:
+            log_p = F.log_softmax(decoder.logits(targets["hidden"][i: i + chunk_tokens]), dim=-1)
+            kl = (log_p.exp() * (log_p - (z - lse[:, None]))).sum(-1)
+            dense_nll = -log_p.gather(1, y[:, None]).squeeze(1)
+        sums += torch.stack([kl.sum(), nll.sum(), dense_nll.sum()]).double()
+    return sums, len(s)
 
 
 class Evaluator:
@@ -151,8 +195,9 @@ class Evaluator:
             from .errors import UserError
 
             raise UserError(f"unknown fitness '{self.config.metric}' (choose from {', '.join(METRICS)})")
-        self.teacher = TeacherCache(self.decoder, pool, self.config.batch_size)
+        self.teacher = TeacherCache(self.decoder, pool, self.config.batch_size, self.config.chunk_tokens)
         self.stats = EvalStats()
+        self._teacher_per_candidate = not linear_head(self.decoder)  # non-linear heads recompute teacher logits
 
     def sample(self, tokens: int, rng: np.random.Generator) -> Sample:
         return self.pool.sample(tokens, rng)
@@ -160,6 +205,14 @@ class Evaluator:
     @staticmethod
     def sample_tokens(sample: Sample) -> int:
         return sample.tokens
+
+    def warm(self) -> None:
+        """Run the dense teacher over the whole pool now, with the model dense once instead of per stage.
+
+        Why: a search touches every window within a few generations anyway, and each stage that meets a
+        new window must restore the dense weights and then rewrite every layer for the next candidate.
+        """
+        self._ensure_teacher(range(len(self.pool.windows)))
 
     def score(self, configs: Sequence[Config], sample: Sample) -> list[float]:
         """Fitness of each configuration on the sample; lower is better."""
@@ -183,13 +236,17 @@ class Evaluator:
         finally:
             self.stats.seconds += time.perf_counter() - start
 
+    def _ensure_teacher(self, windows: Sequence[int]) -> None:
+        t0 = self._clock()
+        self.stats.teacher_head_tokens += self.teacher.ensure(windows, self.space)
+        self.stats.teacher_seconds += self._clock() - t0
+
     @torch.inference_mode()
     def _measure(self, configs: Sequence[Config], sample: Sample) -> list[Measurement]:
         batches = self.pool.batches(sample, self.config.batch_size)
-        t0 = self._clock()
-        self.teacher.ensure(sample.index, self.space)
-        teacher_lp = self._teacher_log_probs(batches) if len(configs) > 1 else None
-        self.stats.teacher_seconds += self._clock() - t0
+        self._ensure_teacher(sample.index)
+        device = self.decoder.device
+        targets = [self.teacher.get(w, ids.shape[1], device) for ids, w in batches]
         inputs = [self.decoder.enter(ids) for ids, _ in batches]
         L = self.decoder.num_blocks
         keys = [self.space.block_keys(c) for c in configs]
@@ -212,7 +269,7 @@ class Evaluator:
                 if (b + 1) % stride == 0 and b + 1 < L:
                     cache[b + 1] = states
             t1 = self._clock()
-            results[i] = self._compare(states, batches, teacher_lp)
+            results[i] = self._compare(states, batches, targets)
             self.stats.block_seconds += t1 - t0
             self.stats.head_seconds += self._clock() - t1
             previous = keys[i]
@@ -220,7 +277,7 @@ class Evaluator:
             self.stats.block_tokens += (L - start) * sample.tokens
             self.stats.naive_block_tokens += L * sample.tokens
             self.stats.head_tokens += sample.tokens
-            self.stats.teacher_head_tokens += sample.tokens if teacher_lp is None else 0
+            self.stats.teacher_head_tokens += sample.tokens if self._teacher_per_candidate else 0
         return results  # type: ignore[return-value]
 
     def _clock(self) -> float:
@@ -231,25 +288,13 @@ class Evaluator:
             torch.cuda.synchronize(device)
         return time.perf_counter()
 
-    def _teacher_log_probs(self, batches: list[tuple[torch.Tensor, list[int]]]) -> list | None:
-        """The sample's teacher log-probs, shared by all candidates, when they fit in the budget."""
-        vocab = self.decoder.head.weight.shape[0]
-        positions = sum(ids.shape[0] * (ids.shape[1] - 1) for ids, _ in batches)
-        if positions * vocab * 4 > self.config.logit_cache_bytes:
-            return None
-        self.stats.teacher_head_tokens += positions
-        return [teacher_log_probs(self.decoder, self.teacher.get(w, ids.shape[1]), self.config.chunk_tokens)
-                for ids, w in batches]
-
     def _compare(self, states: list[torch.Tensor], batches: list[tuple[torch.Tensor, list[int]]],
-                 teacher_lp: list | None) -> Measurement:
-        kl = nll = dense_nll = 0.0
+                 targets: list[dict[str, torch.Tensor]]) -> Measurement:
+        total = torch.zeros(3, dtype=torch.float64, device=self.decoder.device)
         positions = 0
-        for b, (h, (ids, windows)) in enumerate(zip(states, batches)):
-            teacher = self.teacher.get(windows, ids.shape[1])
-            parts = compare_logits(self.decoder, self.decoder.norm(h), teacher, ids, self.config.chunk_tokens,
-                                   teacher_lp[b] if teacher_lp is not None else None)
-            kl, nll, dense_nll = kl + parts[0], nll + parts[1], dense_nll + parts[2]
-            positions += parts[3]
-        n = max(positions, 1)
-        return Measurement(kl / n, nll / n, dense_nll / n, positions)
+        for h, (ids, _), t in zip(states, batches, targets):
+            sums, n = compare(self.decoder, self.decoder.norm(h), t, ids, self.config.chunk_tokens)
+            total += sums
+            positions += n
+        kl, nll, dense_nll = (x / max(positions, 1) for x in total.tolist())
+        return Measurement(kl, nll, dense_nll, positions)

@@ -33,6 +33,8 @@ RESULT = "result.json"
 CHECKPOINT = "checkpoint.json"
 RECIPE = "recipe.json"
 CONFIG_TXT = "config.txt"
+# speed knobs older recipes may still carry; they never changed results, so they are dropped on load
+_RETIRED_FITNESS_KEYS = ("logit_cache_bytes",)
 
 
 @dataclass
@@ -65,7 +67,7 @@ class Recipe:
         search = dict(d.pop("search", {}))
         if "stages" in search:
             search["stages"] = [tuple(s) for s in search["stages"]]
-        fitness = d.pop("fitness", {})
+        fitness = {k: v for k, v in d.pop("fitness", {}).items() if k not in _RETIRED_FITNESS_KEYS}
         try:
             return Recipe(**d, search=SearchConfig(**search), fitness=FitnessConfig(**fitness))
         except TypeError as e:
@@ -166,6 +168,7 @@ def run_search(ctx: Context, out: Path, restart: bool = False, progress: bool = 
     initial = ctx.space.initial_configs(rng, recipe.search.initial_candidates)
     if state is None:
         initial = _warm_start(ctx, initial, log)
+    ctx.evaluator.warm()
     try:
         evaluator = ShardedEvaluator(ctx.evaluator) if world_size() > 1 else ctx.evaluator
         state = evolve(ctx.space.problem, evaluator, initial, recipe.search, state, on_generation)
