@@ -93,12 +93,14 @@ def teacher_targets(decoder: Decoder, normed: torch.Tensor, labels: torch.Tensor
     weight, bias = decoder.head.weight, decoder.head.bias
     parts: dict[str, list[torch.Tensor]] = {"u": [], "a": [], "nll": []}
     for i in range(0, len(normed), chunk_tokens):
-        log_p = F.log_softmax(decoder.logits(normed[i: i + chunk_tokens]), dim=-1)
+        # float64 once per position: a float32 softmax over a large vocabulary sums to 1 + ~1e-5, and
+        # the identity multiplies that error by logsumexp (~20), a bias the full-logit KL mostly cancels
+        log_p = F.log_softmax(decoder.logits(normed[i: i + chunk_tokens]).double(), dim=-1)
         p = log_p.exp()
         a = (p * log_p).sum(-1)
-        parts["a"].append(a - p @ bias.float() if bias is not None else a)
-        parts["u"].append(_fp32_product(p, weight))
-        parts["nll"].append(-log_p.gather(1, labels[i: i + chunk_tokens, None]).squeeze(1))
+        parts["a"].append((a - p @ bias.double() if bias is not None else a).float())
+        parts["u"].append(_fp32_product(p.float(), weight))
+        parts["nll"].append(-log_p.gather(1, labels[i: i + chunk_tokens, None]).squeeze(1).float())
     return {k: torch.cat(v) for k, v in parts.items()}
 
 
