@@ -2,7 +2,7 @@
 
 import pytest
 
-from evopress.cli import main, parse_stages
+from evopress.cli import build_parser, main, parse_stages, recipe_from_args
 from evopress.errors import UserError
 
 
@@ -14,6 +14,7 @@ from evopress.errors import UserError
     (["search", "--target", "0.25", "--fitness", "mse", "--out", "x"], "invalid choice"),
     (["baseline", "--method", "magic", "--target", "0.25", "--out", "x"], "unknown method 'magic'"),
     (["search", "--out", "x"], "--target"),
+    (["search", "--target", "0.25", "--prefix-cache-gb", "-1", "--out", "x"], "--prefix-cache-gb"),
     (["eval", "/does/not/exist"], "not found"),
     (["frobnicate"], "invalid choice"),
 ])
@@ -39,3 +40,13 @@ def test_parse_stages():
     assert parse_stages("2:2048,1:32768") == [(2, 2048), (1, 32768)]
     with pytest.raises(UserError):
         parse_stages("2:2048:1")
+
+
+def test_prefix_cache_flag_sets_the_bound_but_not_the_fingerprint():
+    def recipe(*extra):
+        args = build_parser().parse_args(["search", "--target", "0.25", "--out", "x", *extra])
+        return recipe_from_args(args, "evopress")
+
+    small = recipe("--prefix-cache-gb", "0.5")
+    assert small.fitness.cache_bytes == 2**29
+    assert small.fingerprint() == recipe().fingerprint()  # a speed knob: resuming with another value is fine

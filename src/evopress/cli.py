@@ -88,6 +88,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--init-from", default="", help="comma-separated baselines whose configurations join "
                    "the random initial population (e.g. shortgpt,angular); default: random only, as the paper")
     s.add_argument("--no-prefix-reuse", action="store_true", help="run every candidate from the embeddings")
+    s.add_argument("--prefix-cache-gb", type=float, default=FitnessConfig().cache_bytes / 2**30,
+                   help="memory for block-boundary activations reused between candidates (on the model's "
+                   "device); less keeps fewer boundaries, never changes results")
     s.add_argument("--restart", action="store_true", help="ignore a checkpoint in --out and start over")
 
     b = sub.add_parser("baseline", help="baseline configurations at the same budget")
@@ -168,6 +171,10 @@ def recipe_from_args(args: argparse.Namespace, method: str):
         search.validate()
     fitness = FitnessConfig(metric=args.fitness, batch_size=args.batch_size,
                             prefix_reuse=not getattr(args, "no_prefix_reuse", False))
+    if args.command == "search":
+        if args.prefix_cache_gb < 0:
+            raise UserError("--prefix-cache-gb must be >= 0")
+        fitness.cache_bytes = int(args.prefix_cache_gb * 2**30)
     options = SPACES[args.space].options_from_args(args)
     if args.rules is not None:
         from .api import load_yaml
