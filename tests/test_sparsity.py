@@ -165,16 +165,28 @@ def test_levels_are_read_on_demand_within_the_cache_budget(built, monkeypatch):
     one_level = sum(t.numel() * t.element_size() for t in full._variants.get(full.units[9],
                                                                                   full._level_keys(9, 0)).values())
     monkeypatch.setenv(CACHE_ENV, str(1.5 * one_level / 2**30))
+    monkeypatch.setattr(SparsitySpace, "DECODED_CACHE_BYTES", 0)  # every weight() reads its level again
     small = space_for(built, 0.5)
     for _ in range(2):
         for (u, lv), w in expected.items():
             assert torch.equal(small.weight(u, lv), w)
-            assert small._variants.bytes <= small._variants.max_bytes
+            assert small._variants.bytes <= small._variants._lru.max_bytes
     assert len(small._variants._lru) <= 2
     monkeypatch.setenv(CACHE_ENV, "lots")
     with pytest.raises(UserError, match=CACHE_ENV):
         space_for(built, 0.5)
 
+
+
+def test_decoded_levels_are_reused_within_their_budget(built, monkeypatch):
+    layer_bytes = space_for(built, 0.5).weight(9, 0).numel() * 4
+    monkeypatch.setattr(SparsitySpace, "DECODED_CACHE_BYTES", 2 * layer_bytes)
+    space = space_for(built, 0.5)
+    for u in (9, 8, 9):
+        for lv in range(len(space.zeros[u])):
+            assert torch.equal(space.weight(u, lv), space._decode(u, lv))
+            assert space._decoded.bytes <= 2 * layer_bytes
+    assert space.weight(9, 1) is space.weight(9, 1)  # the second call is a hit, not a decode
 
 # --- the space -----------------------------------------------------------------------------------
 

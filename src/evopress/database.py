@@ -125,6 +125,37 @@ def _corrupt(path: Path, e: Exception) -> UserError:
     return UserError(f"database layer file {path} is missing or corrupt ({e}); rebuild the database")
 
 
+class ByteLRU:
+    """Least-recently-used values up to a byte budget; a value larger than the budget is not kept."""
+
+    def __init__(self, max_bytes: int):
+        self.max_bytes = max_bytes
+        self.bytes = 0
+        self._items: OrderedDict[Any, tuple[Any, int]] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def get(self, key: Any, make: Callable[[], Any], size: Callable[[Any], int]) -> Any:
+        if key in self._items:
+            self._items.move_to_end(key)
+            return self._items[key][0]
+        value = make()
+        n = size(value)
+        while self._items and self.bytes + n > self.max_bytes:
+            _, (_, old) = self._items.popitem(last=False)
+            self.bytes -= old
+        if n <= self.max_bytes:
+            self._items[key] = (value, n)
+            self.bytes += n
+        return value
+
+
+def tensor_bytes(tensors: torch.Tensor | dict[str, torch.Tensor]) -> int:
+    values = tensors.values() if isinstance(tensors, dict) else [tensors]
+    return sum(t.numel() * t.element_size() for t in values)
+
+
 class VariantCache:
     """Compressed layer variants read from a database on demand, kept in CPU RAM up to a byte budget.
 
@@ -137,24 +168,14 @@ class VariantCache:
 
     def __init__(self, db: Database, max_bytes: int | None = None):
         self.db = db
-        self.max_bytes = cache_budget() if max_bytes is None else max_bytes
-        self.bytes = 0
-        self._lru: OrderedDict[tuple[str, tuple[str, ...]], tuple[dict[str, torch.Tensor], int]] = OrderedDict()
+        self._lru = ByteLRU(cache_budget() if max_bytes is None else max_bytes)
+
+    @property
+    def bytes(self) -> int:
+        return self._lru.bytes
 
     def get(self, name: str, keys: Sequence[str]) -> dict[str, torch.Tensor]:
-        key = (name, tuple(keys))
-        if key in self._lru:
-            self._lru.move_to_end(key)
-            return self._lru[key][0]
-        tensors = self.db.read(name, keys)
-        size = sum(t.numel() * t.element_size() for t in tensors.values())
-        while self._lru and self.bytes + size > self.max_bytes:
-            _, (_, old_size) = self._lru.popitem(last=False)
-            self.bytes -= old_size
-        if size <= self.max_bytes:
-            self._lru[key] = (tensors, size)
-            self.bytes += size
-        return tensors
+        return self._lru.get((name, tuple(keys)), lambda: self.db.read(name, keys), tensor_bytes)
 
 
 def cache_budget() -> int:

@@ -43,8 +43,8 @@ from ..compressors.hessian import HessianAccumulator
 from ..compressors.packing import pack_codes, unpack_codes
 from ..compressors.sparsegpt import magnitude_prune, sparsegpt_prune_levels, wanda_prune
 from ..data import TokenPool
-from ..database import (BuildLog, Database, VariantCache, calibrate_blocks, data_fingerprint, layer_file, linear_units,
-                        model_fingerprint, save_layer, single_thread)
+from ..database import (BuildLog, ByteLRU, Database, VariantCache, calibrate_blocks, data_fingerprint, layer_file,
+                        linear_units, model_fingerprint, save_layer, single_thread, tensor_bytes)
 from ..errors import UserError
 from ..evolution import NoMoveError, switch
 from ..io import write_json
@@ -263,6 +263,9 @@ def build_sparsity_database(decoder: Decoder, pool: TokenPool, out: Path, center
 
 class SparsitySpace(Space):
     name = "sparsity"
+    # Decoded levels, on the model's device. Why: consecutive candidates move a few layers back and
+    # forth between the same levels, and on CPU decoding a level (masked_scatter_) costs ~10x a copy.
+    DECODED_CACHE_BYTES = 1 << 30
 
     def __init__(self, decoder: Decoder, target: float, db: str | None = None, group_rule: str = "global"):
         if db is None:
@@ -296,6 +299,7 @@ class SparsitySpace(Space):
                             f"sparsity {lo:.4f}..{hi:.4f} (centre {manifest['center']}); build one around the "
                             "target or with more --levels") from None
         self._variants = self._open_levels()
+        self._decoded = ByteLRU(self.DECODED_CACHE_BYTES)
         self._dense = [m.weight.detach().to("cpu", copy=True) for m in self.layers]  # apply(None) restores these
         self._current: list[int | None] = [None] * len(self.units)  # level each layer holds (None: dense)
 
@@ -306,7 +310,8 @@ class SparsitySpace(Space):
         """Check every layer file now; read levels on demand (``VariantCache``).
 
         Memory: the cache (up to ``$EVOPRESS_DB_CACHE_GB``, about 0.125 + 2 x density bytes per weight
-        and level) plus the CPU copy of the dense linear weights (425 MB for SmolLM2-135M in fp32).
+        and level), the CPU copy of the dense linear weights (425 MB for SmolLM2-135M in fp32) and up to
+        ``DECODED_CACHE_BYTES`` of decoded levels on the model's device.
         """
         # per layer: sum of x_j^2 over the database's inputs (OWL), read while each file is checked
         self.input_sq_norms = [
@@ -319,6 +324,10 @@ class SparsitySpace(Space):
         return self._dense[u]
 
     def weight(self, u: int, level: int) -> torch.Tensor:
+        """The layer's weight at a level; the caller must not modify it (it may be cached)."""
+        return self._decoded.get((u, level), lambda: self._decode(u, level), tensor_bytes)
+
+    def _decode(self, u: int, level: int) -> torch.Tensor:
         mask, values = self._variants.get(self.units[u], self._level_keys(u, level)).values()
         device = self.layers[u].weight.device
         return decode_level(mask.to(device), values.to(device), self.shapes[u], self.layers[u].weight.dtype)
