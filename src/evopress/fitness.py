@@ -174,7 +174,7 @@ def compare(decoder: Decoder, student: torch.Tensor, targets: dict[str, torch.Te
         lse = torch.logsumexp(z, dim=-1)
         y = labels[i: i + chunk_tokens]
         nll = lse - z.gather(1, y[:, None]).squeeze(1)
-        if "u" in targets:
+        if "u" in targets:  # linear head: the hidden-space identity (module docstring)
             kl = targets["a"][i: i + chunk_tokens] + lse - (part.float() * targets["u"][i: i + chunk_tokens]).sum(-1)
             dense_nll = targets["nll"][i: i + chunk_tokens]
         else:
