@@ -168,6 +168,7 @@ def run_search(ctx: Context, out: Path, restart: bool = False, progress: bool = 
     initial = ctx.space.initial_configs(rng, recipe.search.initial_candidates)
     if state is None:
         initial = _warm_start(ctx, initial, log)
+    log(f"teacher: the dense model over all {ctx.pool.tokens} calibration tokens, once")
     ctx.evaluator.warm()
     try:
         evaluator = ShardedEvaluator(ctx.evaluator) if world_size() > 1 else ctx.evaluator
