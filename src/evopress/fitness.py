@@ -92,6 +92,9 @@ def teacher_targets(decoder: Decoder, normed: torch.Tensor, labels: torch.Tensor
         return {"hidden": normed}
     weight, bias = decoder.head.weight, decoder.head.bias
     parts: dict[str, list[torch.Tensor]] = {"u": [], "a": [], "nll": []}
+    # a few float64 [positions, vocab] temporaries live at once: keep each near 256 MiB (a 128k vocabulary
+    # at 1,024 positions would need ~4 GB of accelerator memory next to the model)
+    chunk_tokens = max(1, min(chunk_tokens, (256 << 20) // (8 * weight.shape[0])))
     for i in range(0, len(normed), chunk_tokens):
         # float64 once per position: a float32 softmax over a large vocabulary sums to 1 + ~1e-5, and
         # the identity multiplies that error by logsumexp (~20), a bias the full-logit KL mostly cancels
