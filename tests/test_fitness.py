@@ -107,3 +107,14 @@ def test_warm_computes_every_window_once(decoder, pool):
     assert ev.stats.teacher_head_tokens == len(pool.windows) * (pool.seq_len - 1)
     ev.score(space.initial_configs(np.random.default_rng(9), 2), pool.sample(64, np.random.default_rng(10)))
     assert ev.stats.teacher_head_tokens == len(pool.windows) * (pool.seq_len - 1)  # nothing left to compute
+
+
+def test_fp32_product_of_a_half_precision_head_in_row_blocks():
+    from evopress.fitness import _fp32_product
+
+    g = torch.Generator().manual_seed(0)
+    p = torch.softmax(torch.randn(5, 10, generator=g), -1)
+    weight = torch.randn(10, 4, generator=g).to(torch.bfloat16)
+    out = _fp32_product(p, weight, rows=3)  # 4 blocks, the last one short
+    assert out.dtype == torch.float32
+    assert torch.allclose(out, p @ weight.float(), atol=1e-6)
