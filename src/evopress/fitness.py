@@ -160,7 +160,7 @@ def _flat(hidden: torch.Tensor) -> torch.Tensor:
     return hidden[:, :-1].reshape(-1, hidden.shape[-1])
 
 
-def _logsumexp_(z: torch.Tensor) -> torch.Tensor:
+def logsumexp_(z: torch.Tensor) -> torch.Tensor:
     """logsumexp over the last dimension, overwriting ``z``. Why: ``torch.logsumexp`` allocates a
     vocabulary-sized temporary per chunk, and on CPU that allocation costs more than the exp (profiled)."""
     m = z.amax(dim=-1, keepdim=True)
@@ -184,7 +184,7 @@ def compare(decoder: Decoder, student: torch.Tensor, targets: dict[str, torch.Te
         y = labels[i: i + chunk_tokens]
         z_y = z.gather(1, y[:, None]).squeeze(1)
         if "u" in targets:  # linear head: the hidden-space identity (module docstring)
-            lse = _logsumexp_(z)
+            lse = logsumexp_(z)
             kl = targets["a"][i: i + chunk_tokens] + lse - (part.float() * targets["u"][i: i + chunk_tokens]).sum(-1)
             dense_nll = targets["nll"][i: i + chunk_tokens]
         else:
