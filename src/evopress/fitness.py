@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from .data import Sample, TokenPool
+from .database import tensor_bytes
 from .models import Decoder
 from .spaces.base import Config, Space
 
@@ -143,7 +144,7 @@ class TeacherCache:
 
     @property
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for entry in self.store.values() for t in entry.values())
+        return sum(tensor_bytes(entry) for entry in self.store.values())
 
 
 def _common_prefix(a: tuple, b: tuple) -> int:
@@ -296,7 +297,7 @@ class Evaluator:
     def _clock(self) -> float:
         """Wall time after the device's queued work: GPU kernels run asynchronously, so without a
         sync the block time would land in whichever step next waits on a result (stats only)."""
-        device = self.decoder.head.weight.device
+        device = self.decoder.device
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         return time.perf_counter()

@@ -55,6 +55,11 @@ PACKED = ("codes", "scales", "zeros")  # per bitwidth in a layer file: packed co
 MAX_DP_STATES = 50_000_000  # reachable-total DP array; far above any grid whose groups divide in_features
 
 
+def packed_keys(bits: int) -> dict[str, str]:
+    """Names of one bitwidth's tensors in a layer file, by the part of ``QuantizedWeight.to_packed`` they hold."""
+    return {k: f"{bits}.{k}" for k in PACKED}
+
+
 def parse_bits(text: str | Sequence[int] | None, default: Sequence[int] = DEFAULT_BITS) -> tuple[int, ...]:
     if text is None or text == "":
         return tuple(default)
@@ -211,7 +216,7 @@ def build_quant_database(decoder: Decoder, pool: TokenPool, out: Path, bits: tup
     build = BuildLog(out, {"space": "quant", "model_fingerprint": fingerprint, "data_fingerprint":
                            data_fingerprint(pool), "bits": list(bits), "group_size": group_size,
                            "calib_bits": calib_bits, "damp": damp, "dtype": str(decoder.head.weight.dtype)})
-    keys = [f"{g.bits}.{k}" for g in grids for k in PACKED] + ["errors"]
+    keys = [key for g in grids for key in packed_keys(g.bits).values()] + ["errors"]
     errors: dict[str, dict[str, float]] = {}
     start = time.perf_counter()
 
@@ -223,13 +228,14 @@ def build_quant_database(decoder: Decoder, pool: TokenPool, out: Path, bits: tup
                 with single_thread():  # GPTQ's column loop: 0.15 s vs 5 s per level with 2 threads here
                     levels = gptq_quantize_levels(layer.weight, H, grids, damp=damp)
                 rel = [_relative_error(layer.weight, q, H) for q in levels]
-                save_layer(out, name, {**{f"{g.bits}.{k}": v for g, q in zip(grids, levels)
+                save_layer(out, name, {**{packed_keys(g.bits)[k]: v for g, q in zip(grids, levels)
                                           for k, v in q.to_packed().items()},
                                        "errors": torch.tensor(rel, dtype=torch.float64)})
                 calib = levels[bits.index(calib_bits)] if calib_bits else None
             else:  # solved before the build was interrupted
                 rel = stored["errors"].tolist()
-                calib = QuantizedWeight.from_packed({k: stored[f"{calib_bits}.{k}"] for k in PACKED}, shapes[name],
+                calib = QuantizedWeight.from_packed({k: stored[key] for k, key in packed_keys(calib_bits).items()},
+                                                    shapes[name],
                                                     QuantGrid(calib_bits, group_size)) if calib_bits else None
             errors[name] = {str(g.bits): e for g, e in zip(grids, rel)}
             if calib is not None:
@@ -330,13 +336,14 @@ class QuantSpace(Space):
     def _open_levels(self) -> VariantCache:
         """Check every layer file now; read packed levels on demand, dequantized only when applied."""
         for name in self.units:
-            self.db.check_layer(name, [f"{b}.{k}" for b in self.bits for k in PACKED])
+            self.db.check_layer(name, [key for b in self.bits for key in packed_keys(b).values()])
         return VariantCache(self.db)
 
     def quantized(self, u: int, bits: int) -> QuantizedWeight:
-        packed = self._variants.get(self.units[u], [f"{bits}.{k}" for k in PACKED])
+        keys = packed_keys(bits)
+        packed = self._variants.get(self.units[u], list(keys.values()))
         device = self.layers[u].weight.device
-        return QuantizedWeight.from_packed({k: packed[f"{bits}.{k}"].to(device) for k in PACKED},
+        return QuantizedWeight.from_packed({k: packed[key].to(device) for k, key in keys.items()},
                                            self.shapes[u], self.grid(bits))
 
     @torch.no_grad()

@@ -328,7 +328,9 @@ class SparsitySpace(Space):
         return self._decoded.get((u, level), lambda: self._decode(u, level), tensor_bytes)
 
     def _decode(self, u: int, level: int) -> torch.Tensor:
-        mask, values = self._variants.get(self.units[u], self._level_keys(u, level)).values()
+        mask_key, values_key = self._level_keys(u, level)
+        tensors = self._variants.get(self.units[u], (mask_key, values_key))
+        mask, values = tensors[mask_key], tensors[values_key]
         device = self.layers[u].weight.device
         return decode_level(mask.to(device), values.to(device), self.shapes[u], self.layers[u].weight.dtype)
 
