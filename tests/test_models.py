@@ -7,6 +7,7 @@ from torch import nn
 from evopress.errors import UserError
 from evopress.models import Decoder
 from evopress.spaces.drop import DropSpace
+from evopress.spaces.drop.export import export
 
 from .conftest import tiny_model
 
@@ -101,7 +102,7 @@ def test_depth_export_loads_in_transformers_with_identical_logits(arch, tmp_path
         def save_pretrained(self, out):
             (out / "tokenizer_marker").write_text("x")
 
-    summary = space.export(config, tmp_path, Tok())
+    summary = export(space, config, tmp_path, Tok())
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
     assert reloaded.config.num_hidden_layers == 4 == summary["num_hidden_layers"]
     assert sum(p.numel() for p in reloaded.parameters()) == params_before - 2 * block_params

@@ -12,18 +12,20 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file
 
-from evopress.baselines.quant import dp, uniform
 from evopress.compressors.packing import packed_numel
 from evopress.data import TokenPool
 from evopress.database import layer_file
 from evopress.errors import UserError
-from evopress.export_quant import (GPTQMODEL, PROFILE, RECIPE, load_compressed, pack_rows_int32,
-                                   read_compressed_weights, unpack_rows_int32)
+from evopress.spaces.base import BaselineInputs
+from evopress.spaces.quant.baselines import dp, uniform
+from evopress.spaces.quant.build import build_quant_database
+from evopress.spaces.quant.export import (GPTQMODEL, PROFILE, RECIPE, export_quantized, load_compressed,
+                                          pack_rows_int32, read_compressed_weights, unpack_rows_int32)
+from evopress.spaces.quant.levels import default_group_size, default_levels, exact_knapsack, max_reachable
 from evopress.models import Decoder
 from evopress.evolution import mutate
 from evopress.spaces import make_space
-from evopress.spaces.quant import (QuantSpace, build_quant_database, default_group_size, default_levels,
-                                   exact_knapsack, max_reachable)
+from evopress.spaces.quant.space import QuantSpace
 
 from .conftest import assert_prefix_reuse_matches_full_forward, tiny_model
 
@@ -166,7 +168,7 @@ def test_dp_is_optimal_against_brute_force(data):
 
 
 def _ctx(space, target):
-    return SimpleNamespace(space=space, recipe=SimpleNamespace(target=target))
+    return BaselineInputs(space, evaluator=None, pool=None, tokens=0, seed=0)
 
 
 def test_uniform_and_dp_baselines(built):
@@ -219,7 +221,7 @@ def test_export_reloads_to_the_searched_model(built, tmp_path):
         def save_pretrained(self, out):
             (out / "tokenizer.json").write_text("{}")
 
-    summary = space.export(config, tmp_path, Tokenizer())
+    summary = export_quantized(space, config, tmp_path, Tokenizer())
     ids = torch.randint(0, 97, (2, 12), generator=torch.Generator().manual_seed(0))
     space.apply(config)
     expected = space.decoder.model(ids).logits
@@ -246,7 +248,7 @@ def test_export_decodes_identically_with_compressed_tensors(built, tmp_path):
 
     space = space_for(built, 3.5)
     config = space.random_config(np.random.default_rng(1))
-    space.export(config, tmp_path, SimpleNamespace(save_pretrained=lambda out: None))
+    export_quantized(space, config, tmp_path, SimpleNamespace(save_pretrained=lambda out: None))
     qc = QuantizationConfig.model_validate(json.loads((tmp_path / "config.json").read_text())["quantization_config"])
     ours = read_compressed_weights(tmp_path)
     raw = load_file(str(tmp_path / "model.safetensors"))

@@ -277,7 +277,8 @@ def test_killed_database_build_resumes_to_the_uninterrupted_database(space, tmp_
 
     from .conftest import tiny_model
 
-    module = importlib.import_module(f"evopress.spaces.{space}")
+    module = importlib.import_module(f"evopress.spaces.{space}.build")
+    layerwise = importlib.import_module("evopress.spaces.layerwise")
     pool = TokenPool(torch.randint(0, 97, (8, 16), generator=torch.Generator().manual_seed(1)), "random")
 
     def build(out, **kw):
@@ -288,7 +289,7 @@ def test_killed_database_build_resumes_to_the_uninterrupted_database(space, tmp_
 
     reference = build(tmp_path / "ref")
     saved = []
-    real_save = module.save_layer
+    real_save = layerwise.save_layer
 
     def save_then_die(root, name, tensors):
         if len(saved) == 9:
@@ -296,12 +297,12 @@ def test_killed_database_build_resumes_to_the_uninterrupted_database(space, tmp_
         real_save(root, name, tensors)
         saved.append(name)
 
-    monkeypatch.setattr(module, "save_layer", save_then_die)
+    monkeypatch.setattr(layerwise, "save_layer", save_then_die)
     with pytest.raises(KeyboardInterrupt):
         build(tmp_path / "db")
     assert not (tmp_path / "db" / MANIFEST).exists()
     saved.clear()
-    monkeypatch.setattr(module, "save_layer", lambda root, name, tensors: saved.append(name) or real_save(root, name, tensors))
+    monkeypatch.setattr(layerwise, "save_layer", lambda root, name, tensors: saved.append(name) or real_save(root, name, tensors))
     resumed = build(tmp_path / "db")
     assert len(saved) == 14 - 9  # 2 blocks x 7 layers, 9 were finished
     drop = ("seconds",)

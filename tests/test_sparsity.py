@@ -11,7 +11,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file
 
-from evopress.baselines.sparsity import owl, owl_configs, owl_sparsities, uniform
 from evopress.compressors.sparsegpt import sparsegpt_prune_levels
 from evopress.data import TokenPool
 from evopress.database import CACHE_ENV, calibrate_blocks, layer_file, single_thread
@@ -19,8 +18,13 @@ from evopress.errors import UserError
 from evopress.evolution import mutate
 from evopress.fitness import Evaluator
 from evopress.models import Decoder
-from evopress.spaces.sparsity import (PROFILE, SparsitySpace, build_sparsity_database, decode_level, default_step,
-                                      encode_level, level_grid, nearest_levels, sparsity_problem)
+from evopress.spaces.base import BaselineInputs
+from evopress.spaces.sparsity.baselines import owl, owl_configs, owl_sparsities, uniform
+from evopress.spaces.sparsity.build import build_sparsity_database
+from evopress.spaces.sparsity.export import PROFILE, export
+from evopress.spaces.sparsity.levels import default_step, level_grid, nearest_levels, sparsity_problem
+from evopress.spaces.sparsity.space import SparsitySpace
+from evopress.spaces.sparsity.storage import decode_level, encode_level
 
 from .conftest import assert_prefix_reuse_matches_full_forward, tiny_model
 
@@ -184,7 +188,7 @@ def test_decoded_levels_are_reused_within_their_budget(built, monkeypatch):
     space = space_for(built, 0.5)
     for u in (9, 8, 9):
         for lv in range(len(space.zeros[u])):
-            assert torch.equal(space.weight(u, lv), space._decode(u, lv))
+            assert torch.equal(space.weight(u, lv), space.decode(u, lv))
             assert space._decoded.bytes <= 2 * layer_bytes
     assert space.weight(9, 1) is space.weight(9, 1)  # the second call is a hit, not a decode
 
@@ -260,8 +264,7 @@ def test_owl_allocation_averages_exactly_to_the_target():
 
 def test_uniform_and_owl_baselines(built):
     space = space_for(built, 0.5)
-    ctx = SimpleNamespace(space=space, evaluator=Evaluator(space, _pool()),
-                          recipe=SimpleNamespace(search=SimpleNamespace(seed=0), baseline_tokens=64))
+    ctx = BaselineInputs(space, Evaluator(space, _pool()), _pool(), tokens=64, seed=0)
     assert uniform(ctx) == space.uniform_config()
     grid = owl_configs(space)
     assert len(grid) == 20 and all(space.problem.feasible(c) for c in grid.values())
@@ -283,7 +286,7 @@ def test_export_reloads_to_the_searched_model(built, tmp_path):
     ids = torch.randint(0, 97, (2, 12), generator=torch.Generator().manual_seed(0))
     space.apply(config)
     expected = space.decoder.model(ids).logits
-    summary = space.export(config, tmp_path, SimpleNamespace(save_pretrained=lambda out: None))
+    summary = export(space, config, tmp_path, SimpleNamespace(save_pretrained=lambda out: None))
     space.apply(None)
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path, local_files_only=True).eval()
     assert torch.equal(reloaded(ids).logits, expected)

@@ -9,13 +9,13 @@ Every call writes the same files as the CLI (result.json, recipe.json, checkpoin
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
 from .errors import UserError
-from .fitness import FitnessConfig
-from .evolution import SearchConfig
+from .recipe import Recipe, make_recipe
+from .spaces import DEFAULT_SPACE
 
 
 @dataclass
@@ -46,51 +46,56 @@ class Result:
         return dict(zip(self.units, self.levels))
 
 
-def _split(kwargs: dict[str, Any], cls: type) -> dict[str, Any]:
-    names = {f.name for f in fields(cls)}
-    return {k: kwargs.pop(k) for k in list(kwargs) if k in names}
-
-
-def make_recipe(**kwargs: Any):
-    """A Recipe from flat keyword arguments: search and fitness settings may be given at top level."""
-    from .pipeline import Recipe
-
-    search = {**kwargs.pop("search", {}), **_split(kwargs, SearchConfig)}
-    fitness = {**kwargs.pop("fitness", {}), **_split(kwargs, FitnessConfig)}
-    if "stages" in search:
-        search["stages"] = [tuple(s) for s in search["stages"]]
-    try:
-        return Recipe(**kwargs, search=SearchConfig(**search), fitness=FitnessConfig(**fitness))
-    except TypeError as e:
-        raise UserError(f"bad recipe: {e}") from e
-
-
-def run(recipe: Any, out: str | Path, restart: bool = False, progress: bool = True,
+def run(recipe: Any, out: str | Path | None = None, restart: bool = False, progress: bool = True,
         log: Callable[[str], None] = print) -> Result:
-    """Run a Recipe (or a dict / YAML path describing one): a search or a baseline, by ``method``."""
+    """Run a Recipe (or a dict / YAML path describing one): a search or a baseline, by ``method``.
+
+    A recipe file's ``out`` is used when ``out`` is not given, and its ``eval`` section, if any, is
+    run on the result (``Result.data["eval"]``): the same as ``evopress run FILE``.
+    """
     from . import pipeline
 
     if isinstance(recipe, (str, Path)):
         recipe = load_recipe_file(Path(recipe))
-    if isinstance(recipe, dict):
-        recipe = make_recipe(**recipe)
-    recipe.search.validate()
+    evaluation = None
+    if not isinstance(recipe, Recipe):
+        recipe = dict(recipe)
+        out = out or recipe.pop("out", None)
+        recipe.pop("out", None)
+        evaluation = recipe.pop("eval", None)
+        recipe = make_recipe(recipe)
+    if out is None:
+        raise UserError("no output directory: give out=... (--out) or an 'out' key in the recipe")
+    settings = _eval_settings(evaluation) if evaluation is not None else None
     ctx = pipeline.prepare(recipe, log)
     if recipe.method == "evopress":
         data = pipeline.run_search(ctx, Path(out), restart=restart, progress=progress, log=log)
     else:
         data = pipeline.run_baseline(ctx, Path(out), log)
+    if settings is not None:
+        data = {**data, "eval": pipeline.evaluate_results([Path(out)], settings, log=log)[0]}
     return Result(Path(out), data)
 
 
-def search(out: str | Path, space: str = "drop", target: float = 0.25, progress: bool = True,
+def _eval_settings(section: Any):
+    from .evaluate import EvalSettings
+
+    if not isinstance(section, dict):
+        raise UserError("the recipe's 'eval' section must be a mapping (data, tokens, seq_len, ...)")
+    try:
+        return EvalSettings(**{"data": ["wiki"], **section})
+    except TypeError as e:
+        raise UserError(f"bad 'eval' section in the recipe ({e})") from e
+
+
+def search(out: str | Path, space: str = DEFAULT_SPACE, target: float = 0.25, progress: bool = True,
            log: Callable[[str], None] = print, **settings: Any) -> Result:
     """EvoPress search; ``settings`` are Recipe, SearchConfig or FitnessConfig fields, flat."""
     return run(make_recipe(space=space, target=target, method="evopress", **settings), out,
                progress=progress, log=log)
 
 
-def baseline(out: str | Path, method: str, space: str = "drop", target: float = 0.25,
+def baseline(out: str | Path, method: str, space: str = DEFAULT_SPACE, target: float = 0.25,
              log: Callable[[str], None] = print, **settings: Any) -> Result:
     return run(make_recipe(space=space, target=target, method=method, **settings), out, log=log)
 

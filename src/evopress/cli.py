@@ -11,11 +11,16 @@ import os
 import sys
 from pathlib import Path
 
-from .baselines import baseline_methods
+from typing import Any, Callable
+
 from .errors import UserError
-from .fitness import METRICS, FitnessConfig
 from .evolution import SearchConfig
-from .spaces import SPACES
+from .fitness import METRICS, FitnessConfig
+from .recipe import Recipe, make_recipe
+from .spaces import DEFAULT_SPACE, PLUGINS, SpacePlugin, baselines, get_plugin
+from .spaces.base import CliOption
+
+Log = Callable[[str], None]
 
 
 class _Parser(argparse.ArgumentParser):
@@ -44,28 +49,34 @@ def _model_args(p: argparse.ArgumentParser, calib_tokens: int = 32768) -> None:
     p.add_argument("--calib-tokens", type=int, default=calib_tokens, help="size of the calibration pool")
 
 
+def _space_options(p: argparse.ArgumentParser, options: list[CliOption]) -> None:
+    """One argument per flag, shared by the spaces that declare it; unset values stay None."""
+    merged: dict[str, list[CliOption]] = {}
+    for option in options:
+        merged.setdefault(option.dest, []).append(option)
+    for same in merged.values():
+        first = same[0]
+        help_text = "; ".join(dict.fromkeys(o.help for o in same))
+        if first.is_flag:
+            p.add_argument(*first.flags, action="store_true", default=None, help=help_text)
+        else:
+            p.add_argument(*first.flags, type=first.type, default=None, help=help_text)
+
+
 def _common(p: argparse.ArgumentParser) -> None:
-    d = SearchConfig()
     f = FitnessConfig()
-    p.add_argument("--space", default="drop", help=f"compression space ({', '.join(SPACES)})")
+    p.add_argument("--space", default=DEFAULT_SPACE, help=f"compression space ({', '.join(PLUGINS)})")
     p.add_argument("--target", type=float, required=True,
-                   help="drop: fraction of sub-blocks of each kind to remove, e.g. 0.25; sparsity: average "
-                   "fraction of zeros in the blocks' linear weights, e.g. 0.5; quant: average bits per weight, e.g. 3 or 2.5")
-    p.add_argument("--granularity", default="sublayer", help="drop space: sublayer (attention and MLP "
-                   "separately, as in the paper) or block (whole blocks)")
-    p.add_argument("--db", default=None, help="sparsity/quant: level database built by build-db")
+                   help="; ".join(plugin.target_help for plugin in PLUGINS.values()))
+    _space_options(p, [o for plugin in PLUGINS.values() for o in plugin.options])
     p.add_argument("--rules", type=Path, default=None, help="YAML list of constraints: {match: 're:...', "
                    "pin | min | max: level, tie: true} (see docs/constraints.md)")
-    p.add_argument("--group-rule", default=None, help="sparsity/quant: which layers may trade levels: "
-                   "global, size (equal-size layers) or name (same projection)")
-    p.add_argument("--count-overhead", action="store_true", help="quant: the budget counts each group's fp16 "
-                   "scale and zero point too (true bytes); default: weight bits only, as the paper")
     _model_args(p)
     p.add_argument("--fitness", default=f.metric, choices=METRICS)
     p.add_argument("--batch-size", type=int, default=f.batch_size)
     p.add_argument("--final-tokens", type=int, default=4096,
                    help="calibration tokens on which every method's final fitness is reported")
-    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--seed", type=int, default=SearchConfig().seed)
     p.add_argument("--out", required=True, type=Path, help="output directory")
     p.add_argument("--quiet", action="store_true", help="no progress bars or log lines")
     p.add_argument("--json", action="store_true", help="print result.json to stdout when done")
@@ -95,8 +106,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     b = sub.add_parser("baseline", help="baseline configurations at the same budget")
     _common(b)
-    b.add_argument("--method", required=True, help="drop: shortgpt, angular, random; sparsity: uniform, owl, "
-                   "random; quant: uniform, dp, random")
+    b.add_argument("--method", required=True, help="; ".join(
+        f"{name}: {', '.join(baselines(name))}" for name in PLUGINS))
     b.add_argument("--tokens", type=int, default=4096, help="calibration tokens the baseline looks at")
     b.add_argument("--candidates", type=int, default=32, help="random: N of best-of-N")
 
@@ -120,19 +131,12 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--quiet", action="store_true")
     e.add_argument("--json", action="store_true")
 
-    db = sub.add_parser("build-db", help="build a level database (sparsity, quant)")
-    db.add_argument("--space", required=True, help="sparsity or quant")
+    buildable = [name for name, plugin in PLUGINS.items() if plugin.build is not None]
+    db = sub.add_parser("build-db", help=f"build a level database ({', '.join(buildable)})")
+    db.add_argument("--space", required=True, help=" or ".join(buildable))
     _model_args(db, calib_tokens=16384)
     db.add_argument("--batch-size", type=int, default=8)
-    db.add_argument("--target", type=float, default=None, help="sparsity: the average sparsity the levels centre "
-                    "on (default 0.5); the database serves any search target inside its level range")
-    db.add_argument("--levels", type=int, default=None, help="sparsity: levels on each side of the target (default 8)")
-    db.add_argument("--step", type=int, default=None, help="sparsity: weights pruned per level step, the same for "
-                    "every layer (default: min(largest layer / 50, smallest layer / 4))")
-    db.add_argument("--method", default=None, help="sparsity: sparsegpt (default), wanda, magnitude")
-    db.add_argument("--bits", default=None, help="quant: comma-separated bitwidths, e.g. 2,3,4,5,6,8")
-    db.add_argument("--group-size", type=int, default=None, help="quant: columns per scale/zero group")
-    db.add_argument("--calib-bits", type=int, default=None, help="quant: bitwidth installed between blocks")
+    _space_options(db, [o for plugin in PLUGINS.values() for o in plugin.build_options])
     db.add_argument("--out", type=Path, required=True)
     db.add_argument("--quiet", action="store_true")
     db.add_argument("--json", action="store_true")
@@ -159,105 +163,125 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def recipe_from_args(args: argparse.Namespace, method: str):
-    from .pipeline import Recipe
+def _declared(args: argparse.Namespace, plugin: SpacePlugin, options: tuple[CliOption, ...],
+              everything: list[CliOption]) -> dict[str, Any]:
+    """Values of ``plugin``'s options; an option set on the command line that this space lacks is a mistake."""
+    own = {o.dest for o in options}
+    for o in everything:
+        if o.dest not in own and getattr(args, o.dest, None) not in (None, False):
+            raise UserError(f"{o.flags[0]} is not an option of space '{plugin.name}'")
+    return {o.dest: getattr(args, o.dest, None) for o in options}
 
-    search = SearchConfig(seed=args.seed)
-    if args.command == "search":
-        search = SearchConfig(generations=args.generations, offspring=args.offspring,
-                              stages=parse_stages(args.stages), max_switches=args.max_switches,
-                              initial_candidates=args.initial_candidates,
-                              initial_tokens=args.initial_tokens, seed=args.seed)
-        search.validate()
-    fitness = FitnessConfig(metric=args.fitness, batch_size=args.batch_size,
-                            prefix_reuse=not getattr(args, "no_prefix_reuse", False))
-    if args.command == "search":
-        if args.prefix_cache_gb < 0:
-            raise UserError("--prefix-cache-gb must be >= 0")
-        fitness.cache_bytes = int(args.prefix_cache_gb * 2**30)
-    options = SPACES[args.space].options_from_args(args)
+
+def recipe_from_args(args: argparse.Namespace, method: str) -> Recipe:
+    plugin = get_plugin(args.space)
+    given = _declared(args, plugin, plugin.options, [o for p in PLUGINS.values() for o in p.options])
+    options = plugin.space_options(given)
     if args.rules is not None:
         from .api import load_yaml
 
         options["rules"] = load_yaml(args.rules, "rules")
-    recipe = Recipe(space=args.space, target=args.target, method=method, model=args.model, data=args.data,
-                    device=args.device, dtype=args.dtype, seq_len=args.seq_len,
-                    calib_tokens=args.calib_tokens, space_options=options, search=search, fitness=fitness,
-                    final_tokens=args.final_tokens)
+    settings: dict[str, Any] = dict(
+        space=args.space, target=args.target, method=method, model=args.model, data=args.data, device=args.device,
+        dtype=args.dtype, seq_len=args.seq_len, calib_tokens=args.calib_tokens, space_options=options,
+        final_tokens=args.final_tokens, seed=args.seed, metric=args.fitness, batch_size=args.batch_size)
     if args.command == "search":
-        recipe.init_from = [m for m in args.init_from.split(",") if m]
+        settings.update(generations=args.generations, offspring=args.offspring, stages=parse_stages(args.stages),
+                        max_switches=args.max_switches, initial_candidates=args.initial_candidates,
+                        initial_tokens=args.initial_tokens, prefix_reuse=not args.no_prefix_reuse,
+                        cache_bytes=int(args.prefix_cache_gb * 2**30),
+                        init_from=[m for m in args.init_from.split(",") if m])
     if args.command == "baseline":
-        recipe.baseline_tokens, recipe.random_candidates = args.tokens, args.candidates
-    return recipe
+        settings.update(baseline_tokens=args.tokens, random_candidates=args.candidates)
+    return make_recipe(settings)
+
+
+def _search_or_baseline(args: argparse.Namespace, log: Log) -> dict[str, Any]:
+    from . import pipeline
+
+    if args.command == "baseline" and args.method not in baselines(args.space):
+        raise UserError(f"unknown method '{args.method}' for space '{args.space}' "
+                        f"(choose from {', '.join(baselines(args.space))})")
+    recipe = recipe_from_args(args, "evopress" if args.command == "search" else args.method)
+    ctx = pipeline.prepare(recipe, log)
+    if args.command == "search":
+        result = pipeline.run_search(ctx, args.out, restart=args.restart, progress=not args.quiet, log=log)
+    else:
+        result = pipeline.run_baseline(ctx, args.out, log)
+    fitness = result["fitness"]
+    log(f"{result['method']}: calibration {fitness['metric']} "
+        f"{fitness['kl' if fitness['metric'] == 'kl' else 'nll']:.4f}; wrote {args.out / pipeline.RESULT}")
+    return result
+
+
+def _import_config(args: argparse.Namespace, log: Log) -> dict[str, Any]:
+    from . import pipeline
+
+    return pipeline.import_config(args.config, recipe_from_args(args, "imported"), args.out, log)
+
+
+def _run_recipe(args: argparse.Namespace, log: Log) -> dict[str, Any]:
+    from .api import run as run_recipe
+
+    result = run_recipe(args.recipe, args.out, restart=args.restart, progress=not args.quiet, log=log).data
+    if "eval" in result:  # the shape `evopress run` has always printed
+        result = {"result": {k: v for k, v in result.items() if k != "eval"}, "eval": result["eval"]}
+    return result
+
+
+def _build_db(args: argparse.Namespace, log: Log) -> dict[str, Any]:
+    from .pipeline import DatabaseRequest, build_database
+
+    plugin = get_plugin(args.space)
+    if plugin.build is None:
+        raise UserError(f"space '{args.space}' needs no database")
+    given = _declared(args, plugin, plugin.build_options, [o for p in PLUGINS.values() for o in p.build_options])
+    request = DatabaseRequest(args.space, args.out, plugin.builder_options(given), args.model, args.data,
+                              args.device, args.dtype, args.seq_len, args.calib_tokens, args.batch_size)
+    return build_database(request, progress=not args.quiet, log=log)
+
+
+def _export(args: argparse.Namespace, log: Log) -> dict[str, Any]:
+    from .pipeline import export_result
+
+    return export_result(args.dir, args.out, args.device, args.dtype, log)
+
+
+def _eval(args: argparse.Namespace, log: Log) -> Any:
+    from .evaluate import EvalSettings
+    from .pipeline import evaluate_results
+
+    settings = EvalSettings([d for d in args.eval_data.split(",") if d], args.eval_tokens, args.eval_seq_len,
+                            args.batch_size, [t for t in args.lm_eval.split(",") if t] if args.lm_eval else None,
+                            args.lm_eval_limit, args.lm_eval_include)
+    reports = evaluate_results(args.dirs, settings, args.device, args.dtype, log, progress=not args.quiet)
+    return reports[0] if len(reports) == 1 else reports
+
+
+def _report(args: argparse.Namespace, log: Log) -> dict[str, Any]:
+    from .report import write_report
+
+    result = write_report(args.dirs, args.out)
+    log(result["markdown"])
+    return result
+
+
+COMMANDS: dict[str, Callable[[argparse.Namespace, Log], Any]] = {
+    "search": _search_or_baseline, "baseline": _search_or_baseline, "import-config": _import_config,
+    "run": _run_recipe, "build-db": _build_db, "export": _export, "eval": _eval, "report": _report,
+}
 
 
 def run(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    log = (lambda msg: None) if args.quiet else (lambda msg: print(msg, file=sys.stderr))
-    from . import pipeline
-
+    log: Log = (lambda msg: None) if args.quiet else (lambda msg: print(msg, file=sys.stderr))
     if args.command == "search":
-        from .distributed import init_from_env
+        from .distributed import init_from_env, is_main
 
         args.device = init_from_env() or args.device
-        from .distributed import is_main
-
         if not is_main():
             log = lambda msg: None  # noqa: E731  (one voice per run: rank 0's)
-    if args.command == "import-config":
-        result = pipeline.import_config(args.config, recipe_from_args(args, "imported"), args.out, log)
-    elif args.command in ("search", "baseline"):
-        if args.space not in SPACES:
-            raise UserError(f"unknown space '{args.space}' (choose from {', '.join(SPACES)})")
-        if args.command == "baseline" and args.method not in baseline_methods(args.space):
-            raise UserError(f"unknown method '{args.method}' for space '{args.space}' "
-                            f"(choose from {', '.join(baseline_methods(args.space))})")
-        recipe = recipe_from_args(args, "evopress" if args.command == "search" else args.method)
-        ctx = pipeline.prepare(recipe, log)
-        if args.command == "search":
-            result = pipeline.run_search(ctx, args.out, restart=args.restart, progress=not args.quiet, log=log)
-        else:
-            result = pipeline.run_baseline(ctx, args.out, log)
-        log(f"{result['method']}: calibration {result['fitness']['metric']} "
-            f"{result['fitness']['kl' if result['fitness']['metric'] == 'kl' else 'nll']:.4f}; "
-            f"wrote {args.out / pipeline.RESULT}")
-    elif args.command == "run":
-        from .api import load_recipe_file, run as run_recipe
-
-        data = load_recipe_file(args.recipe)
-        out = args.out or data.pop("out", None)
-        data.pop("out", None)
-        evaluation = data.pop("eval", None)
-        if out is None:
-            raise UserError(f"recipe {args.recipe} has no 'out' and no --out was given")
-        result = run_recipe(data, out, restart=args.restart, progress=not args.quiet, log=log).data
-        if evaluation is not None:
-            from .evaluate import EvalSettings
-
-            try:
-                settings = EvalSettings(**{"data": ["wiki"], **evaluation})
-            except TypeError as e:
-                raise UserError(f"recipe {args.recipe}: bad 'eval' section ({e})") from e
-            result = {"result": result, "eval": pipeline.evaluate_results([Path(out)], settings, log=log)[0]}
-    elif args.command == "build-db":
-        result = pipeline.build_database(args, progress=not args.quiet, log=log)
-    elif args.command == "export":
-        result = pipeline.export_result(args.dir, args.out, args.device, args.dtype, log)
-    elif args.command == "eval":
-        from .evaluate import EvalSettings
-
-        settings = EvalSettings([d for d in args.eval_data.split(",") if d], args.eval_tokens,
-                                args.eval_seq_len, args.batch_size,
-                                [t for t in args.lm_eval.split(",") if t] if args.lm_eval else None,
-                                args.lm_eval_limit, args.lm_eval_include)
-        reports = pipeline.evaluate_results(args.dirs, settings, args.device, args.dtype, log,
-                                            progress=not args.quiet)
-        result = reports[0] if len(reports) == 1 else reports
-    else:
-        from .report import write_report
-
-        result = write_report(args.dirs, args.out)
-        log(result["markdown"])
+    result = COMMANDS[args.command](args, log)
     if getattr(args, "json", False):
         print(json.dumps(result, indent=2))
     return 0

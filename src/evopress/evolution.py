@@ -14,7 +14,7 @@ from typing import Any, Callable, Protocol, Sequence
 
 import numpy as np
 
-from .spaces.base import Config, Problem
+from .spaces.base import Config, NoMoveError, Problem, switch
 
 
 class Evaluator(Protocol):
@@ -77,32 +77,8 @@ class SearchState:
         return SearchState(tuple(d["parent"]), d["fitness"], d["generation"], d["rng_state"], history)
 
 
-class NoMoveError(RuntimeError):
-    pass
-
-
 def num_switches(rng: np.random.Generator, max_switches: int) -> int:
     return int(min(rng.integers(1, max_switches + 1), rng.integers(1, max_switches + 1)))
-
-
-def switch(config: list[int], problem: Problem, rng: np.random.Generator) -> None:
-    """Move one unit a level up and another unit of the same group a level down, in place."""
-    movable = []
-    for group in problem.groups:
-        ups = [u for u in group if config[u] < problem.num_levels[u] - 1]
-        downs = [u for u in group if config[u] > 0]
-        if ups and downs and (len(ups) > 1 or len(downs) > 1 or ups != downs):
-            movable.append((group, ups, downs))
-    if not movable:
-        raise NoMoveError("no unit can trade a level with another: the budget leaves nothing to search")
-    weights = np.array([len(g) for g, _, _ in movable], dtype=float)
-    _, ups, downs = movable[rng.choice(len(movable), p=weights / weights.sum())]
-    while True:
-        up, down = ups[rng.integers(len(ups))], downs[rng.integers(len(downs))]
-        if up != down:
-            break
-    config[up] += 1
-    config[down] -= 1
 
 
 def mutate(parent: Config, problem: Problem, rng: np.random.Generator, max_switches: int) -> Config:

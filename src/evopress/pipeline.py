@@ -6,10 +6,8 @@ description of a run and is written, fully resolved, next to every result.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -17,7 +15,6 @@ import numpy as np
 import torch
 
 from . import __version__
-from .baselines import BASELINES, baseline_methods
 from .data import TokenPool, load_pool
 from .distributed import ShardedEvaluator, is_main, world_size
 from .evaluate import EvalSettings, HeldOut, lm_eval_tasks, write_eval
@@ -27,60 +24,14 @@ from .interchange import parse_config, write_config
 from .io import read_json, write_json
 from .models import Decoder, LoadedModel, load_model, resolve_device, resolve_dtype
 from .evolution import NoMoveError, SearchConfig, SearchState, evolve
-from .spaces import SPACES, Space, make_space
+from .recipe import Recipe
+from .spaces import Space, baselines, get_plugin, make_space
+from .spaces.base import BaselineInputs, Config
 
 RESULT = "result.json"
 CHECKPOINT = "checkpoint.json"
 RECIPE = "recipe.json"
 CONFIG_TXT = "config.txt"
-# speed knobs older recipes may still carry; they never changed results, so they are dropped on load
-_RETIRED_FITNESS_KEYS = ("logit_cache_bytes",)
-
-
-@dataclass
-class Recipe:
-    """Everything that determines a run's result."""
-
-    space: str = "drop"
-    target: float = 0.25
-    method: str = "evopress"
-    model: str | None = None  # None: the embedded default
-    data: str = "wiki"
-    device: str | None = None
-    dtype: str | None = None
-    seq_len: int = 256
-    calib_tokens: int = 32768
-    space_options: dict[str, Any] = field(default_factory=dict)
-    search: SearchConfig = field(default_factory=SearchConfig)
-    fitness: FitnessConfig = field(default_factory=FitnessConfig)
-    final_tokens: int = 4096  # the shared calibration sample every method's final fitness is reported on
-    baseline_tokens: int = 4096  # tokens the scoring baselines and best-of-N random look at
-    random_candidates: int = 32
-    init_from: list[str] = field(default_factory=list)  # baselines whose configurations join the initial population
-
-    def to_json(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @staticmethod
-    def from_json(d: dict[str, Any]) -> "Recipe":
-        d = dict(d)
-        search = dict(d.pop("search", {}))
-        if "stages" in search:
-            search["stages"] = [tuple(s) for s in search["stages"]]
-        fitness = {k: v for k, v in d.pop("fitness", {}).items() if k not in _RETIRED_FITNESS_KEYS}
-        try:
-            return Recipe(**d, search=SearchConfig(**search), fitness=FitnessConfig(**fitness))
-        except TypeError as e:
-            raise UserError(f"bad recipe: {e}") from e
-
-    def fingerprint(self) -> str:
-        """What a resumed run must share with the checkpoint (device, dtype and speed knobs excluded)."""
-        d = self.to_json()
-        for k in ("device",):
-            d.pop(k)
-        for k in ("batch_size", "chunk_tokens", "prefix_reuse", "cache_bytes"):
-            d["fitness"].pop(k)
-        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 
 @dataclass
@@ -106,14 +57,14 @@ def prepare(recipe: Recipe, log: Callable[[str], None] = print) -> Context:
     return Context(recipe, loaded, decoder, pool, space, Evaluator(space, pool, recipe.fitness))
 
 
-def _final_fitness(ctx: Context, config: tuple[int, ...]) -> dict[str, Any]:
+def _final_fitness(ctx: Context, config: Config) -> dict[str, Any]:
     sample = ctx.pool.first(ctx.recipe.final_tokens)
     m = ctx.evaluator.measure([config], sample)[0]
     return {"metric": ctx.recipe.fitness.metric, "kl": m.kl, "nll": m.nll, "dense_nll": m.dense_nll,
             "tokens": sample.tokens, "sample": f"first {sample.tokens} calibration tokens (same for every method)"}
 
 
-def _result(ctx: Context, config: tuple[int, ...], history: list[dict], seconds: float) -> dict[str, Any]:
+def _result(ctx: Context, config: Config, history: list[dict], seconds: float) -> dict[str, Any]:
     r = ctx.recipe
     return {
         "evopress_version": __version__,
@@ -183,30 +134,36 @@ def run_search(ctx: Context, out: Path, restart: bool = False, progress: bool = 
     return result
 
 
-def _warm_start(ctx: Context, initial: list[tuple[int, ...]], log: Callable[[str], None]) -> list:
+def _warm_start(ctx: Context, initial: list[Config], log: Callable[[str], None]) -> list:
     """Add the configurations of the ``init_from`` baselines to the initial population.
 
     The paper starts from random configurations only; with a short search budget (CPU), starting the
     competition from the scoring methods' answers means the search can only improve on them.
     """
-    methods = BASELINES.get(ctx.recipe.space, {})
+    methods = baselines(ctx.recipe.space)
     for method in ctx.recipe.init_from:
         if method not in methods:
             raise UserError(f"--init-from: unknown method '{method}' for space '{ctx.recipe.space}' "
                             f"(choose from {', '.join(methods)})")
         log(f"initial population: adding the '{method}' configuration")
-        initial = initial + [methods[method](ctx)]
+        initial = initial + [methods[method](baseline_inputs(ctx))]
     return list(dict.fromkeys(initial))
+
+
+def baseline_inputs(ctx: Context) -> BaselineInputs:
+    r = ctx.recipe
+    return BaselineInputs(ctx.space, ctx.evaluator, ctx.pool, r.baseline_tokens, r.search.seed,
+                          r.random_candidates, r.fitness.batch_size)
 
 
 def run_baseline(ctx: Context, out: Path, log: Callable[[str], None] = print) -> dict[str, Any]:
     recipe = ctx.recipe
     start = time.perf_counter()
-    methods = BASELINES.get(recipe.space, {})
+    methods = baselines(recipe.space)
     if recipe.method not in methods:
         raise UserError(f"unknown method '{recipe.method}' for space '{recipe.space}' "
                         f"(choose from {', '.join(methods)})")
-    config = methods[recipe.method](ctx)
+    config = methods[recipe.method](baseline_inputs(ctx))
     result = _result(ctx, config, [], time.perf_counter() - start)
     write_json(Path(out) / RECIPE, recipe.to_json())
     save_result(ctx.space, Path(out), result)
@@ -232,7 +189,7 @@ def import_config(path: Path, recipe: Recipe, out: Path, log: Callable[[str], No
 
 
 def load_result(out: Path, device: str | None, dtype: str | None,
-                loaded: LoadedModel | None = None) -> tuple[dict, LoadedModel, Space, tuple[int, ...]]:
+                loaded: LoadedModel | None = None) -> tuple[dict, LoadedModel, Space, Config]:
     """A saved result with its model loaded (or reused) and its space rebuilt, checked against each other."""
     result = read_json(Path(out) / RESULT)
     recipe = Recipe.from_json(result["recipe"])
@@ -249,23 +206,44 @@ def load_result(out: Path, device: str | None, dtype: str | None,
     return result, loaded, space, config
 
 
-def build_database(args: Any, progress: bool = True, log: Callable[[str], None] = print) -> dict[str, Any]:
-    if args.space not in SPACES:
-        raise UserError(f"unknown space '{args.space}' (choose from {', '.join(SPACES)})")
-    dev = resolve_device(args.device)
-    loaded = load_model(args.model, dev, resolve_dtype(args.dtype, dev))
-    pool = load_pool(loaded.tokenizer, args.data, "calibration", args.seq_len, args.calib_tokens)
-    log(f"building a '{args.space}' database for {loaded.name} on {pool.tokens} tokens of '{args.data}'")
+@dataclass
+class DatabaseRequest:
+    """What ``build-db`` builds: a space's level database for one model and calibration text."""
+
+    space: str
+    out: Path
+    options: dict[str, Any]  # the space's builder options
+    model: str | None = None
+    data: str = "wiki"
+    device: str | None = None
+    dtype: str | None = None
+    seq_len: int = 256
+    calib_tokens: int = 16384
+    batch_size: int = 8
+
+
+def build_database(request: DatabaseRequest, progress: bool = True,
+                   log: Callable[[str], None] = print) -> dict[str, Any]:
+    plugin = get_plugin(request.space)
+    if plugin.build is None:
+        raise UserError(f"space '{request.space}' needs no database")
+    dev = resolve_device(request.device)
+    loaded = load_model(request.model, dev, resolve_dtype(request.dtype, dev))
+    pool = load_pool(loaded.tokenizer, request.data, "calibration", request.seq_len, request.calib_tokens)
+    log(f"building a '{request.space}' database for {loaded.name} on {pool.tokens} tokens of '{request.data}'")
     start = time.perf_counter()
-    manifest = SPACES[args.space].build_database(loaded.decoder, pool, args, Path(args.out), progress)
-    log(f"database written to {args.out} in {time.perf_counter() - start:.0f} s")
+    manifest = plugin.build(loaded.decoder, pool, request.options, Path(request.out), request.batch_size, progress)
+    log(f"database written to {request.out} in {time.perf_counter() - start:.0f} s")
     return manifest
 
 
 def export_result(out: Path, target: Path, device: str | None = None, dtype: str | None = None,
                   log: Callable[[str], None] = print) -> dict[str, Any]:
     result, loaded, space, config = load_result(out, device, dtype)
-    summary = space.export(config, Path(target), loaded.tokenizer)
+    exporter = get_plugin(result["space"]).export
+    if exporter is None:
+        raise UserError(f"export is not supported for space '{result['space']}'")
+    summary = exporter(space.model_space, space.to_model_levels(config), Path(target), loaded.tokenizer)
     log(f"exported {result['method']} {result['space']} {result['target']:g} to {target}")
     return summary
 

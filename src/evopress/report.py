@@ -92,7 +92,7 @@ def plot_profiles(runs: list[dict[str, Any]], path: Path) -> None:
         ax.set_yticks(range(len(kinds)), kinds, fontsize=7)
         ax.set_title(f"{label(r)} ({r['space']} {r['target']:g})", fontsize=9)
         ax.set_xticks(range(mat.shape[1]), [str(b) if b % 5 == 0 else "" for b in range(mat.shape[1])], fontsize=7)
-    axes[-1, 0].set_xlabel("block (1 = dropped)" if all(r["space"] == "drop" for r in runs) else "block")
+    axes[-1, 0].set_xlabel("block")
     fig.tight_layout()
     _save(fig, path)
     plt.close(fig)

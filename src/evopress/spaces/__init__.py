@@ -1,25 +1,55 @@
-"""Compression spaces: what a level means for each unit, and how to put a configuration in the model."""
+"""Compression spaces: the registry of space plugins, and building a space (with rules) by name.
 
+Adding a space: write a package under ``spaces/`` whose ``PLUGIN`` describes it (``SpacePlugin``),
+and add it to ``_BUILTIN`` below. Nothing outside ``spaces/`` names a space.
+"""
+
+from __future__ import annotations
+
+import inspect
 from typing import Any
 
 from ..errors import UserError
 from ..models import Decoder
-from .base import Config, Problem, Space
+from . import drop, quant, sparsity
+from .base import Baseline, Config, Problem, Space, SpacePlugin
 from .constraints import ConstrainedSpace, parse_rules
-from .drop import DropSpace
-from .quant import QuantSpace
-from .sparsity import SparsitySpace
+from .random_search import best_of_random
 
-SPACES: dict[str, type[Space]] = {"drop": DropSpace, "quant": QuantSpace, "sparsity": SparsitySpace}
+_BUILTIN = (drop.PLUGIN, sparsity.PLUGIN, quant.PLUGIN)  # the registry: one line per space
+PLUGINS: dict[str, SpacePlugin] = {p.name: p for p in _BUILTIN}
+DEFAULT_SPACE = drop.PLUGIN.name
+
+
+def register(plugin: SpacePlugin) -> None:
+    """Make a space available to the CLI, the pipeline and recipes (a third-party space calls this)."""
+    PLUGINS[plugin.name] = plugin
+
+
+def get_plugin(name: str) -> SpacePlugin:
+    if name not in PLUGINS:
+        raise UserError(f"unknown space '{name}' (choose from {', '.join(PLUGINS)})")
+    return PLUGINS[name]
+
+
+def baselines(name: str) -> dict[str, Baseline]:
+    """The space's own baselines plus best-of-N random, which works in any space."""
+    return {**get_plugin(name).baselines, "random": best_of_random}
 
 
 def make_space(name: str, decoder: Decoder, target: float, options: dict[str, Any]) -> Space:
-    if name not in SPACES:
-        raise UserError(f"unknown space '{name}' (choose from {', '.join(SPACES)})")
+    plugin = get_plugin(name)
     options = dict(options)
     rules = options.pop("rules", None)
-    space = SPACES[name](decoder, target, **options)
+    accepted = inspect.signature(plugin.space).parameters
+    unknown = sorted(set(options) - set(accepted))
+    if unknown:  # e.g. a recipe's space_options meant for another space
+        known = [k for k in accepted if k not in ("decoder", "target")]
+        raise UserError(f"space '{name}' has no option {', '.join(map(repr, unknown))} "
+                        f"(its options: {', '.join(known) or 'none'}, rules)")
+    space = plugin.space(decoder, target, **options)
     return ConstrainedSpace(space, parse_rules(rules)) if rules else space
 
 
-__all__ = ["Config", "Problem", "Space", "SPACES", "make_space"]
+__all__ = ["Config", "Problem", "Space", "SpacePlugin", "PLUGINS", "DEFAULT_SPACE", "register", "get_plugin",
+           "baselines", "make_space"]

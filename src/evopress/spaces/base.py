@@ -1,24 +1,28 @@
-"""What a compression space is, as the search and the fitness see it.
+"""What a compression space is, as the search, the fitness and the command line see it.
 
 The search only needs a ``Problem``: how many levels each unit has, what each level costs and the
-exact budget, plus which units may trade levels with each other. The fitness additionally needs to
-put a configuration into the model (``apply``) and to know which block each unit lives in, so that
-candidates sharing a prefix of blocks can share its activations. Adding a space means writing one
-subclass; the search does not change.
+exact budget, plus which units may trade levels with each other (``switch``). The fitness
+additionally needs to put a configuration into the model (``apply``) and to know which block each
+unit lives in, so that candidates sharing a prefix of blocks can share its activations. Everything
+else a space brings (its command-line options, baselines, database builder and exporter) it
+declares as data in a ``SpacePlugin``; the CLI, pipeline and report only read that record, so adding
+a space adds one package under ``spaces/`` and one registry line.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Sequence
+from typing import Any, Callable, ClassVar, Mapping, Sequence
 
 import numpy as np
 
-from ..errors import UserError
-
 Config = tuple[int, ...]
+
+
+class NoMoveError(RuntimeError):
+    """No budget-preserving level switch exists: the budget pins the configuration."""
 
 
 @dataclass(frozen=True)
@@ -35,6 +39,30 @@ class Problem:
 
     def feasible(self, config: Sequence[int]) -> bool:
         return all(0 <= lv < n for lv, n in zip(config, self.num_levels)) and self.cost(config) == self.budget
+
+
+def switch(config: list[int], problem: Problem, rng: np.random.Generator) -> None:
+    """Move one unit a level up and another unit of the same group a level down, in place.
+
+    The paper's level-switch move. It lives with ``Problem`` because spaces use it too (a random walk
+    from a canonical configuration is the only cheap way to sample an exact-budget configuration).
+    """
+    movable = []
+    for group in problem.groups:
+        ups = [u for u in group if config[u] < problem.num_levels[u] - 1]
+        downs = [u for u in group if config[u] > 0]
+        if ups and downs and (len(ups) > 1 or len(downs) > 1 or ups != downs):
+            movable.append((group, ups, downs))
+    if not movable:
+        raise NoMoveError("no unit can trade a level with another: the budget leaves nothing to search")
+    weights = np.array([len(g) for g, _, _ in movable], dtype=float)
+    _, ups, downs = movable[rng.choice(len(movable), p=weights / weights.sum())]
+    while True:
+        up, down = ups[rng.integers(len(ups))], downs[rng.integers(len(downs))]
+        if up != down:
+            break
+    config[up] += 1
+    config[down] -= 1
 
 
 class Space(ABC):
@@ -60,22 +88,8 @@ class Space(ABC):
     def budget_report(self, config: Config) -> dict[str, Any]:
         """Target and achieved budget in the space's own terms, for result.json."""
 
-    @classmethod
-    def options_from_args(cls, args: Any) -> dict[str, Any]:
-        """Space options from parsed CLI arguments (``argparse.Namespace``)."""
-        return {}
-
-    @classmethod
-    def build_database(cls, decoder: Any, pool: Any, args: Any, out: Path, progress: bool) -> dict[str, Any]:
-        """Build this space's level database into ``out``; returns the manifest."""
-        raise UserError(f"space '{cls.name}' needs no database")
-
     def check_calibration(self, pool: Any) -> None:
         """Refuse calibration data the space's database was not built for (no-op without a database)."""
-
-    def export(self, config: Config, out: Path, tokenizer: Any) -> dict[str, Any]:
-        """Write a checkpoint that plain ``transformers`` loads; returns a summary."""
-        raise UserError(f"export is not supported for space '{self.name}'")
 
     def initial_configs(self, rng: np.random.Generator, n: int) -> list[Config]:
         """The search's starting candidates: random ones, unless a space has a canonical start."""
@@ -115,3 +129,75 @@ class Space(ABC):
 
     def profile(self, config: Config) -> dict[str, int]:
         return dict(zip(self.units, config))
+
+
+# ----------------------------------------------------------------------------------------------
+# What a space declares besides the search interface (read by the CLI, pipeline and report)
+
+
+@dataclass(frozen=True)
+class CliOption:
+    """One command-line option of a space, described as data.
+
+    The CLI offers the options of every registered space; spaces that declare the same flag share one
+    argument (each keeps its own default and help). A value left unset takes the space's ``default``.
+    """
+
+    flags: tuple[str, ...]  # e.g. ("--group-rule",); the first names the argument
+    key: str  # the keyword of the space's constructor (or builder) it becomes
+    help: str
+    default: Any = None
+    type: Callable[[str], Any] = str
+    is_flag: bool = False  # a switch without a value (store_true)
+    convert: Callable[[Any], Any] | None = None  # e.g. make a path absolute
+
+    @property
+    def dest(self) -> str:
+        return self.flags[0].lstrip("-").replace("-", "_")
+
+    def value(self, given: Any) -> Any:
+        """The option's value from what the user gave (None or False: not given)."""
+        if given is None or (self.is_flag and given is False):
+            given = self.default
+        return self.convert(given) if self.convert is not None and given is not None else given
+
+
+@dataclass
+class BaselineInputs:
+    """What a baseline may look at, explicitly: baselines depend on no pipeline object."""
+
+    space: Space
+    evaluator: Any  # ``sample(tokens, rng)`` and ``score(configs, sample)``, as the search uses it
+    pool: Any  # the calibration TokenPool (scoring methods read dense activations from it)
+    tokens: int  # calibration tokens a baseline looks at
+    seed: int
+    candidates: int = 32  # best-of-N random
+    batch_size: int = 8
+
+
+Baseline = Callable[[BaselineInputs], Config]
+# (decoder, pool, builder options, out, batch size, progress) -> manifest
+Builder = Callable[[Any, Any, dict[str, Any], Path, int, bool], dict[str, Any]]
+# (space without rules, its configuration, out, tokenizer) -> summary
+Exporter = Callable[[Space, Config, Path, Any], dict[str, Any]]
+
+
+@dataclass(frozen=True)
+class SpacePlugin:
+    """A space as the rest of evopress sees it: one record per package under ``spaces/``."""
+
+    name: str
+    space: Callable[..., Space]  # (decoder, target, **options) -> Space
+    target_help: str  # what --target means in this space
+    options: tuple[CliOption, ...] = ()  # search / baseline / import-config options -> space options
+    baselines: Mapping[str, Baseline] = field(default_factory=dict)  # best-of-N random is added for all
+    build: Builder | None = None  # level database builder, for spaces that need one
+    build_options: tuple[CliOption, ...] = ()
+    export: Exporter | None = None
+
+    def space_options(self, given: Mapping[str, Any]) -> dict[str, Any]:
+        """This space's options from command-line values keyed by argument name."""
+        return {o.key: o.value(given.get(o.dest)) for o in self.options}
+
+    def builder_options(self, given: Mapping[str, Any]) -> dict[str, Any]:
+        return {o.key: o.value(given.get(o.dest)) for o in self.build_options}

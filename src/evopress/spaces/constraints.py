@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import re
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -195,6 +194,3 @@ class ConstrainedSpace(Space):
 
     def check_calibration(self, pool: Any) -> None:
         self.base.check_calibration(pool)
-
-    def export(self, config: Config, out: Path, tokenizer: Any) -> dict[str, Any]:
-        return self.base.export(self._expand(config), out, tokenizer)

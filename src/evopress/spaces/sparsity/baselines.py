@@ -16,18 +16,15 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch
 
-from ..spaces.base import Config, Space
-from ..spaces.constraints import ConstrainedSpace
-from ..spaces.sparsity import SparsitySpace
-from .random_search import best_of
-
-if TYPE_CHECKING:
-    from ..pipeline import Context
+from ..base import BaselineInputs, Config, Space
+from ..constraints import ConstrainedSpace
+from ..random_search import best_of
+from .space import SparsitySpace
 
 OWL_LAMBDAS = (0.02, 0.05, 0.08, 0.1, 0.2)
 OWL_MS = (3.0, 5.0, 7.0, 10.0)
@@ -39,16 +36,16 @@ def _sparsity(space: Space) -> SparsitySpace:
     return model
 
 
-def _in_space(ctx: "Context", levels: Config) -> Config:
-    """A model-level configuration as one of ``ctx.space``; under rules, projected and repaired to the budget."""
-    space = ctx.space
+def _in_space(inputs: BaselineInputs, levels: Config) -> Config:
+    """A model-level configuration as one of ``inputs.space``; under rules, projected and repaired to the budget."""
+    space = inputs.space
     if isinstance(space, ConstrainedSpace):
-        return space.repair(space.project(levels), np.random.default_rng(ctx.recipe.search.seed))
+        return space.repair(space.project(levels), np.random.default_rng(inputs.seed))
     return levels
 
 
-def uniform(ctx: "Context") -> Config:
-    return _in_space(ctx, _sparsity(ctx.space).uniform_config())
+def uniform(inputs: BaselineInputs) -> Config:
+    return _in_space(inputs, _sparsity(inputs.space).uniform_config())
 
 
 def outlier_ratios(space: SparsitySpace, ms: Sequence[float]) -> np.ndarray:
@@ -84,6 +81,6 @@ def owl_configs(space: SparsitySpace) -> dict[tuple[float, float], Config]:
     return configs
 
 
-def owl(ctx: "Context") -> Config:
-    configs = list(dict.fromkeys(_in_space(ctx, c) for c in owl_configs(_sparsity(ctx.space)).values()))
-    return best_of(ctx, configs, np.random.default_rng(ctx.recipe.search.seed))
+def owl(inputs: BaselineInputs) -> Config:
+    configs = list(dict.fromkeys(_in_space(inputs, c) for c in owl_configs(_sparsity(inputs.space)).values()))
+    return best_of(inputs, configs, np.random.default_rng(inputs.seed))

@@ -14,15 +14,11 @@ sum of its members', and pinned or bounded layers only offer their allowed level
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
-from ..errors import UserError
-from ..spaces.base import Config, Space
-from ..spaces.constraints import ConstrainedSpace
-from ..spaces.quant import QuantSpace, exact_knapsack
-
-if TYPE_CHECKING:
-    from ..pipeline import Context
+from ...errors import UserError
+from ..base import BaselineInputs, Config, Space
+from ..constraints import ConstrainedSpace
+from .levels import exact_knapsack
+from .space import QuantSpace
 
 
 def _quant(space: Space) -> QuantSpace:
@@ -31,13 +27,13 @@ def _quant(space: Space) -> QuantSpace:
     return quant
 
 
-def uniform(ctx: "Context") -> Config:
-    quant = _quant(ctx.space)
+def uniform(inputs: BaselineInputs) -> Config:
+    quant = _quant(inputs.space)
     level = quant.uniform_level()
     if level is None:
-        raise UserError(f"uniform needs a target that one bitwidth meets exactly; {ctx.recipe.target:g} "
+        raise UserError(f"uniform needs a target that one bitwidth meets exactly; {quant.target:g} "
                         f"({quant.accounting()}) is not {list(quant.bits)} (use dp or random for this target)")
-    return ctx.space.from_model_levels((level,) * len(quant.units))
+    return inputs.space.from_model_levels((level,) * len(quant.units))
 
 
 def error_table(space: Space) -> list[list[float]]:
@@ -51,9 +47,9 @@ def error_table(space: Space) -> list[list[float]]:
             for members, (lo, hi) in zip(space.members, space.ranges)]
 
 
-def dp(ctx: "Context") -> Config:
-    problem = ctx.space.problem
-    config = exact_knapsack(problem.costs, error_table(ctx.space), problem.budget)
+def dp(inputs: BaselineInputs) -> Config:
+    problem = inputs.space.problem
+    config = exact_knapsack(problem.costs, error_table(inputs.space), problem.budget)
     if config is None:
         raise UserError("no configuration meets the budget exactly under these rules")
     return config

@@ -35,21 +35,19 @@ import copy
 import re
 from collections import Counter
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 import yaml
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from .compressors.gptq import QuantGrid, QuantizedWeight
-from .compressors.packing import pack_codes, unpack_codes
-from .errors import UserError
-from .io import atomic_write, write_json
-from .spaces.base import Config
-
-if TYPE_CHECKING:
-    from .spaces.quant import QuantSpace
+from ...compressors.gptq import QuantGrid, QuantizedWeight
+from ...compressors.packing import pack_codes, unpack_codes
+from ...errors import UserError
+from ...io import atomic_write, write_json
+from ..base import Config
+from .space import QuantSpace
 
 WEIGHTS = "model.safetensors"
 GPTQMODEL = "gptqmodel_quantize_config.json"
@@ -146,7 +144,7 @@ def _dense_tensors(model: torch.nn.Module, skip: set[str]) -> dict[str, Tensor]:
     return out
 
 
-def export_quantized(space: "QuantSpace", config: Config, out: Path, tokenizer: Any) -> dict[str, Any]:
+def export_quantized(space: QuantSpace, config: Config, out: Path, tokenizer: Any) -> dict[str, Any]:
     """Write the checkpoint and configs for ``config`` (see module doc); leaves the model dense."""
     space.apply(None)
     model = space.decoder.model
@@ -158,17 +156,17 @@ def export_quantized(space: "QuantSpace", config: Config, out: Path, tokenizer: 
     out.mkdir(parents=True, exist_ok=True)
     atomic_write(out / WEIGHTS, lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt"}))
     hf_config = copy.deepcopy(model.config)
-    hf_config.quantization_config = quantization_config(layer_bits, space.grid_size)
+    hf_config.quantization_config = quantization_config(layer_bits, space.group_size)
     hf_config.save_pretrained(out)
     if getattr(model, "generation_config", None) is not None:
         model.generation_config.save_pretrained(out)
     tokenizer.save_pretrained(out)
     damp = space.db.manifest["damp"]
-    write_json(out / GPTQMODEL, gptqmodel_config(layer_bits, space.grid_size, damp))
-    recipe = yaml.safe_dump(llmcompressor_recipe(layer_bits, space.grid_size, damp), sort_keys=False)
+    write_json(out / GPTQMODEL, gptqmodel_config(layer_bits, space.group_size, damp))
+    recipe = yaml.safe_dump(llmcompressor_recipe(layer_bits, space.group_size, damp), sort_keys=False)
     atomic_write(out / RECIPE, lambda tmp: tmp.write_text(recipe))
     budget = space.budget_report(config)
-    write_json(out / PROFILE, {"space": space.name, "target": space.target, "group_size": space.grid_size,
+    write_json(out / PROFILE, {"space": space.name, "target": space.target, "group_size": space.group_size,
                                "symmetric": False, "layer_bits": layer_bits, "budget": budget,
                                "formats": {WEIGHTS: "compressed-tensors pack-quantized (see evopress.export_quant)",
                                            GPTQMODEL: "GPTQModel QuantizeConfig with per-module dynamic bits",

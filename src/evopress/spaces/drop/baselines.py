@@ -14,17 +14,13 @@ HF's last hidden state, which is already normed, for the last block).
 from __future__ import annotations
 
 from collections import deque
-from typing import TYPE_CHECKING
-
 import torch
 import torch.nn.functional as F
 
-from ..data import Sample, TokenPool
-from ..spaces.base import Config
-from ..spaces.drop import DropSpace
-
-if TYPE_CHECKING:
-    from ..pipeline import Context
+from ...data import Sample, TokenPool
+from ...errors import UserError
+from ..base import BaselineInputs, Config
+from .space import DropSpace
 
 
 @torch.inference_mode()
@@ -45,21 +41,27 @@ def block_similarity(space: DropSpace, pool: TokenPool, sample: Sample, span: in
     return sums / count
 
 
-def _similarity(ctx: "Context", span: int) -> torch.Tensor:
-    r = ctx.recipe
-    return block_similarity(ctx.space, ctx.pool, ctx.pool.first(r.baseline_tokens), span, r.fitness.batch_size)
+def _similarity(inputs: BaselineInputs, span: int) -> torch.Tensor:
+    return block_similarity(_drop(inputs), inputs.pool, inputs.pool.first(inputs.tokens), span, inputs.batch_size)
 
 
-def shortgpt(ctx: "Context") -> Config:
-    space = ctx.space
-    influence = 1 - _similarity(ctx, 1)
+def _drop(inputs: BaselineInputs) -> DropSpace:
+    space = inputs.space
+    if not isinstance(space, DropSpace):
+        raise UserError("the scoring depth baselines rank whole blocks and take no --rules")
+    return space
+
+
+def shortgpt(inputs: BaselineInputs) -> Config:
+    space = _drop(inputs)
+    influence = 1 - _similarity(inputs, 1)
     drop = set(torch.argsort(influence, stable=True)[: space.k].tolist())
     return space.config_from_masks([(b in drop, b in drop) for b in range(space.num_blocks)])
 
 
-def angular(ctx: "Context") -> Config:
-    space = ctx.space
-    cos = _similarity(ctx, space.k).clamp(-1, 1)
+def angular(inputs: BaselineInputs) -> Config:
+    space = _drop(inputs)
+    cos = _similarity(inputs, space.k).clamp(-1, 1)
     start = int(torch.argmin(torch.arccos(cos)))
     drop = range(start, start + space.k)
     return space.config_from_masks([(b in drop, b in drop) for b in range(space.num_blocks)])

@@ -10,17 +10,15 @@ counts stay exact under every switch.
 from __future__ import annotations
 
 import math
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
-from ..errors import UserError
-from ..io import write_json
-from ..models import Decoder
-from .base import Config, Problem, Space
+from ...errors import UserError
+from ...models import Decoder
+from ..base import Config, Problem, Space
 
 GRANULARITIES = ("sublayer", "block")
 
@@ -33,14 +31,6 @@ class DroppedAttention(nn.Module):
 class DroppedMLP(nn.Module):
     def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         return torch.zeros_like(hidden_states)
-
-
-def _output_projection(module: nn.Module) -> nn.Linear:
-    """The linear layer that writes a sub-block's result (o_proj, down_proj, ...): the last one registered."""
-    linears = [m for m in module.modules() if isinstance(m, nn.Linear)]
-    if not linears:
-        raise UserError(f"cannot export: {type(module).__name__} has no linear output projection")
-    return linears[-1]
 
 
 def drop_count(target: float, blocks: int) -> int:
@@ -72,10 +62,6 @@ class DropSpace(Space):
                                budget=self.k * len(kinds), groups=groups)
         self._originals = [(decoder.attn(b), decoder.mlp(b)) for b in range(L)]
         self._dropped = [(False, False)] * L
-
-    @classmethod
-    def options_from_args(cls, args: Any) -> dict[str, Any]:
-        return {"granularity": args.granularity}
 
     def options(self) -> dict[str, Any]:
         return {"granularity": self.granularity}
@@ -111,51 +97,6 @@ class DropSpace(Space):
                 config[group[u]] = 1
         return tuple(config)
 
-    def export(self, config: Config, out: Path, tokenizer: Any) -> dict[str, Any]:
-        """A plain transformers checkpoint computing exactly the configuration; modifies the model in place.
-
-        Whole dropped blocks are removed (``num_hidden_layers`` shrinks, so the model is smaller and
-        faster). A lone dropped sub-block cannot be expressed in a standard architecture, so its output
-        projection (attention ``o_proj``-like last linear, MLP ``down_proj``-like last linear) is zeroed:
-        the sub-block then adds exactly zero to the residual stream, with identical logits. The profile,
-        including DeciLM/Nemotron-NAS style ``block_configs`` (no-op attention/FFN) for runtimes that can
-        skip them, goes to ``evopress_profile.json``.
-        """
-        self.apply(None)
-        masks = self.masks(config)
-        for b, (attn, mlp) in enumerate(masks):
-            for dropped, module in ((attn, self.decoder.attn(b)), (mlp, self.decoder.mlp(b))):
-                if dropped and not (attn and mlp):
-                    proj = _output_projection(module)
-                    proj.weight.data.zero_()
-                    if proj.bias is not None:
-                        proj.bias.data.zero_()
-        keep = [b for b, (attn, mlp) in enumerate(masks) if not (attn and mlp)]
-        model = self.decoder.model
-        layers = self.decoder.layers
-        for b in reversed(range(self.num_blocks)):
-            if b not in keep:
-                del layers[b]  # ModuleList renumbers what follows
-        for i, layer in enumerate(layers):
-            for m in layer.modules():
-                if hasattr(m, "layer_idx"):
-                    m.layer_idx = i
-        config_ = model.config
-        if getattr(config_, "layer_types", None):
-            config_.layer_types = [config_.layer_types[b] for b in keep]
-        config_.num_hidden_layers = len(keep)
-        out = Path(out)
-        model.save_pretrained(out)
-        tokenizer.save_pretrained(out)
-        profile = {
-            "space": self.name, "target": self.target, "removed_blocks": [b for b in range(self.num_blocks) if b not in keep],
-            "block_configs": [{"attention": {"no_op": a}, "ffn": {"no_op": m}} for a, m in masks if not (a and m)],
-            "original_num_hidden_layers": self.num_blocks,
-        }
-        write_json(out / "evopress_profile.json", profile)
-        return {"out": str(out), "num_hidden_layers": len(keep),
-                "parameters": sum(p.numel() for p in model.parameters())}
-
     def budget_report(self, config: Config) -> dict[str, Any]:
         masks = self.masks(config)
         attn = sum(a for a, _ in masks)
@@ -166,4 +107,6 @@ class DropSpace(Space):
             "dropped_attention": attn,
             "dropped_mlp": mlp,
             "achieved": (attn + mlp) / (2 * self.num_blocks),
+            "level_values": [0, 1],
+            "value_label": "dropped",
         }

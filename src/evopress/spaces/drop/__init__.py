@@ -1,0 +1,17 @@
+"""Depth: drop attention and/or MLP sub-blocks, or whole blocks."""
+
+from ..base import CliOption, SpacePlugin
+from . import baselines, export
+from .space import DropSpace, drop_count
+
+PLUGIN = SpacePlugin(
+    name="drop",
+    space=DropSpace,
+    target_help="drop: fraction of sub-blocks of each kind to remove, e.g. 0.25",
+    options=(CliOption(("--granularity",), "granularity", "drop: sublayer (attention and MLP separately, as in "
+                       "the paper) or block (whole blocks)", default="sublayer"),),
+    baselines={"shortgpt": baselines.shortgpt, "angular": baselines.angular},
+    export=export.export,
+)
+
+__all__ = ["PLUGIN", "DropSpace", "drop_count"]

@@ -1,0 +1,69 @@
+"""Depth export: a plain transformers checkpoint that computes exactly the searched configuration."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from ...errors import UserError
+from ...io import write_json
+from ..base import Config
+from .space import DropSpace
+
+
+def _output_projection(module: nn.Module) -> nn.Linear:
+    """The linear layer that writes a sub-block's result (o_proj, down_proj, ...): the last one registered."""
+    linears = [m for m in module.modules() if isinstance(m, nn.Linear)]
+    if not linears:
+        raise UserError(f"cannot export: {type(module).__name__} has no linear output projection")
+    return linears[-1]
+
+
+def export(space: DropSpace, config: Config, out: Path, tokenizer: Any) -> dict[str, Any]:
+    """A plain transformers checkpoint computing exactly the configuration; modifies the model in place.
+
+    Whole dropped blocks are removed (``num_hidden_layers`` shrinks, so the model is smaller and
+    faster). A lone dropped sub-block cannot be expressed in a standard architecture, so its output
+    projection (attention ``o_proj``-like last linear, MLP ``down_proj``-like last linear) is zeroed:
+    the sub-block then adds exactly zero to the residual stream, with identical logits. The profile,
+    including DeciLM/Nemotron-NAS style ``block_configs`` (no-op attention/FFN) for runtimes that can
+    skip them, goes to ``evopress_profile.json``.
+    """
+    space.apply(None)
+    masks = space.masks(config)
+    for b, (attn, mlp) in enumerate(masks):
+        for dropped, module in ((attn, space.decoder.attn(b)), (mlp, space.decoder.mlp(b))):
+            if dropped and not (attn and mlp):
+                proj = _output_projection(module)
+                proj.weight.data.zero_()
+                if proj.bias is not None:
+                    proj.bias.data.zero_()
+    keep = [b for b, (attn, mlp) in enumerate(masks) if not (attn and mlp)]
+    model = space.decoder.model
+    layers = space.decoder.layers
+    for b in reversed(range(space.num_blocks)):
+        if b not in keep:
+            del layers[b]  # ModuleList renumbers what follows
+    for i, layer in enumerate(layers):
+        for m in layer.modules():
+            if hasattr(m, "layer_idx"):
+                m.layer_idx = i
+    config_ = model.config
+    if getattr(config_, "layer_types", None):
+        config_.layer_types = [config_.layer_types[b] for b in keep]
+    config_.num_hidden_layers = len(keep)
+    out = Path(out)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    profile = {
+        "space": space.name, "target": space.target,
+        "removed_blocks": [b for b in range(space.num_blocks) if b not in keep],
+        "block_configs": [{"attention": {"no_op": a}, "ffn": {"no_op": m}} for a, m in masks if not (a and m)],
+        "original_num_hidden_layers": space.num_blocks,
+    }
+    write_json(out / "evopress_profile.json", profile)
+    return {"out": str(out), "num_hidden_layers": len(keep),
+            "parameters": sum(p.numel() for p in model.parameters())}
+

@@ -1,0 +1,138 @@
+"""The shared base of every per-linear-layer space backed by a level database (sparsity, quant, ...).
+
+Such a space has one unit per linear layer of the decoder blocks and one stored variant per level.
+What they all need is here, once: opening and checking the database, putting a level into a layer
+(only the layers that changed), restoring the dense weight, a bounded cache of decoded levels, and the
+block-sequential database build with its resumable log and manifest. A subclass says how a stored
+level becomes a weight (``decode``) and what the budget is; a builder says how to solve one layer.
+"""
+
+from __future__ import annotations
+
+import time
+from abc import abstractmethod
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+from torch import nn
+
+from ..compressors.hessian import HessianAccumulator
+from ..data import TokenPool
+from ..database import (BuildLog, ByteLRU, Database, VariantCache, calibrate_blocks, data_fingerprint, layer_file,
+                        linear_units, model_fingerprint, save_layer, tensor_bytes)
+from ..errors import UserError
+from ..models import Decoder
+from .base import CliOption, Config, Space
+
+
+def _absolute(path: str | None) -> str | None:
+    """Databases are stored by absolute path so a result evaluates from any working directory."""
+    return str(Path(path).resolve()) if path else None
+
+
+DB_OPTION = CliOption(("--db",), "db", "level database built by build-db", convert=_absolute)
+
+
+def group_rule_option(space: str, default: str, meaning: str) -> CliOption:
+    return CliOption(("--group-rule",), "group_rule", f"{space}: which layers may trade levels: {meaning} "
+                     f"(default {default})", default=default)
+
+
+class LayerwiseSpace(Space):
+    """Units are the blocks' linear layers; a level is a stored variant of the layer's weight.
+
+    Weights are swapped, never overwritten: the dense originals stay as they are (on CPU; no copy
+    when the model is on CPU), and decoded levels live in a byte-bounded LRU on the model's device.
+    Why the LRU: consecutive candidates move a few layers back and forth between the same levels,
+    and decoding (unpacking a bitmask, dequantizing) costs several times a copy.
+    """
+
+    DECODED_CACHE_BYTES = 1 << 30
+
+    def __init__(self, decoder: Decoder, target: float, db: str | None):
+        if db is None:
+            raise UserError(f"the {self.name} space needs --db (build one with: evopress build-db --space "
+                            f"{self.name} --out DB)")
+        self.decoder = decoder
+        self.target = target
+        self.db = Database.open(db, self.name, decoder.model)
+        self.num_blocks = decoder.num_blocks
+        self.units, self.unit_block, self.layers = linear_units(decoder, self.db)
+        self._variants = VariantCache(self.db)
+        self._decoded = ByteLRU(self.DECODED_CACHE_BYTES)
+        self._dense = [m.weight.data.to("cpu") for m in self.layers]
+        self._current: list[int | None] = [None] * len(self.units)  # level each layer holds (None: dense)
+
+    def check_layer_files(self, keys: Callable[[int], list[str]], load: Sequence[str] = ()) -> list[dict]:
+        """Refuse a missing or truncated layer file now, not mid-search; returns the tensors in ``load``."""
+        return [self.db.check_layer(name, keys(u), load=load) for u, name in enumerate(self.units)]
+
+    def stored(self, u: int, keys: Sequence[str]) -> dict[str, torch.Tensor]:
+        """Tensors of unit ``u``'s layer file, through the database's CPU cache."""
+        return self._variants.get(self.units[u], keys)
+
+    @abstractmethod
+    def decode(self, u: int, level: int) -> torch.Tensor:
+        """Unit ``u``'s weight at ``level``, on the layer's device and in its dtype."""
+
+    def weight(self, u: int, level: int) -> torch.Tensor:
+        """The layer's weight at a level; the caller must not modify it (it may be cached)."""
+        return self._decoded.get((u, level), lambda: self.decode(u, level), tensor_bytes)
+
+    def dense_weight(self, u: int) -> torch.Tensor:
+        return self._dense[u]
+
+    def device(self, u: int) -> torch.device:
+        return self.layers[u].weight.device
+
+    @torch.no_grad()
+    def apply(self, config: Config | None) -> None:
+        for u, layer in enumerate(self.layers):
+            want = None if config is None else config[u]
+            if want == self._current[u]:
+                continue
+            layer.weight.data = self._dense[u].to(self.device(u)) if want is None else self.weight(u, want)
+            self._current[u] = want
+
+    def check_calibration(self, pool: Any) -> None:
+        self.db.check_data(pool)
+
+
+LayerSolver = Callable[[str, nn.Linear, HessianAccumulator], dict[str, torch.Tensor]]
+LayerHook = Callable[[str, nn.Linear, dict[str, torch.Tensor]], None]
+
+
+def build_layerwise(decoder: Decoder, pool: TokenPool, out: Path, space: str, settings: dict[str, Any],
+                    keys: Callable[[str], list[str]], solve: LayerSolver, describe: Callable[[], dict[str, Any]],
+                    batch_size: int, progress: bool, after: LayerHook | None = None) -> dict[str, Any]:
+    """Solve every linear layer block by block and write the database; returns its manifest.
+
+    ``solve(name, layer, hessian)`` returns the tensors of one layer file (``keys(name)`` names the
+    ones a finished file must hold); ``after(name, layer, tensors)`` runs once the layer is solved or
+    found finished by an interrupted build (e.g. to install a calibration level before the next
+    block); ``describe()`` gives the space's own manifest fields once every layer is done.
+    ``settings`` are what a resumed build must share with the interrupted one.
+    """
+    fingerprint = model_fingerprint(decoder.model)  # before a calibration level overwrites weights
+    data_fp = data_fingerprint(pool)
+    build = BuildLog(out, {"space": space, "model_fingerprint": fingerprint, "data_fingerprint": data_fp,
+                           **settings, "dtype": str(decoder.head.weight.dtype)})
+    names = list(decoder.linear_layers())
+    start = time.perf_counter()
+
+    def compress(b: int, layers: dict[str, nn.Linear], hessians: dict[str, HessianAccumulator]) -> None:
+        for name, layer in layers.items():
+            tensors = build.done(name, keys(name))  # solved before the build was interrupted
+            if tensors is None:
+                tensors = solve(name, layer, hessians[name])
+                save_layer(out, name, tensors)
+            if after is not None:
+                after(name, layer, tensors)
+
+    calibrate_blocks(decoder, pool, batch_size, compress, progress)
+    manifest = {"space": space, "model_fingerprint": fingerprint, "data": pool.source, "data_fingerprint": data_fp,
+                **describe(), "bytes": sum(layer_file(out, name).stat().st_size for name in names),
+                "seconds": round(time.perf_counter() - start, 1)}
+    build.finish(manifest)
+    return manifest

@@ -1,0 +1,30 @@
+"""Quantization: a bitwidth per linear layer, from a GPTQ level database."""
+
+from ..base import CliOption, SpacePlugin
+from ..layerwise import DB_OPTION, group_rule_option
+from . import baselines, build, export
+from .space import QuantSpace
+
+PLUGIN = SpacePlugin(
+    name="quant",
+    space=QuantSpace,
+    target_help="quant: average bits per weight, e.g. 3 or 2.5",
+    options=(
+        DB_OPTION,
+        group_rule_option("quant", "size", "size (equal-size layers) or name (same projection)"),
+        CliOption(("--count-overhead",), "overhead", "quant: the budget counts each group's fp16 scale and zero "
+                  "point too (true bytes); default: weight bits only, as the paper", default=False, is_flag=True),
+    ),
+    baselines={"uniform": baselines.uniform, "dp": baselines.dp},
+    build=build.build,
+    build_options=(
+        CliOption(("--bits",), "bits", "quant: comma-separated bitwidths, e.g. 2,3,4,5,6,8"),
+        CliOption(("--group-size",), "group_size", "quant: columns per scale/zero group (default: 128, or the "
+                  "largest power of two dividing every layer's inputs)", type=int),
+        CliOption(("--calib-bits",), "calib_bits", "quant: bitwidth installed between blocks while building "
+                  f"(default {build.DEFAULT_CALIB_BITS}; 0: dense inputs)", type=int),
+    ),
+    export=export.export_quantized,
+)
+
+__all__ = ["PLUGIN", "QuantSpace"]
