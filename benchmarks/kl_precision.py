@@ -17,7 +17,8 @@ import torch
 import torch.nn.functional as F
 
 from evopress.data import Sample
-from evopress.pipeline import Recipe, prepare
+from evopress.pipeline import prepare
+from evopress.recipe import Recipe
 
 
 def main() -> None:

@@ -5,7 +5,9 @@
 (1) The LM head and KL for one chunk of positions: the head matmul, then either the reference's
 full-vocabulary KL (log-softmax, KL against cached teacher log-probs) or ours, KL = a + logsumexp(z) -
 u.s with the teacher's u = W^T p and a = sum p log p cached per position (``evopress.fitness``). (2) Decoding one sparse level (1-bit mask + fp16
-values) into a dense 1536 x 576 weight, the sparsity space's `apply`. Shapes default to SmolLM2-135M.
+values) into a dense 1536 x 576 weight, the sparsity space's `apply`. (3) One SparseGPT level of that
+layer with one and with two intra-op threads (why the database builders run solvers single-threaded).
+Shapes default to SmolLM2-135M.
 """
 
 from __future__ import annotations
@@ -17,8 +19,9 @@ import torch
 import torch.nn.functional as F
 
 from evopress.compressors.packing import pack_codes, unpack_codes
+from evopress.compressors.sparsegpt import sparsegpt_prune_levels
 from evopress.fitness import logsumexp_
-from evopress.spaces.sparsity import decode_level
+from evopress.spaces.sparsity.storage import decode_level
 
 
 def timed(fn, repeat: int) -> float:
@@ -60,6 +63,15 @@ def main() -> None:
         print(f"  unpack 1-bit mask                {timed(lambda: unpack_codes(mask, 1, shape), 50) * 1e3:.2f} ms")
         print(f"  decode (unpack + masked_scatter) "
               f"{timed(lambda: decode_level(mask, values, shape, torch.float32), 50) * 1e3:.2f} ms")
+        x = torch.randn(4096, shape[1])
+        weight, hessian = torch.randn(shape), x.T @ x / len(x)
+        threads = torch.get_num_threads()
+        print(f"one SparseGPT level (50%) of {shape[0]} x {shape[1]}:")
+        for n in sorted({1, threads}):
+            torch.set_num_threads(n)
+            seconds = timed(lambda: sparsegpt_prune_levels(weight, hessian, [weight.numel() // 2]), 3)
+            print(f"  {n} thread(s)                       {seconds:.3f} s")
+        torch.set_num_threads(threads)
 
 
 if __name__ == "__main__":

@@ -67,9 +67,10 @@ class ReferenceEvaluator(Evaluator):
 
 def prepare_mode(args: argparse.Namespace, generations: int):
     from evopress.evolution import SearchConfig
-    from evopress.pipeline import Recipe, prepare
+    from evopress.pipeline import prepare
+    from evopress.recipe import Recipe
 
-    options = {"granularity": "sublayer"} if args.space == "drop" else {"db": args.db}
+    options = {"db": args.db} if args.db else {}
     search = SearchConfig(generations=generations, offspring=args.offspring,
                           stages=[tuple(int(x) for x in s.split(":")) for s in args.stages.split(",")],
                           initial_candidates=1, seed=args.seed)

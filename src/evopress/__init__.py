@@ -3,9 +3,7 @@
 Python API: ``evopress.search``, ``evopress.baseline``, ``evopress.run`` (see ``evopress.api``).
 """
 
-__version__ = "0.1.0"
-
-
 from .api import Result, baseline, run, search
+from .version import __version__
 
 __all__ = ["Result", "baseline", "run", "search", "__version__"]

@@ -256,8 +256,8 @@ def linear_units(decoder: Decoder, db: Database) -> tuple[list[str], list[int], 
 def single_thread() -> Iterator[None]:
     """Run per-layer solvers on one intra-op thread.
 
-    SparseGPT/GPTQ column loops are thousands of small ops; extra threads only add barriers. On a
-    shared 2-core CPU one SparseGPT level of a 576x1536 layer took 0.46 s with one thread, 2.2 s with two.
+    SparseGPT/GPTQ column loops are thousands of small ops on one column at a time; extra threads
+    only add barriers between them (measured in docs/speed.md).
     """
     threads = torch.get_num_threads()
     torch.set_num_threads(1)

@@ -72,8 +72,8 @@ def _file_key(path: Path) -> str:
 def convert_gguf(gguf: Path) -> Path:
     """Dequantize a GGUF file into an fp32 HF checkpoint once, and cache it.
 
-    transformers can read GGUF directly, but dequantizing takes ~30 s even for a 135M model; the
-    safetensors cache reloads in under a second and needs neither gguf nor accelerate.
+    transformers can read GGUF directly, but dequantizes it on every load; the safetensors cache
+    is read without that work and needs neither gguf nor accelerate.
     """
     target = cache_dir() / "models" / f"{gguf.stem}-{_file_key(gguf)}"
     if (target / "config.json").is_file():

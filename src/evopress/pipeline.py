@@ -14,7 +14,6 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from . import __version__
 from .data import TokenPool, load_pool
 from .distributed import ShardedEvaluator, is_main, world_size
 from .evaluate import EvalSettings, HeldOut, lm_eval_tasks, write_eval
@@ -27,6 +26,7 @@ from .evolution import NoMoveError, SearchConfig, SearchState, evolve
 from .recipe import Recipe
 from .spaces import Space, baselines, get_plugin, make_space
 from .spaces.base import BaselineInputs, Config
+from .version import __version__
 
 RESULT = "result.json"
 CHECKPOINT = "checkpoint.json"

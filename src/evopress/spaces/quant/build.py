@@ -63,7 +63,7 @@ def build_quant_database(decoder: Decoder, pool: TokenPool, out: Path, bits: tup
 
     def solve(name: str, layer: nn.Linear, acc: HessianAccumulator) -> dict[str, torch.Tensor]:
         H = acc.hessian()
-        with single_thread():  # GPTQ's column loop: one thread is several times faster than two
+        with single_thread():  # GPTQ's column loop (see single_thread)
             levels = gptq_quantize_levels(layer.weight, H, grids, damp=damp)
         rel = [_relative_error(layer.weight, q, H) for q in levels]
         return {**{packed_keys(g.bits)[k]: v for g, q in zip(grids, levels) for k, v in q.to_packed().items()},
