@@ -33,7 +33,7 @@ timed() {  # timed TARGET STEP command...: run, append the wall time
 for TARGET in $TARGETS; do
     D="$OUT/$TARGET"
     if [ ! -f "$D/db/manifest.json" ]; then
-        timed "$TARGET" build-db evopress build-db --space sparsity --target "$TARGET" --levels 3 --step 27648 \
+        timed "$TARGET" build-db evopress build-db --space sparsity --center "$TARGET" --levels 3 --step 27648 \
             "${DATA[@]}" --out "$D/db" --quiet
     fi
     COMMON=(--space sparsity --target "$TARGET" --db "$D/db" "${DATA[@]}" --final-tokens 2048 --seed 0 --quiet)

@@ -1,4 +1,6 @@
-"""Command line: ``evopress search | baseline | eval | report``.
+"""Command line: ``evopress search | baseline | import-config | eval | build-db | export | run | report``.
+
+Space-specific options come from the registered spaces (``SpacePlugin.options``); this module names none.
 
 Every user mistake ends as one line on stderr and exit code 2; tracebacks are kept for real bugs.
 """
@@ -10,7 +12,6 @@ import json
 import os
 import sys
 from pathlib import Path
-
 from typing import Any, Callable
 
 from .errors import UserError
@@ -78,15 +79,17 @@ def _common(p: argparse.ArgumentParser) -> None:
                    help="calibration tokens on which every method's final fitness is reported")
     p.add_argument("--seed", type=int, default=SearchConfig().seed)
     p.add_argument("--out", required=True, type=Path, help="output directory")
+    _output(p)
+
+
+def _output(p: argparse.ArgumentParser, json_flag: bool = True) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bars or log lines")
-    p.add_argument("--json", action="store_true", help="print result.json to stdout when done")
+    if json_flag:
+        p.add_argument("--json", action="store_true", help="print the result as JSON to stdout when done")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    d = SearchConfig()
-    parser = _Parser(prog="evopress", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
-
+def _add_search(sub: Any) -> None:
+    d, f = SearchConfig(), FitnessConfig()
     s = sub.add_parser("search", help="EvoPress evolutionary search")
     _common(s)
     s.add_argument("--generations", type=int, default=d.generations)
@@ -99,11 +102,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--init-from", default="", help="comma-separated baselines whose configurations join "
                    "the random initial population (e.g. shortgpt,angular); default: random only, as the paper")
     s.add_argument("--no-prefix-reuse", action="store_true", help="run every candidate from the embeddings")
-    s.add_argument("--prefix-cache-gb", type=float, default=FitnessConfig().cache_bytes / 2**30,
+    s.add_argument("--prefix-cache-gb", type=float, default=f.cache_bytes / 2**30,
                    help="memory for block-boundary activations reused between candidates (on the model's "
                    "device); less keeps fewer boundaries, never changes results")
     s.add_argument("--restart", action="store_true", help="ignore a checkpoint in --out and start over")
 
+
+def _add_baseline(sub: Any) -> None:
     b = sub.add_parser("baseline", help="baseline configurations at the same budget")
     _common(b)
     b.add_argument("--method", required=True, help="; ".join(
@@ -111,10 +116,14 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--tokens", type=int, default=4096, help="calibration tokens the baseline looks at")
     b.add_argument("--candidates", type=int, default=32, help="random: N of best-of-N")
 
+
+def _add_import_config(sub: Any) -> None:
     im = sub.add_parser("import-config", help="turn a text config ('module: level' lines) into a result")
     im.add_argument("config", type=Path)
     _common(im)
 
+
+def _add_eval(sub: Any) -> None:
     e = sub.add_parser("eval", help="held-out perplexity and KL of a saved result")
     e.add_argument("dirs", type=Path, nargs="+", help="result directories (one model's share its teacher)")
     e.add_argument("--eval-data", default="wiki,ptb", help="comma-separated: wiki, ptb, or files")
@@ -128,9 +137,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--lm-eval-limit", type=int, default=None, help="examples per lm-eval task")
     e.add_argument("--lm-eval-include", default=None, help="directory of extra lm-eval task YAMLs (e.g. tasks "
                    "over local data files: dataset_path: json, dataset_kwargs.data_files)")
-    e.add_argument("--quiet", action="store_true")
-    e.add_argument("--json", action="store_true")
+    _output(e)
 
+
+def _add_build_db(sub: Any) -> None:
     buildable = [name for name, plugin in PLUGINS.items() if plugin.build is not None]
     db = sub.add_parser("build-db", help=f"build a level database ({', '.join(buildable)})")
     db.add_argument("--space", required=True, help=" or ".join(buildable))
@@ -138,28 +148,39 @@ def build_parser() -> argparse.ArgumentParser:
     db.add_argument("--batch-size", type=int, default=8)
     _space_options(db, [o for plugin in PLUGINS.values() for o in plugin.build_options])
     db.add_argument("--out", type=Path, required=True)
-    db.add_argument("--quiet", action="store_true")
-    db.add_argument("--json", action="store_true")
+    _output(db)
 
+
+def _add_export(sub: Any) -> None:
     x = sub.add_parser("export", help="write a compressed checkpoint that transformers loads")
     x.add_argument("dir", type=Path)
     x.add_argument("--out", type=Path, required=True)
     x.add_argument("--device", default=None)
     x.add_argument("--dtype", default=None)
-    x.add_argument("--quiet", action="store_true")
-    x.add_argument("--json", action="store_true")
+    _output(x)
 
+
+def _add_run(sub: Any) -> None:
     rr = sub.add_parser("run", help="run a recipe file (YAML) describing a whole run")
     rr.add_argument("recipe", type=Path)
     rr.add_argument("--out", type=Path, default=None, help="output directory (default: the recipe's 'out')")
     rr.add_argument("--restart", action="store_true")
-    rr.add_argument("--quiet", action="store_true")
-    rr.add_argument("--json", action="store_true")
+    _output(rr)
 
+
+def _add_report(sub: Any) -> None:
     r = sub.add_parser("report", help="compare runs: markdown table and PNG plots")
     r.add_argument("dirs", type=Path, nargs="+")
     r.add_argument("--out", type=Path, required=True)
-    r.add_argument("--quiet", action="store_true")
+    _output(r, json_flag=False)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="evopress", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    for add in (_add_search, _add_baseline, _add_import_config, _add_eval, _add_build_db, _add_export, _add_run,
+                _add_report):
+        add(sub)
     return parser
 
 
