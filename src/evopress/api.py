@@ -67,11 +67,12 @@ def run(recipe: Any, out: str | Path | None = None, restart: bool = False, progr
     if out is None:
         raise UserError("no output directory: give out=... (--out) or an 'out' key in the recipe")
     settings = _eval_settings(evaluation) if evaluation is not None else None
-    ctx = pipeline.prepare(recipe, log)
-    if recipe.method == "evopress":
-        data = pipeline.run_search(ctx, Path(out), restart=restart, progress=progress, log=log)
-    else:
-        data = pipeline.run_baseline(ctx, Path(out), log)
+    with pipeline.claim_output(Path(out), recipe, restart):
+        ctx = pipeline.prepare(recipe, log)
+        if recipe.method == "evopress":
+            data = pipeline.run_search(ctx, Path(out), restart=restart, progress=progress, log=log)
+        else:
+            data = pipeline.run_baseline(ctx, Path(out), log)
     if settings is not None:
         data = {**data, "eval": pipeline.evaluate_results([Path(out)], settings, log=log)[0]}
     return Result(Path(out), data)

@@ -79,6 +79,8 @@ def _common(p: argparse.ArgumentParser) -> None:
                    help="calibration tokens on which every method's final fitness is reported")
     p.add_argument("--seed", type=int, default=SearchConfig().seed)
     p.add_argument("--out", required=True, type=Path, help="output directory")
+    p.add_argument("--restart", action="store_true", help="start over: ignore (and replace) a checkpoint or "
+                   "result made with other settings in --out")
     _output(p)
 
 
@@ -105,7 +107,6 @@ def _add_search(sub: Any) -> None:
     s.add_argument("--prefix-cache-gb", type=float, default=f.cache_bytes / 2**30,
                    help="memory for block-boundary activations reused between candidates (on the model's "
                    "device); less keeps fewer boundaries, never changes results")
-    s.add_argument("--restart", action="store_true", help="ignore a checkpoint in --out and start over")
 
 
 def _add_baseline(sub: Any) -> None:
@@ -224,11 +225,12 @@ def _search_or_baseline(args: argparse.Namespace, log: Log) -> dict[str, Any]:
         raise UserError(f"unknown method '{args.method}' for space '{args.space}' "
                         f"(choose from {', '.join(baselines(args.space))})")
     recipe = recipe_from_args(args, "evopress" if args.command == "search" else args.method)
-    ctx = pipeline.prepare(recipe, log)
-    if args.command == "search":
-        result = pipeline.run_search(ctx, args.out, restart=args.restart, progress=not args.quiet, log=log)
-    else:
-        result = pipeline.run_baseline(ctx, args.out, log)
+    with pipeline.claim_output(args.out, recipe, args.restart):
+        ctx = pipeline.prepare(recipe, log)
+        if args.command == "search":
+            result = pipeline.run_search(ctx, args.out, restart=args.restart, progress=not args.quiet, log=log)
+        else:
+            result = pipeline.run_baseline(ctx, args.out, log)
     fitness = result["fitness"]
     log(f"{result['method']}: calibration {fitness['metric']} "
         f"{fitness['kl' if fitness['metric'] == 'kl' else 'nll']:.4f}; wrote {args.out / pipeline.RESULT}")
@@ -238,7 +240,9 @@ def _search_or_baseline(args: argparse.Namespace, log: Log) -> dict[str, Any]:
 def _import_config(args: argparse.Namespace, log: Log) -> dict[str, Any]:
     from . import pipeline
 
-    return pipeline.import_config(args.config, recipe_from_args(args, "imported"), args.out, log)
+    recipe = recipe_from_args(args, "imported")
+    with pipeline.claim_output(args.out, recipe, args.restart):
+        return pipeline.import_config(args.config, recipe, args.out, log)
 
 
 def _run_recipe(args: argparse.Namespace, log: Log) -> dict[str, Any]:
@@ -324,5 +328,5 @@ def main(argv: list[str] | None = None) -> int:
         print(f"evopress: error: distributed run failed on this rank: {str(e).splitlines()[0]}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print("evopress: interrupted", file=sys.stderr)
+        print("\nevopress: interrupted", file=sys.stderr)  # on a fresh line, not after a progress bar
         return 130

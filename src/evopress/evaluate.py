@@ -6,6 +6,8 @@ dense model's hidden states on each evaluation set (the teacher) are computed on
 
 from __future__ import annotations
 
+import hashlib
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -15,7 +17,7 @@ import numpy as np
 from .data import TokenPool, load_pool
 from .errors import UserError
 from .fitness import Evaluator, FitnessConfig, TeacherCache
-from .io import write_json
+from .io import read_json, write_json
 from .models import Decoder, LoadedModel
 from .spaces.base import Config, Space
 
@@ -31,6 +33,16 @@ class EvalSettings:
     lm_eval: list[str] | None = None  # lm-evaluation-harness tasks, zero-shot
     lm_eval_limit: int | None = None  # examples per task (None: all)
     lm_eval_include: str | None = None  # directory of extra task YAMLs, e.g. tasks over local data files
+
+    def __post_init__(self) -> None:
+        if not self.data:
+            raise UserError("--eval-data names no evaluation text")
+        if self.seq_len < 2 or self.batch_size < 1:
+            raise UserError("--eval-seq-len must be >= 2 and --batch-size >= 1")
+        if self.tokens < self.seq_len:
+            raise UserError(f"--eval-tokens {self.tokens} is less than one window of --eval-seq-len {self.seq_len}")
+        if self.lm_eval_limit is not None and self.lm_eval_limit < 1:
+            raise UserError("--lm-eval-limit must be >= 1")
 
 
 def protocol(source: str, pool: TokenPool, positions: int) -> str:
@@ -49,10 +61,12 @@ class HeldOut:
                       for s in settings.data}
         self.teachers = {s: TeacherCache(decoder, pool, settings.batch_size) for s, pool in self.pools.items()}
 
-    def measure(self, space: Space, config: Config) -> dict[str, dict[str, Any]]:
+    def measure(self, space: Space, config: Config,
+                log: Callable[[str], None] = lambda msg: None) -> dict[str, dict[str, Any]]:
         out = {}
         try:
             for source, pool in self.pools.items():
+                log(f"  held-out '{source}': {pool.tokens} tokens")
                 evaluator = Evaluator(space, pool, FitnessConfig(batch_size=self.settings.batch_size,
                                                                  prefix_reuse=False))
                 evaluator.teacher = self.teachers[source]
@@ -64,14 +78,29 @@ class HeldOut:
         return out
 
 
+def result_id(result: dict[str, Any]) -> str:
+    """Which configuration of which model an evaluation belongs to."""
+    key = [result["recipe"].get("model"), result["space"], result["units"], result["levels"]]
+    return hashlib.sha256(json.dumps(key).encode()).hexdigest()[:16]
+
+
 def write_eval(out: Path, result: dict[str, Any], datasets: dict[str, dict[str, Any]],
                log: Callable[[str], None], extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Write eval.json, keeping what an earlier evaluation of the same result measured on other sets."""
     for source, d in datasets.items():
         log(f"{out} {source}: ppl {d['ppl']:.3f} (dense {d['dense_ppl']:.3f}), kl {d['kl']:.4f} "
             f"on {d['tokens']} tokens")
-    report = {**next(iter(datasets.values())), "datasets": datasets, "method": result["method"],
-              "space": result["space"], "target": result["target"], **(extra or {})}
-    write_json(Path(out) / EVAL, report)
+    path = Path(out) / EVAL
+    rid = result_id(result)
+    before = read_json(path) if path.is_file() else {}
+    if not isinstance(before, dict) or before.get("result_id") != rid:
+        before = {}
+    datasets = {**before.get("datasets", {}), **datasets}
+    extra = {k: {**before.get(k, {}), **v} if isinstance(v, dict) else v for k, v in (extra or {}).items()}
+    report = {**before, **next(iter(datasets.values())), "datasets": datasets, "method": result["method"],
+              "space": result["space"], "target": result["target"], "model": result.get("model"),
+              "result_id": rid, **extra}
+    write_json(path, report)
     return report
 
 

@@ -56,6 +56,7 @@ class GenerationLog:
     tokens: int  # candidate-tokens evaluated this generation
     seconds: float
     parent: Config
+    children: int | None = None  # offspring actually drawn: fewer than asked when mutation found no more
 
 
 @dataclass
@@ -158,7 +159,7 @@ def evolve(problem: Problem, evaluator: Evaluator, initial: list[Config], config
         state.parent, state.fitness = parent, fitness
         state.rng_state = rng.bit_generator.state
         state.history.append(GenerationLog(state.generation, fitness, evals, tokens,
-                                           time.perf_counter() - start, parent))
+                                           time.perf_counter() - start, parent, len(children)))
         if on_generation:
             on_generation(state)
     return state

@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import hashlib
 import shutil
+import struct
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 from torch import nn
@@ -32,9 +33,15 @@ def resolve_device(device: str | None) -> torch.device:
     if device in (None, "", "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
-        return torch.device(device)
+        dev = torch.device(device)
     except RuntimeError as e:
         raise UserError(f"unknown device '{device}'") from e
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {device}: this torch has no usable CUDA device (CPU build or no GPU); "
+                        "use --device cpu")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise UserError(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) visible")
+    return dev
 
 
 def resolve_dtype(dtype: str | None, device: torch.device) -> torch.dtype:
@@ -69,7 +76,7 @@ def _file_key(path: Path) -> str:
     return h.hexdigest()[:16]
 
 
-def convert_gguf(gguf: Path) -> Path:
+def convert_gguf(gguf: Path, log: Callable[[str], None] = lambda msg: None) -> Path:
     """Dequantize a GGUF file into an fp32 HF checkpoint once, and cache it.
 
     transformers can read GGUF directly, but dequantizes it on every load; the safetensors cache
@@ -80,11 +87,14 @@ def convert_gguf(gguf: Path) -> Path:
         return target
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    log(f"converting {gguf.name} to an fp32 checkpoint cached in {target.parent} (once per file; dequantizing "
+        "takes minutes on a CPU)")
     try:
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-    except (ValueError, KeyError, OSError) as e:
-        raise UserError(f"cannot load GGUF {gguf}: {str(e).splitlines()[0]}") from e
+    except (ValueError, KeyError, OSError, struct.error, IndexError) as e:  # struct/index: a truncated file
+        detail = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise UserError(f"cannot load GGUF {gguf} (truncated or not a GGUF model?): {detail}") from e
     # transformers 5 refuses to save a model that still carries its GGUF quantizer.
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
@@ -94,15 +104,16 @@ def convert_gguf(gguf: Path) -> Path:
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
     tmp.rename(target)
+    log("conversion done")
     return target
 
 
-def resolve_model_path(spec: str | None) -> tuple[str, Path]:
+def resolve_model_path(spec: str | None, log: Callable[[str], None] = lambda msg: None) -> tuple[str, Path]:
     if spec in (None, "", DEFAULT_MODEL):
-        return DEFAULT_MODEL, convert_gguf(assets.default_model_gguf())
+        return DEFAULT_MODEL, convert_gguf(assets.default_model_gguf(), log)
     path = Path(spec).expanduser()
     if path.is_file() and path.suffix == ".gguf":
-        return str(path), convert_gguf(path)
+        return str(path), convert_gguf(path, log)
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise UserError(f"model directory {path} has no config.json")
@@ -111,13 +122,14 @@ def resolve_model_path(spec: str | None) -> tuple[str, Path]:
                     "or omit --model for the embedded default)")
 
 
-def load_model(spec: str | None, device: torch.device, dtype: torch.dtype) -> LoadedModel:
+def load_model(spec: str | None, device: torch.device, dtype: torch.dtype,
+               log: Callable[[str], None] = lambda msg: None) -> LoadedModel:
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # our own progress bars are the ones that matter
 
-    name, path = resolve_model_path(spec)
+    name, path = resolve_model_path(spec, log)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
         model = AutoModelForCausalLM.from_pretrained(

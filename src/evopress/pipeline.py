@@ -7,25 +7,26 @@ description of a run and is written, fully resolved, next to every result.
 from __future__ import annotations
 
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
 
 from .data import TokenPool, load_pool
 from .distributed import ShardedEvaluator, is_main, world_size
-from .evaluate import EvalSettings, HeldOut, lm_eval_tasks, write_eval
+from .evaluate import EVAL, EvalSettings, HeldOut, lm_eval_tasks, write_eval
 from .errors import UserError
 from .fitness import Evaluator, FitnessConfig
 from .interchange import parse_config, write_config
-from .io import read_json, write_json
+from .io import locked_dir, read_json, write_json
 from .models import Decoder, LoadedModel, load_model, resolve_device, resolve_dtype
-from .evolution import NoMoveError, SearchConfig, SearchState, evolve
+from .evolution import SearchState, evolve
 from .recipe import Recipe
 from .spaces import Space, baselines, get_plugin, make_space
-from .spaces.base import BaselineInputs, Config
+from .spaces.base import BaselineInputs, Config, NoMoveError, switch
 from .version import __version__
 
 RESULT = "result.json"
@@ -47,7 +48,7 @@ class Context:
 def prepare(recipe: Recipe, log: Callable[[str], None] = print) -> Context:
     device = resolve_device(recipe.device)
     dtype = resolve_dtype(recipe.dtype, device)
-    loaded = load_model(recipe.model, device, dtype)
+    loaded = load_model(recipe.model, device, dtype, log)
     decoder = loaded.decoder
     space = make_space(recipe.space, decoder, recipe.target, recipe.space_options)
     pool = load_pool(loaded.tokenizer, recipe.data, "calibration", recipe.seq_len, recipe.calib_tokens)
@@ -88,50 +89,79 @@ def _result(ctx: Context, config: Config, history: list[dict], seconds: float) -
 def run_search(ctx: Context, out: Path, restart: bool = False, progress: bool = True,
                log: Callable[[str], None] = print) -> dict[str, Any]:
     """EvoPress search with a checkpoint after every generation; rerunning resumes it."""
-    from tqdm.auto import tqdm
-
     recipe = ctx.recipe
     out = Path(out)
     fingerprint = recipe.fingerprint()
-    state = None
-    checkpoint = out / CHECKPOINT
-    if checkpoint.is_file() and not restart:
-        saved = read_json(checkpoint)
-        if saved.get("fingerprint") != fingerprint:
-            raise UserError(f"{out} holds a search with different settings; use another --out or --restart")
-        state = SearchState.from_json(saved["state"])
+    state = None if restart else load_checkpoint(out, fingerprint)
+    if state is not None:
         log(f"resuming from generation {state.generation}")
+    initial = _initial_population(ctx, state is None, log)
     if is_main():
         write_json(out / RECIPE, recipe.to_json())
     start = time.perf_counter()
-    bar = tqdm(total=recipe.search.generations, initial=state.generation if state else 0,
-               desc="search", unit="gen", disable=not progress or not is_main())
-
-    def on_generation(s: SearchState) -> None:
-        if is_main():
-            write_json(checkpoint, {"fingerprint": fingerprint, "state": s.to_json()})
-        if s.history:
-            bar.n = s.generation
-            bar.set_postfix({recipe.fitness.metric: f"{s.history[-1].fitness:.4f}"}, refresh=True)
-
-    # A stream separate from the search's own, so the initial population does not shift its draws.
-    rng = np.random.default_rng((recipe.search.seed, 1))
-    initial = ctx.space.initial_configs(rng, recipe.search.initial_candidates)
-    if state is None:
-        initial = _warm_start(ctx, initial, log)
     log(f"teacher: the dense model over all {ctx.pool.tokens} calibration tokens, once")
     ctx.evaluator.warm()
-    try:
+    if state is None and len(initial) > 1:
+        log(f"ranking {len(initial)} initial candidates on {recipe.search.initial_tokens} tokens")
+    with _SearchProgress(recipe, state, progress, log) as report:
+        def on_generation(s: SearchState) -> None:
+            if is_main():
+                write_json(out / CHECKPOINT, {"fingerprint": fingerprint, "state": s.to_json()})
+            report(s)
+
         evaluator = ShardedEvaluator(ctx.evaluator) if world_size() > 1 else ctx.evaluator
-        state = evolve(ctx.space.problem, evaluator, initial, recipe.search, state, on_generation)
-    except NoMoveError as e:
-        raise UserError(f"target {recipe.target} leaves nothing to search: {e}") from e
-    bar.close()
+        try:
+            state = evolve(ctx.space.problem, evaluator, initial, recipe.search, state, on_generation)
+        except NoMoveError as e:
+            raise UserError(f"target {recipe.target} leaves nothing to search: {e}") from e
     history = [{k: v for k, v in asdict(h).items() if k != "parent"} for h in state.history]
     result = _result(ctx, state.parent, history, time.perf_counter() - start)
     if is_main():
         save_result(ctx.space, out, result)
     return result
+
+
+def _initial_population(ctx: Context, fresh: bool, log: Callable[[str], None]) -> list[Config]:
+    """The starting candidates, checked for room to search before the (long) teacher pass."""
+    # A stream separate from the search's own, so the initial population does not shift its draws.
+    rng = np.random.default_rng((ctx.recipe.search.seed, 1))
+    initial = ctx.space.initial_configs(rng, ctx.recipe.search.initial_candidates)
+    if fresh:
+        initial = _warm_start(ctx, initial, log)
+    try:
+        switch(list(initial[0]), ctx.space.problem, np.random.default_rng(0))
+    except NoMoveError as e:
+        raise UserError(f"target {ctx.recipe.target} leaves nothing to search: {e}") from e
+    return initial
+
+
+class _SearchProgress:
+    """The progress bar of a search: generations, the parent's fitness, and short generations said aloud."""
+
+    def __init__(self, recipe: Recipe, state: SearchState | None, progress: bool, log: Callable[[str], None]):
+        from tqdm.auto import tqdm
+
+        self.recipe, self.log = recipe, log
+        self.bar = tqdm(total=recipe.search.generations, initial=state.generation if state else 0,
+                        desc="search", unit="gen", disable=not progress or not is_main())
+
+    def __enter__(self) -> Callable[[SearchState], None]:
+        return self.update
+
+    def __exit__(self, *exc: Any) -> None:
+        self.bar.close()
+
+    def update(self, s: SearchState) -> None:
+        if not s.history:
+            return
+        last, wanted = s.history[-1], self.recipe.search.offspring
+        postfix = {self.recipe.fitness.metric: f"{last.fitness:.4f}"}
+        if last.children is not None and last.children < wanted:
+            postfix["children"] = f"{last.children}/{wanted}"
+            self.log(f"generation {last.generation}: only {last.children} of {wanted} offspring (mutation "
+                     "found no more distinct feasible children)")
+        self.bar.n = s.generation
+        self.bar.set_postfix(postfix, refresh=True)
 
 
 def _warm_start(ctx: Context, initial: list[Config], log: Callable[[str], None]) -> list:
@@ -165,25 +195,76 @@ def run_baseline(ctx: Context, out: Path, log: Callable[[str], None] = print) ->
                         f"(choose from {', '.join(methods)})")
     config = methods[recipe.method](baseline_inputs(ctx))
     result = _result(ctx, config, [], time.perf_counter() - start)
-    write_json(Path(out) / RECIPE, recipe.to_json())
     save_result(ctx.space, Path(out), result)
     return result
 
 
 def save_result(space: Space, out: Path, result: dict[str, Any]) -> None:
-    """result.json plus the same configuration as a reference-style text config."""
+    """result.json, its recipe, and the configuration as a reference-style text config.
+
+    An eval.json left by an earlier result in the same directory describes another configuration:
+    it is removed, so a report can never pair this result with another one's perplexity.
+    """
+    (out / EVAL).unlink(missing_ok=True)
     write_config(out / CONFIG_TXT, space.model_space, tuple(result["levels"]))
+    write_json(out / RECIPE, result["recipe"])
     write_json(out / RESULT, result)
+
+
+def load_checkpoint(out: Path, fingerprint: str) -> SearchState | None:
+    """The checkpointed search state in ``out``, if any; refused if made with other settings or malformed."""
+    path = Path(out) / CHECKPOINT
+    if not path.is_file():
+        return None
+    saved = read_json(path)
+    if not isinstance(saved, dict) or "fingerprint" not in saved or not isinstance(saved.get("state"), dict):
+        raise UserError(f"{path} is not an evopress checkpoint; remove it or use --restart")
+    if saved["fingerprint"] != fingerprint:
+        raise UserError(f"{out} holds a search with different settings; use another --out or --restart")
+    try:
+        return SearchState.from_json(saved["state"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise UserError(f"{path} is damaged ({type(e).__name__}: {e}); use --restart") from e
+
+
+@contextmanager
+def claim_output(out: Path, recipe: Recipe, restart: bool = False) -> Iterator[Path]:
+    """Check and lock ``out`` before any model is loaded: writable, ours alone, not another run's result.
+
+    A finished result made with other settings is never overwritten without ``restart`` (the same
+    rule a search's checkpoint has always had); under torchrun only rank 0 writes, so only it locks.
+    """
+    if not is_main():
+        yield Path(out)
+        return
+    with locked_dir(out) as path:
+        if not restart and (path / RESULT).is_file():
+            if _saved_fingerprint(path / RESULT) != recipe.fingerprint():
+                raise UserError(f"{path} holds a result made with different settings; use another --out or --restart")
+        if not restart and (path / CHECKPOINT).is_file():
+            load_checkpoint(path, recipe.fingerprint())
+        yield path
+
+
+def _saved_fingerprint(path: Path) -> str | None:
+    saved = read_json(path)
+    try:
+        return Recipe.from_json(saved["recipe"]).fingerprint()
+    except (UserError, KeyError, TypeError):
+        return None
 
 
 def import_config(path: Path, recipe: Recipe, out: Path, log: Callable[[str], None] = print) -> dict[str, Any]:
     """A configuration found elsewhere (text, one ``module: level`` per line) as an evopress result."""
     if not Path(path).is_file():
         raise UserError(f"config {path} not found")
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise UserError(f"config {path} is not UTF-8 text (byte {e.start})") from e
     ctx = prepare(recipe, log)
-    config = parse_config(Path(path).read_text(), ctx.space, str(path))
+    config = parse_config(text, ctx.space, str(path))
     result = _result(ctx, config, [], 0.0)
-    write_json(Path(out) / RECIPE, recipe.to_json())
     save_result(ctx.space, Path(out), result)
     return result
 
@@ -228,7 +309,7 @@ def build_database(request: DatabaseRequest, progress: bool = True,
     if plugin.build is None:
         raise UserError(f"space '{request.space}' needs no database")
     dev = resolve_device(request.device)
-    loaded = load_model(request.model, dev, resolve_dtype(request.dtype, dev))
+    loaded = load_model(request.model, dev, resolve_dtype(request.dtype, dev), log)
     pool = load_pool(loaded.tokenizer, request.data, "calibration", request.seq_len, request.calib_tokens)
     log(f"building a '{request.space}' database for {loaded.name} on {pool.tokens} tokens of '{request.data}'")
     start = time.perf_counter()
@@ -265,5 +346,6 @@ def evaluate_results(dirs: list[Path], settings: EvalSettings, device: str | Non
         result, loaded, space, config = load_result(out, device, dtype, loaded)
         held_out = held_out or HeldOut(loaded, loaded.decoder, settings)
         extra = {"lm_eval": lm_eval_tasks(loaded, space, config, settings)} if settings.lm_eval else None
-        reports.append(write_eval(Path(out), result, held_out.measure(space, config), log, extra))
+        log(f"evaluating {out} ({result['method']}, {result['space']} {result['target']:g})")
+        reports.append(write_eval(Path(out), result, held_out.measure(space, config, log), log, extra))
     return reports

@@ -9,13 +9,16 @@ from __future__ import annotations
 
 import hashlib
 import json
+import types
+import typing
 from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
 from typing import Any, Mapping
 
 from .errors import UserError
 from .evolution import SearchConfig
 from .fitness import FitnessConfig
-from .spaces import DEFAULT_SPACE
+from .spaces import DEFAULT_SPACE, check_space_settings
 
 # speed knobs older recipes may still carry; they never changed results, so they are dropped on load
 _RETIRED_FITNESS_KEYS = ("logit_cache_bytes",)
@@ -59,6 +62,54 @@ class Recipe:
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 
+def _type_ok(value: Any, hint: Any) -> bool:
+    """Whether a value read from YAML/JSON/kwargs fits a dataclass field's annotation."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if hint is Any:
+        return True
+    if origin in (typing.Union, types.UnionType):
+        return any(_type_ok(value, a) for a in args)
+    if hint is type(None):
+        return value is None
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            return False
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            return len(value) == len(args) and all(_type_ok(v, a) for v, a in zip(value, args))
+        return all(_type_ok(v, args[0]) for v in value) if args else True
+    if origin is dict:
+        return isinstance(value, dict)
+    return isinstance(value, hint)
+
+
+def _check_types(settings: Mapping[str, Any], cls: type, section: str = "") -> None:
+    hints = typing.get_type_hints(cls)
+    for key, value in settings.items():
+        if key in hints and not _type_ok(value, hints[key]):
+            shown = str(hints[key]).replace("typing.", "")
+            raise UserError(f"bad recipe: {section}{key} = {value!r} is not {shown}")
+
+
+def _check_ranges(recipe: Recipe) -> None:
+    positive = {"seq_len": recipe.seq_len - 1, "final_tokens": recipe.final_tokens,
+                "baseline_tokens": recipe.baseline_tokens, "random_candidates": recipe.random_candidates,
+                "fitness.batch_size": recipe.fitness.batch_size, "fitness.chunk_tokens": recipe.fitness.chunk_tokens,
+                "search.initial_candidates": recipe.search.initial_candidates,
+                "search.initial_tokens": recipe.search.initial_tokens}
+    if recipe.calib_tokens is not None:
+        positive["calib_tokens"] = recipe.calib_tokens
+    for name, value in positive.items():
+        if value < 1:
+            limit = "2" if name == "seq_len" else "1"
+            raise UserError(f"{name} (--{name.split('.')[-1].replace('_', '-')}) must be at least {limit}")
+    if recipe.fitness.cache_bytes < 0:
+        raise UserError("--prefix-cache-gb must be >= 0")
+
+
 def _split(settings: dict[str, Any], cls: type) -> dict[str, Any]:
     names = {f.name for f in fields(cls)}
     return {k: settings.pop(k) for k in list(settings) if k in names}
@@ -71,16 +122,24 @@ def make_recipe(mapping: Mapping[str, Any] | None = None, /, **settings: Any) ->
     recipe.json) or given flat at top level (as the Python API takes them).
     """
     settings = {**(mapping or {}), **settings}
+    for section in ("search", "fitness"):
+        if not isinstance(settings.get(section) or {}, dict):
+            raise UserError(f"bad recipe: '{section}' must be a mapping of settings")
     search = {**(settings.pop("search", None) or {}), **_split(settings, SearchConfig)}
     fitness = {**(settings.pop("fitness", None) or {}), **_split(settings, FitnessConfig)}
     fitness = {k: v for k, v in fitness.items() if k not in _RETIRED_FITNESS_KEYS}
+    unknown = sorted(set(settings) - {f.name for f in fields(Recipe)} - {"search", "fitness"})
+    if unknown:
+        raise UserError(f"bad recipe: unknown setting(s) {', '.join(unknown)}")
+    _check_types(settings, Recipe)
+    _check_types(search, SearchConfig, "search.")
+    _check_types(fitness, FitnessConfig, "fitness.")
     if "stages" in search:
         search["stages"] = [tuple(s) for s in search["stages"]]
-    try:
-        recipe = Recipe(**settings, search=SearchConfig(**search), fitness=FitnessConfig(**fitness))
-    except TypeError as e:
-        raise UserError(f"bad recipe: {e}") from e
+    if isinstance(settings.get("model"), str) and Path(settings["model"]).expanduser().exists():
+        settings["model"] = str(Path(settings["model"]).expanduser().resolve())  # evaluate from any directory
+    recipe = Recipe(**settings, search=SearchConfig(**search), fitness=FitnessConfig(**fitness))
     recipe.search.validate()
-    if recipe.fitness.cache_bytes < 0:
-        raise UserError("--prefix-cache-gb must be >= 0")
+    _check_ranges(recipe)
+    check_space_settings(recipe.space, recipe.target, recipe.space_options)
     return recipe

@@ -45,24 +45,30 @@ def label(run: dict[str, Any]) -> str:
 
 
 def markdown_table(runs: list[dict[str, Any]]) -> str:
+    """One table; runs of different models are grouped, each group under its own dense row."""
     sets = list(dict.fromkeys(s for r in runs if r["eval"] for s in r["eval"]["datasets"]))
-    head = ["method", "space", "target", "achieved", "calib KL"]
+    head = ["model", "method", "space", "target", "achieved", "calib KL"]
     for s in sets:
         head += [f"{s} PPL", f"{s} KL"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    dense = {s: r["eval"]["datasets"][s]["dense_ppl"] for r in runs if r["eval"] for s in r["eval"]["datasets"]}
-    if dense:
-        lines.append("| dense | | | | 0 | " + " | ".join(
-            f"{dense[s]:.2f} | 0" if s in dense else "- | -" for s in sets) + " |")
-    for r in runs:
-        achieved = r["budget"].get("achieved")
-        row = [label(r), r["space"], f"{r['target']:g}",
-               f"{achieved:.4f}" if isinstance(achieved, float) else str(achieved), f"{r['fitness']['kl']:.4f}"]
-        for s in sets:
-            e = (r["eval"] or {}).get("datasets", {}).get(s)
-            row += [f"{e['ppl']:.2f}", f"{e['kl']:.4f}"] if e else ["-", "-"]
-        lines.append("| " + " | ".join(row) + " |")
+    for model in dict.fromkeys(r["model"] for r in runs):
+        group = [r for r in runs if r["model"] == model]
+        dense = {s: r["eval"]["datasets"][s]["dense_ppl"] for r in group if r["eval"] for s in r["eval"]["datasets"]}
+        if dense:
+            lines.append(f"| {model} | dense | | | | 0 | " + " | ".join(
+                f"{dense[s]:.2f} | 0" if s in dense else "- | -" for s in sets) + " |")
+        lines += [_row(r, sets) for r in group]
     return "\n".join(lines)
+
+
+def _row(r: dict[str, Any], sets: list[str]) -> str:
+    achieved = r["budget"].get("achieved")
+    row = [r["model"], label(r), r["space"], f"{r['target']:g}",
+           f"{achieved:.4f}" if isinstance(achieved, float) else str(achieved), f"{r['fitness']['kl']:.4f}"]
+    for s in sets:
+        e = (r["eval"] or {}).get("datasets", {}).get(s)
+        row += [f"{e['ppl']:.2f}", f"{e['kl']:.4f}"] if e else ["-", "-"]
+    return "| " + " | ".join(row) + " |"
 
 
 def _save(fig, path: Path) -> None:
@@ -133,7 +139,8 @@ def plot_metrics(runs: list[dict[str, Any]], path: Path) -> bool:
         return False
     sets = list(evaluated[0]["eval"]["datasets"])
     fig, axes = plt.subplots(1, 2 * len(sets), figsize=(4 * len(sets) * 2, 3.5), squeeze=False)
-    names = [f"{label(r)}\n{r['target']:g}" for r in evaluated]
+    one_model = len({r["model"] for r in evaluated}) == 1
+    names = [f"{label(r)}\n{r['target']:g}" + ("" if one_model else f"\n{r['model']}") for r in evaluated]
     for i, s in enumerate(sets):
         for j, key in enumerate(("ppl", "kl")):
             ax = axes[0, 2 * i + j]
@@ -141,7 +148,7 @@ def plot_metrics(runs: list[dict[str, Any]], path: Path) -> bool:
             ax.bar(range(len(vals)), vals, color="tab:blue")
             ax.set_xticks(range(len(vals)), names, fontsize=7)
             ax.set_title(f"{s} held-out {key.upper()}", fontsize=9)
-            if key == "ppl":
+            if key == "ppl" and one_model and s in evaluated[0]["eval"]["datasets"]:
                 ax.axhline(evaluated[0]["eval"]["datasets"][s]["dense_ppl"], color="k", ls="--", lw=1,
                            label="dense")
                 ax.legend(fontsize=7)

@@ -37,19 +37,28 @@ def baselines(name: str) -> dict[str, Baseline]:
     return {**get_plugin(name).baselines, "random": best_of_random}
 
 
-def make_space(name: str, decoder: Decoder, target: float, options: dict[str, Any]) -> Space:
+def check_space_settings(name: str, target: float, options: dict[str, Any]) -> None:
+    """Refuse an unknown space, a target outside its range or an option it lacks, before any model loads."""
     plugin = get_plugin(name)
-    options = dict(options)
-    rules = options.pop("rules", None)
+    if plugin.check_target is not None:
+        plugin.check_target(target)
     accepted = inspect.signature(plugin.space).parameters
-    unknown = sorted(set(options) - set(accepted))
+    unknown = sorted(set(options) - set(accepted) - {"rules"})
     if unknown:  # e.g. a recipe's space_options meant for another space
         known = [k for k in accepted if k not in ("decoder", "target")]
         raise UserError(f"space '{name}' has no option {', '.join(map(repr, unknown))} "
                         f"(its options: {', '.join(known) or 'none'}, rules)")
-    space = plugin.space(decoder, target, **options)
+    if options.get("rules") is not None:
+        parse_rules(options["rules"])
+
+
+def make_space(name: str, decoder: Decoder, target: float, options: dict[str, Any]) -> Space:
+    check_space_settings(name, target, options)
+    options = dict(options)
+    rules = options.pop("rules", None)
+    space = get_plugin(name).space(decoder, target, **options)
     return ConstrainedSpace(space, parse_rules(rules)) if rules else space
 
 
 __all__ = ["Config", "Problem", "Space", "SpacePlugin", "PLUGINS", "DEFAULT_SPACE", "register", "get_plugin",
-           "baselines", "make_space"]
+           "baselines", "check_space_settings", "make_space"]

@@ -189,6 +189,7 @@ class SpacePlugin:
     name: str
     space: Callable[..., Space]  # (decoder, target, **options) -> Space
     target_help: str  # what --target means in this space
+    check_target: Callable[[float], None] | None = None  # raises UserError for a target out of range
     options: tuple[CliOption, ...] = ()  # search / baseline / import-config options -> space options
     baselines: Mapping[str, Baseline] = field(default_factory=dict)  # best-of-N random is added for all
     build: Builder | None = None  # level database builder, for spaces that need one

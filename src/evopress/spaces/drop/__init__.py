@@ -2,12 +2,13 @@
 
 from ..base import CliOption, SpacePlugin
 from . import baselines, export
-from .space import DropSpace, drop_count
+from .space import DropSpace, check_target, drop_count
 
 PLUGIN = SpacePlugin(
     name="drop",
     space=DropSpace,
     target_help="drop: fraction of sub-blocks of each kind to remove, e.g. 0.25",
+    check_target=check_target,
     options=(CliOption(("--granularity",), "granularity", "drop: sublayer (attention and MLP separately, as in "
                        "the paper) or block (whole blocks)", default="sublayer"),),
     baselines={"shortgpt": baselines.shortgpt, "angular": baselines.angular},

@@ -33,9 +33,13 @@ class DroppedMLP(nn.Module):
         return torch.zeros_like(hidden_states)
 
 
-def drop_count(target: float, blocks: int) -> int:
+def check_target(target: float) -> None:
     if not 0.0 < target < 1.0:
         raise UserError(f"--target {target} out of range: depth targets are fractions in (0, 1)")
+
+
+def drop_count(target: float, blocks: int) -> int:
+    check_target(target)
     k = math.floor(target * blocks + 1e-9)
     if k == 0:
         raise UserError(f"--target {target} drops nothing on a {blocks}-block model (floor({target}*{blocks}) = 0)")

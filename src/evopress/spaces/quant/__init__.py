@@ -3,12 +3,13 @@
 from ..base import CliOption, SpacePlugin
 from ..layerwise import DB_OPTION, group_rule_option
 from . import baselines, build, export
-from .space import QuantSpace
+from .space import QuantSpace, check_target
 
 PLUGIN = SpacePlugin(
     name="quant",
     space=QuantSpace,
     target_help="quant: average bits per weight, e.g. 3 or 2.5",
+    check_target=check_target,
     options=(
         DB_OPTION,
         group_rule_option("quant", "size", "size (equal-size layers) or name (same projection)"),

@@ -14,6 +14,7 @@ from ...compressors.gptq import QuantGrid
 from ...errors import UserError
 
 DEFAULT_BITS = (2, 3, 4, 5, 6, 8)
+MAX_BITS = 8  # codes are stored in uint8
 SCALE_BITS = 16  # one fp16 scale per group
 MAX_DP_STATES = 50_000_000  # reachable-total DP array; far above any grid whose groups divide in_features
 
@@ -25,7 +26,7 @@ def parse_bits(text: str | Sequence[int] | None, default: Sequence[int] = DEFAUL
         bits = [int(b) for b in (text.split(",") if isinstance(text, str) else text)]
     except ValueError:
         bits = []
-    if not bits or any(not 1 <= b <= 8 for b in bits) or len(set(bits)) != len(bits):
+    if not bits or any(not 1 <= b <= MAX_BITS for b in bits) or len(set(bits)) != len(bits):
         raise UserError(f"--bits '{text}' must be distinct integers in 1..8, e.g. 2,3,4,5,6,8")
     return tuple(sorted(bits))
 

@@ -41,9 +41,15 @@ from ...models import Decoder
 from ..base import Config, Problem
 from ..layerwise import LayerwiseSpace
 from .build import packed_keys
-from .levels import default_levels, exact_knapsack, level_cost, max_reachable
+from .levels import MAX_BITS, default_levels, exact_knapsack, level_cost, max_reachable
 
 GROUP_RULES = ("size", "name")
+
+
+def check_target(target: float) -> None:
+    if not 0 < target <= MAX_BITS:
+        raise UserError(f"--target {target}: quant targets are average bits per weight in (0, {MAX_BITS}], "
+                        "e.g. 3 or 2.5")
 
 
 class QuantSpace(LayerwiseSpace):
@@ -54,8 +60,7 @@ class QuantSpace(LayerwiseSpace):
         if group_rule not in GROUP_RULES:
             raise UserError(f"unknown --group-rule '{group_rule}' for quant (choose from {', '.join(GROUP_RULES)}; "
                             "'global' cannot keep an exact bit budget across layers of different sizes)")
-        if not target > 0:
-            raise UserError(f"--target {target}: quant targets are average bits per weight, e.g. 3 or 2.5")
+        check_target(target)
         super().__init__(decoder, target, db)
         self.group_rule = group_rule
         self.overhead = overhead
@@ -70,6 +75,11 @@ class QuantSpace(LayerwiseSpace):
         self.numel = sum(o * i for o, i in self.shapes)
         costs = tuple(tuple(level_cost(b, s, self.grid(b), overhead) for b in self.bits) for s in self.shapes)
         self.target_bits = math.floor(Fraction(str(target)) * self.numel)
+        top = sum(c[-1] for c in costs)
+        if Fraction(str(target)) * self.numel > top:
+            raise UserError(f"--target {target} is above the most expensive configuration ({top / self.numel:.4f} "
+                            f"bits per weight with every layer at {self.bits[-1]} bits, {self.accounting()}); "
+                            f"database {self.db.root} offers levels {','.join(map(str, self.bits))} bits")
         budget = max_reachable(costs, self.target_bits)
         if budget is None:
             lowest = sum(c[0] for c in costs) / self.numel

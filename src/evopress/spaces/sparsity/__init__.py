@@ -3,12 +3,13 @@
 from ..base import CliOption, SpacePlugin
 from ..layerwise import DB_OPTION, group_rule_option
 from . import baselines, build, export
-from .space import SparsitySpace
+from .space import SparsitySpace, check_target
 
 PLUGIN = SpacePlugin(
     name="sparsity",
     space=SparsitySpace,
     target_help="sparsity: average fraction of zeros in the blocks' linear weights, e.g. 0.5",
+    check_target=check_target,
     options=(DB_OPTION, group_rule_option("sparsity", "global", "global (any layer with any other) or size "
                                           "(equal-size layers)")),
     baselines={"uniform": baselines.uniform, "owl": baselines.owl},

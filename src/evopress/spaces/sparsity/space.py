@@ -46,14 +46,18 @@ GROUP_RULES = ("global", "size")
 RANDOM_WALK = 4  # random_config: switches per unit from the uniform configuration
 
 
+def check_target(target: float) -> None:
+    if not 0 <= target <= 1:
+        raise UserError(f"--target {target}: sparsity targets are average fractions of zeros in [0, 1]")
+
+
 class SparsitySpace(LayerwiseSpace):
     name = "sparsity"
 
     def __init__(self, decoder: Decoder, target: float, db: str | None = None, group_rule: str = "global"):
         if group_rule not in GROUP_RULES:
             raise UserError(f"unknown --group-rule '{group_rule}' for sparsity (choose from {', '.join(GROUP_RULES)})")
-        if not 0 <= target <= 1:
-            raise UserError(f"--target {target}: sparsity targets are average fractions of zeros in [0, 1]")
+        check_target(target)
         super().__init__(decoder, target, db)
         self.group_rule = group_rule
         manifest = self.db.manifest
