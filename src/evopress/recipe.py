@@ -18,7 +18,7 @@ from typing import Any, Mapping
 from .errors import UserError
 from .evolution import SearchConfig
 from .fitness import FitnessConfig
-from .spaces import DEFAULT_SPACE, check_space_settings
+from .spaces import DEFAULT_SPACE, baselines, check_space_settings
 
 # speed knobs older recipes may still carry; they never changed results, so they are dropped on load
 _RETIRED_FITNESS_KEYS = ("logit_cache_bytes",)
@@ -142,4 +142,8 @@ def make_recipe(mapping: Mapping[str, Any] | None = None, /, **settings: Any) ->
     recipe.search.validate()
     _check_ranges(recipe)
     check_space_settings(recipe.space, recipe.target, recipe.space_options)
+    methods = baselines(recipe.space)
+    for method in [recipe.method] * (recipe.method not in ("evopress", "imported")) + recipe.init_from:
+        if method not in methods:
+            raise UserError(f"unknown method '{method}' for space '{recipe.space}' (choose from {', '.join(methods)})")
     return recipe
