@@ -17,6 +17,7 @@ from typing import Any, Callable
 from .errors import UserError
 from .evolution import SearchConfig
 from .fitness import METRICS, FitnessConfig
+from .models import Hardware
 from .recipe import Recipe, make_recipe
 from .spaces import DEFAULT_SPACE, PLUGINS, SpacePlugin, baselines, get_plugin
 from .spaces.base import CliOption
@@ -40,12 +41,22 @@ def parse_stages(text: str) -> list[tuple[int, int]]:
     return stages  # type: ignore[return-value]
 
 
-def _model_args(p: argparse.ArgumentParser, calib_tokens: int = 32768) -> None:
+def _hardware_args(p: argparse.ArgumentParser, placement: bool = True) -> None:
+    p.add_argument("--device", default=None, help="cuda, cuda:1, cpu, ... (default: CUDA when present); with "
+                   "--device-map, where the embeddings and LM head live")
+    p.add_argument("--dtype", default=None, help="float32, bfloat16, float16 (default: fp32 on CPU, bf16 on GPU)")
+    if placement:
+        p.add_argument("--device-map", default=None, help="spread the decoder blocks: auto, balanced, or JSON "
+                       "{module: device} (devices: GPU index, cpu, disk); see docs/scaling.md")
+        p.add_argument("--max-memory", default=None, help="memory per device for --device-map, e.g. "
+                       "'0=70GiB,1=70GiB,cpu=200GiB'; blocks past it are offloaded to CPU RAM or disk")
+
+
+def _model_args(p: argparse.ArgumentParser, calib_tokens: int = 32768, placement: bool = True) -> None:
     p.add_argument("--model", default=None, help="local HF model directory or .gguf file (default: "
                    "embedded SmolLM2-135M-Instruct)")
     p.add_argument("--data", default="wiki", help="calibration text: wiki, ptb, or a .txt/.jsonl file")
-    p.add_argument("--device", default=None, help="cuda, cuda:1, cpu, ... (default: CUDA when present)")
-    p.add_argument("--dtype", default=None, help="float32, bfloat16, float16 (default: fp32 on CPU, bf16 on GPU)")
+    _hardware_args(p, placement)
     p.add_argument("--seq-len", type=int, default=256, help="calibration window length in tokens")
     p.add_argument("--calib-tokens", type=int, default=calib_tokens, help="size of the calibration pool")
 
@@ -130,8 +141,7 @@ def _add_eval(sub: Any) -> None:
     e.add_argument("--eval-data", default="wiki,ptb", help="comma-separated: wiki, ptb, or files")
     e.add_argument("--eval-tokens", type=int, default=16384, help="tokens per evaluation set")
     e.add_argument("--eval-seq-len", type=int, default=512)
-    e.add_argument("--device", default=None)
-    e.add_argument("--dtype", default=None)
+    _hardware_args(e)
     e.add_argument("--batch-size", type=int, default=4)
     e.add_argument("--lm-eval", default=None, help="comma-separated lm-evaluation-harness tasks (zero-shot), "
                    "e.g. arc_easy,arc_challenge,hellaswag,piqa,winogrande; needs lm-eval and local task data")
@@ -145,7 +155,7 @@ def _add_build_db(sub: Any) -> None:
     buildable = [name for name, plugin in PLUGINS.items() if plugin.build is not None]
     db = sub.add_parser("build-db", help=f"build a level database ({', '.join(buildable)})")
     db.add_argument("--space", required=True, help=" or ".join(buildable))
-    _model_args(db, calib_tokens=16384)
+    _model_args(db, calib_tokens=16384, placement=False)
     db.add_argument("--batch-size", type=int, default=8)
     _space_options(db, [o for plugin in PLUGINS.values() for o in plugin.build_options])
     db.add_argument("--out", type=Path, required=True)
@@ -156,8 +166,7 @@ def _add_export(sub: Any) -> None:
     x = sub.add_parser("export", help="write a compressed checkpoint that transformers loads")
     x.add_argument("dir", type=Path)
     x.add_argument("--out", type=Path, required=True)
-    x.add_argument("--device", default=None)
-    x.add_argument("--dtype", default=None)
+    _hardware_args(x)
     _output(x)
 
 
@@ -185,6 +194,10 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _hardware(args: argparse.Namespace) -> Hardware:
+    return Hardware(args.device, args.dtype, args.device_map, args.max_memory)
+
+
 def _declared(args: argparse.Namespace, plugin: SpacePlugin, options: tuple[CliOption, ...],
               everything: list[CliOption]) -> dict[str, Any]:
     """Values of ``plugin``'s options; an option set on the command line that this space lacks is a mistake."""
@@ -205,7 +218,7 @@ def recipe_from_args(args: argparse.Namespace, method: str) -> Recipe:
         options["rules"] = load_yaml(args.rules, "rules")
     settings: dict[str, Any] = dict(
         space=args.space, target=args.target, method=method, model=args.model, data=args.data, device=args.device,
-        dtype=args.dtype, seq_len=args.seq_len, calib_tokens=args.calib_tokens, space_options=options,
+        dtype=args.dtype, device_map=args.device_map, max_memory=args.max_memory, seq_len=args.seq_len, calib_tokens=args.calib_tokens, space_options=options,
         final_tokens=args.final_tokens, seed=args.seed, metric=args.fitness, batch_size=args.batch_size)
     if args.command == "search":
         settings.update(generations=args.generations, offspring=args.offspring, stages=parse_stages(args.stages),
@@ -269,7 +282,7 @@ def _build_db(args: argparse.Namespace, log: Log) -> dict[str, Any]:
 def _export(args: argparse.Namespace, log: Log) -> dict[str, Any]:
     from .pipeline import export_result
 
-    return export_result(args.dir, args.out, args.device, args.dtype, log)
+    return export_result(args.dir, args.out, _hardware(args), log)
 
 
 def _eval(args: argparse.Namespace, log: Log) -> Any:
@@ -279,7 +292,7 @@ def _eval(args: argparse.Namespace, log: Log) -> Any:
     settings = EvalSettings([d for d in args.eval_data.split(",") if d], args.eval_tokens, args.eval_seq_len,
                             args.batch_size, [t for t in args.lm_eval.split(",") if t] if args.lm_eval else None,
                             args.lm_eval_limit, args.lm_eval_include)
-    reports = evaluate_results(args.dirs, settings, args.device, args.dtype, log, progress=not args.quiet)
+    reports = evaluate_results(args.dirs, settings, _hardware(args), log, progress=not args.quiet)
     return reports[0] if len(reports) == 1 else reports
 
 

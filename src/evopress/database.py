@@ -31,6 +31,7 @@ from .data import TokenPool
 from .errors import UserError
 from .io import atomic_write, read_json, write_json
 from .models import Decoder
+from .placement import named_parameters
 
 MANIFEST = "manifest.json"
 BUILD = "build.json"  # settings of a build in progress (see BuildLog)
@@ -48,7 +49,7 @@ def model_fingerprint(model: nn.Module) -> str:
         meta = ("dtype", "torch_dtype", "_name_or_path", "transformers_version", "architectures")
         d = {k: v for k, v in config.to_dict().items() if k not in meta}
         h.update(json.dumps(d, sort_keys=True, default=str).encode())
-    for name, p in model.named_parameters():
+    for name, p in named_parameters(model):  # offloaded weights are read back from their map
         flat = p.detach().reshape(-1)
         step = max(1, flat.numel() // 256)
         h.update(name.encode() + str(tuple(p.shape)).encode())

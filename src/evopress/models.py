@@ -22,6 +22,7 @@ from torch import nn
 from . import assets
 from .errors import UserError
 from .io import cache_dir
+from .placement import CheckpointReader, device_map_for, execution_device, parse_device_map, parse_max_memory
 
 DEFAULT_MODEL = "default"
 _ATTN_NAMES = ("self_attn", "attn", "attention", "self_attention")
@@ -55,6 +56,36 @@ def resolve_dtype(dtype: str | None, device: torch.device) -> torch.dtype:
     return table[dtype]
 
 
+@dataclass(frozen=True)
+class Hardware:
+    """Where and in which precision a model runs (``--device``, ``--dtype``, ``--device-map``, ``--max-memory``).
+
+    Placement never changes what is computed, so only the dtype enters a run's fingerprint.
+    """
+
+    device: str | None = None
+    dtype: str | None = None
+    device_map: str | None = None  # auto, balanced, or JSON {module: device}
+    max_memory: str | None = None  # e.g. "0=70GiB,1=70GiB,cpu=200GiB"
+
+    def or_(self, default: "Hardware") -> "Hardware":
+        """These settings, with ``default``'s where none was given (e.g. a saved recipe's)."""
+        return Hardware(*(a if a is not None else b for a, b in zip(
+            (self.device, self.dtype, self.device_map, self.max_memory),
+            (default.device, default.dtype, default.device_map, default.max_memory))))
+
+    def check(self) -> None:
+        """Refuse a bad setting before anything is loaded."""
+        resolve_dtype(self.dtype, resolve_device(self.device))
+        parse_device_map(self.device_map)
+        parse_max_memory(self.max_memory)
+
+    def load(self, spec: str | None, log: Callable[[str], None] = lambda msg: None) -> "LoadedModel":
+        device = resolve_device(self.device)
+        return load_model(spec, device, resolve_dtype(self.dtype, device), log, parse_device_map(self.device_map),
+                          parse_max_memory(self.max_memory))
+
+
 @dataclass
 class LoadedModel:
     model: nn.Module
@@ -65,7 +96,7 @@ class LoadedModel:
     @cached_property
     def decoder(self) -> "Decoder":
         """The one structural view of this model: every space built on the model must share it."""
-        return Decoder(self.model)
+        return Decoder(self.model, CheckpointReader.open(self.path))
 
 
 def _file_key(path: Path) -> str:
@@ -123,7 +154,13 @@ def resolve_model_path(spec: str | None, log: Callable[[str], None] = lambda msg
 
 
 def load_model(spec: str | None, device: torch.device, dtype: torch.dtype,
-               log: Callable[[str], None] = lambda msg: None) -> LoadedModel:
+               log: Callable[[str], None] = lambda msg: None, device_map: str | dict[str, Any] | None = None,
+               max_memory: dict[Any, str] | None = None) -> LoadedModel:
+    """The model straight onto its device(s) from memory-mapped safetensors: no full copy in host RAM.
+
+    Without ``device_map``/``max_memory`` everything goes to ``device``; with them the decoder
+    blocks are placed by accelerate (``placement.device_map_for``) and the rest stays on ``device``.
+    """
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
@@ -132,12 +169,37 @@ def load_model(spec: str | None, device: torch.device, dtype: torch.dtype,
     name, path = resolve_model_path(spec, log)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        placed = {"": device} if device_map is None and max_memory is None else \
+            _block_map(path, device, dtype, device_map or "auto", max_memory)
         model = AutoModelForCausalLM.from_pretrained(
-            path, dtype=dtype, local_files_only=True, attn_implementation="sdpa")
+            path, dtype=dtype, local_files_only=True, attn_implementation="sdpa", device_map=placed,
+            offload_folder=str(cache_dir() / "offload"))
     except (ValueError, KeyError, OSError) as e:
         raise UserError(f"cannot load model from {path}: {str(e).splitlines()[0]}") from e
-    model.to(device).eval().requires_grad_(False)
+    model.eval().requires_grad_(False)
+    if device_map is not None or max_memory is not None:
+        log(f"placement: {_placement_summary(getattr(model, 'hf_device_map', {}))}")
     return LoadedModel(model, tokenizer, name, path)
+
+
+def _block_map(path: Path, device: torch.device, dtype: torch.dtype, device_map: str | dict[str, Any],
+               max_memory: dict[Any, str] | None) -> dict[str, Any]:
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    with init_empty_weights():
+        empty = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path, local_files_only=True),
+                                                 dtype=dtype)
+    decoder = Decoder(empty)
+    prefix = next(n for n, m in empty.named_modules() if m is decoder.layers)
+    return device_map_for(empty, prefix, decoder.num_blocks, device, device_map, max_memory, dtype)
+
+
+def _placement_summary(device_map: dict[str, Any]) -> str:
+    counts: dict[str, int] = {}
+    for where in device_map.values():
+        counts[str(where)] = counts.get(str(where), 0) + 1
+    return ", ".join(f"{n} module group(s) on {where}" for where, n in counts.items())
 
 
 def _child_by_name(module: nn.Module, names: tuple[str, ...], class_hint: tuple[str, ...]) -> str | None:
@@ -177,8 +239,9 @@ class BlockInputs:
 class Decoder:
     """Structural view of a causal LM as embeddings -> blocks -> norm -> head."""
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, checkpoint: CheckpointReader | None = None):
         self.model = model
+        self.checkpoint = checkpoint  # where dense weights can be re-read from, if the model came from disk
         self.config = getattr(model, "config", None)
         self.layers, self.base = self._find_layers(model)
         block = self.layers[0]
@@ -219,7 +282,8 @@ class Decoder:
 
     @property
     def device(self) -> torch.device:
-        return self.head.weight.device
+        """Where candidates enter and leave the block stack (the head's device; blocks may be elsewhere)."""
+        return execution_device(self.head)
 
     def attn(self, b: int) -> nn.Module:
         return getattr(self.layers[b], self.attn_attr)

@@ -22,7 +22,7 @@ from .errors import UserError
 from .fitness import Evaluator, FitnessConfig
 from .interchange import parse_config, write_config
 from .io import locked_dir, read_json, write_json
-from .models import Decoder, LoadedModel, load_model, resolve_device, resolve_dtype
+from .models import Decoder, Hardware, LoadedModel, load_model, resolve_device, resolve_dtype
 from .evolution import SearchState, evolve
 from .recipe import Recipe
 from .spaces import Space, baselines, get_plugin, make_space
@@ -46,14 +46,13 @@ class Context:
 
 
 def prepare(recipe: Recipe, log: Callable[[str], None] = print) -> Context:
-    device = resolve_device(recipe.device)
-    dtype = resolve_dtype(recipe.dtype, device)
-    loaded = load_model(recipe.model, device, dtype, log)
+    loaded = recipe.hardware.load(recipe.model, log)
     decoder = loaded.decoder
     space = make_space(recipe.space, decoder, recipe.target, recipe.space_options)
     pool = load_pool(loaded.tokenizer, recipe.data, "calibration", recipe.seq_len, recipe.calib_tokens)
     space.check_calibration(pool)
-    log(f"model {loaded.name}: {decoder.num_blocks} blocks on {device} ({dtype}); calibration "
+    log(f"model {loaded.name}: {decoder.num_blocks} blocks, head on {decoder.device} ({decoder.head.weight.dtype}); "
+        "calibration "
         f"{pool.tokens} tokens of '{recipe.data}' in {len(pool.windows)} windows of {pool.seq_len}")
     return Context(recipe, loaded, decoder, pool, space, Evaluator(space, pool, recipe.fitness))
 
@@ -269,14 +268,13 @@ def import_config(path: Path, recipe: Recipe, out: Path, log: Callable[[str], No
     return result
 
 
-def load_result(out: Path, device: str | None, dtype: str | None,
+def load_result(out: Path, hardware: Hardware = Hardware(),
                 loaded: LoadedModel | None = None) -> tuple[dict, LoadedModel, Space, Config]:
     """A saved result with its model loaded (or reused) and its space rebuilt, checked against each other."""
     result = read_json(Path(out) / RESULT)
     recipe = Recipe.from_json(result["recipe"])
     if loaded is None:
-        dev = resolve_device(device or recipe.device)
-        loaded = load_model(recipe.model, dev, resolve_dtype(dtype or recipe.dtype, dev))
+        loaded = hardware.or_(recipe.hardware).load(recipe.model)
     space = make_space(result["space"], loaded.decoder, result["target"], result["space_options"])
     units = space.model_space.units
     if list(units) != list(result["units"]) or len(result["levels"]) != len(units):
@@ -318,9 +316,9 @@ def build_database(request: DatabaseRequest, progress: bool = True,
     return manifest
 
 
-def export_result(out: Path, target: Path, device: str | None = None, dtype: str | None = None,
+def export_result(out: Path, target: Path, hardware: Hardware = Hardware(),
                   log: Callable[[str], None] = print) -> dict[str, Any]:
-    result, loaded, space, config = load_result(out, device, dtype)
+    result, loaded, space, config = load_result(out, hardware)
     exporter = get_plugin(result["space"]).export
     if exporter is None:
         raise UserError(f"export is not supported for space '{result['space']}'")
@@ -329,9 +327,8 @@ def export_result(out: Path, target: Path, device: str | None = None, dtype: str
     return summary
 
 
-def evaluate_results(dirs: list[Path], settings: EvalSettings, device: str | None = None,
-                     dtype: str | None = None, log: Callable[[str], None] = print,
-                     progress: bool = False) -> list[dict[str, Any]]:
+def evaluate_results(dirs: list[Path], settings: EvalSettings, hardware: Hardware = Hardware(),
+                     log: Callable[[str], None] = print, progress: bool = False) -> list[dict[str, Any]]:
     """Held-out PPL and KL for each saved result; results of one model share the model and teachers."""
     from tqdm.auto import tqdm
 
@@ -343,7 +340,7 @@ def evaluate_results(dirs: list[Path], settings: EvalSettings, device: str | Non
     for out, model in zip(tqdm(dirs, desc="eval", unit="result", disable=not progress), models):
         if loaded is not None and model != loaded.name and not (model is None and loaded.name == "default"):
             loaded = held_out = None
-        result, loaded, space, config = load_result(out, device, dtype, loaded)
+        result, loaded, space, config = load_result(out, hardware, loaded)
         held_out = held_out or HeldOut(loaded, loaded.decoder, settings)
         extra = {"lm_eval": lm_eval_tasks(loaded, space, config, settings)} if settings.lm_eval else None
         log(f"evaluating {out} ({result['method']}, {result['space']} {result['target']:g})")

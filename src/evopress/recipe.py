@@ -18,6 +18,7 @@ from typing import Any, Mapping
 from .errors import UserError
 from .evolution import SearchConfig
 from .fitness import FitnessConfig
+from .models import Hardware
 from .spaces import DEFAULT_SPACE, baselines, check_space_settings
 
 # speed knobs older recipes may still carry; they never changed results, so they are dropped on load
@@ -35,6 +36,8 @@ class Recipe:
     data: str = "wiki"
     device: str | None = None
     dtype: str | None = None
+    device_map: str | None = None  # placement across devices / offload: never changes results
+    max_memory: str | None = None
     seq_len: int = 256
     calib_tokens: int = 32768
     space_options: dict[str, Any] = field(default_factory=dict)
@@ -48,14 +51,18 @@ class Recipe:
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
 
+    @property
+    def hardware(self) -> Hardware:
+        return Hardware(self.device, self.dtype, self.device_map, self.max_memory)
+
     @staticmethod
     def from_json(d: Mapping[str, Any]) -> "Recipe":
         return make_recipe(d)
 
     def fingerprint(self) -> str:
-        """What a resumed run must share with the checkpoint (device, dtype and speed knobs excluded)."""
+        """What a resumed run must share with the checkpoint (placement and speed knobs excluded)."""
         d = self.to_json()
-        for k in ("device",):
+        for k in ("device", "device_map", "max_memory"):
             d.pop(k)
         for k in ("batch_size", "chunk_tokens", "prefix_reuse", "cache_bytes"):
             d["fitness"].pop(k)
@@ -142,6 +149,7 @@ def make_recipe(mapping: Mapping[str, Any] | None = None, /, **settings: Any) ->
     recipe.search.validate()
     _check_ranges(recipe)
     check_space_settings(recipe.space, recipe.target, recipe.space_options)
+    recipe.hardware.check()
     methods = baselines(recipe.space)
     for method in [recipe.method] * (recipe.method not in ("evopress", "imported")) + recipe.init_from:
         if method not in methods:

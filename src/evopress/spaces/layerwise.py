@@ -23,6 +23,7 @@ from ..database import (BuildLog, ByteLRU, Database, VariantCache, calibrate_blo
                         linear_units, model_fingerprint, save_layer, tensor_bytes)
 from ..errors import UserError
 from ..models import Decoder
+from ..placement import WeightOverride, offload_hook
 from .base import CliOption, Config, Space
 
 
@@ -61,8 +62,24 @@ class LayerwiseSpace(Space):
         self.units, self.unit_block, self.layers = linear_units(decoder, self.db)
         self._variants = VariantCache(self.db)
         self._decoded = ByteLRU(self.DECODED_CACHE_BYTES)
-        self._dense = [m.weight.data.to("cpu") for m in self.layers]
+        self._offload = [offload_hook(m) for m in self.layers]
+        self._maps = [hook.weights_map if hook is not None else None for hook in self._offload]
+        self._dense = [self._dense_copy(u) for u in range(len(self.units))]
         self._current: list[int | None] = [None] * len(self.units)  # level each layer holds (None: dense)
+
+    def _dense_copy(self, u: int) -> torch.Tensor | None:
+        """A host copy of the dense weight, kept only where it cannot be re-read from elsewhere.
+
+        Offloaded layers restore from their weights map and checkpoint-backed layers from the
+        memory-mapped checkpoint; only a model built in code (or one whose checkpoint names differ
+        from its modules) keeps a copy, which on a CPU model is the weight itself, not a copy.
+        """
+        layer, checkpoint = self.layers[u], self.decoder.checkpoint
+        if self._offload[u] is not None:
+            return None
+        if checkpoint is not None and checkpoint.matches(f"{self.units[u]}.weight", layer.weight):
+            return None
+        return layer.weight.data.to("cpu")
 
     def check_layer_files(self, keys: Callable[[int], list[str]], load: Sequence[str] = ()) -> list[dict]:
         """Refuse a missing or truncated layer file now, not mid-search; returns the tensors in ``load``."""
@@ -81,10 +98,16 @@ class LayerwiseSpace(Space):
         return self._decoded.get((u, level), lambda: self.decode(u, level), tensor_bytes)
 
     def dense_weight(self, u: int) -> torch.Tensor:
-        return self._dense[u]
+        """The layer's dense weight, on the CPU (read back from wherever it is kept)."""
+        if self._dense[u] is not None:
+            return self._dense[u]
+        if self._maps[u] is not None:
+            return self._maps[u]["weight"].to("cpu")
+        return self.decoder.checkpoint.get(f"{self.units[u]}.weight", self.layers[u].weight, torch.device("cpu"))
 
     def device(self, u: int) -> torch.device:
-        return self.layers[u].weight.device
+        """Where the layer's levels are kept: its device, or the host for an offloaded layer."""
+        return torch.device("cpu") if self._offload[u] is not None else self.layers[u].weight.device
 
     @torch.no_grad()
     def apply(self, config: Config | None) -> None:
@@ -92,7 +115,12 @@ class LayerwiseSpace(Space):
             want = None if config is None else config[u]
             if want == self._current[u]:
                 continue
-            layer.weight.data = self._dense[u].to(self.device(u)) if want is None else self.weight(u, want)
+            hook = self._offload[u]
+            if hook is not None:  # the offload hook copies its weights map onto the device at each forward
+                hook.weights_map = self._maps[u] if want is None else WeightOverride(self._maps[u],
+                                                                                      {"weight": self.weight(u, want)})
+            else:
+                layer.weight.data = self.dense_weight(u).to(self.device(u)) if want is None else self.weight(u, want)
             self._current[u] = want
 
     def check_calibration(self, pool: Any) -> None:

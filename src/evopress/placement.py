@@ -1,0 +1,188 @@
+"""Where a model's weights live: one device, several, or offloaded to CPU RAM / disk, and how to read or
+replace a weight wherever it is.
+
+Why this is its own concern: a 70B model fits on no single accelerator and its host holds one copy of
+the weights at most. Models are loaded straight onto their devices from memory-mapped safetensors
+(no full host copy). Larger ones are placed by accelerate's device maps: decoder blocks spread over
+the GPUs and, past ``max_memory``, offloaded to CPU RAM or to disk (read back from the checkpoint's own
+safetensors files, block by block, at each forward). The embeddings, final norm and LM head always
+stay on the main device, because the fitness reads the head's weight directly and every candidate
+enters and leaves the block stack there. Block-boundary tensors move between devices as blocks
+demand (accelerate's hooks move each block's inputs to its execution device).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Iterator, Mapping
+
+import torch
+from safetensors import safe_open
+from torch import nn
+
+from .errors import UserError
+
+AUTO_MAPS = ("auto", "balanced")
+
+
+def offload_hook(module: nn.Module) -> Any | None:
+    """accelerate's hook that reloads ``module``'s weights at every forward, if it is offloaded."""
+    hook = getattr(module, "_hf_hook", None)
+    return hook if getattr(hook, "offload", False) else None
+
+
+def execution_device(module: nn.Module) -> torch.device:
+    """The device a module computes on (its weights may be kept elsewhere, e.g. offloaded to disk)."""
+    hook = getattr(module, "_hf_hook", None)
+    if getattr(hook, "execution_device", None) is not None:
+        dev = hook.execution_device
+        return torch.device(f"cuda:{dev}" if isinstance(dev, int) else dev)
+    param = next(module.parameters(), None)
+    return param.device if param is not None else torch.device("cpu")
+
+
+def named_parameters(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+    """``model.named_parameters()`` with offloaded ones read back (cast as the hook casts them at forward)."""
+    for module_name, module in model.named_modules():
+        hook = offload_hook(module)
+        for name, param in module.named_parameters(recurse=False):
+            full = f"{module_name}.{name}" if module_name else name
+            if param.device.type == "meta" and hook is not None:
+                yield full, hook.weights_map[name].to(param.dtype)
+            else:
+                yield full, param
+
+
+class WeightOverride(Mapping[str, torch.Tensor]):
+    """An offloaded module's weights map with some tensors replaced (a compressed level).
+
+    accelerate's offload hook copies ``weights_map[name]`` onto the execution device before every
+    forward, so replacing the map entry is how a level is put into an offloaded layer; restoring the
+    original map restores the dense weight straight from the checkpoint, with no copy kept anywhere.
+    """
+
+    def __init__(self, base: Mapping[str, torch.Tensor], replaced: dict[str, torch.Tensor]):
+        self.base, self.replaced = base, replaced
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        return self.replaced[key] if key in self.replaced else self.base[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.base.keys())
+
+    def __len__(self) -> int:
+        return len(self.base.keys())
+
+    def keys(self):  # accelerate asks the base map's keys() (full names, for int8 statistics)
+        return self.base.keys()
+
+
+class CheckpointReader:
+    """Tensors of a safetensors checkpoint, read memory-mapped one at a time.
+
+    Lets a space restore a layer's dense weight from disk instead of keeping a host copy of every
+    compressible weight (137 GB for a 70B model).
+    """
+
+    def __init__(self, files: dict[str, Path]):
+        self.files = files
+
+    @classmethod
+    def open(cls, root: Path) -> "CheckpointReader | None":
+        root = Path(root)
+        index = root / "model.safetensors.index.json"
+        if index.is_file():
+            weight_map = json.loads(index.read_text()).get("weight_map", {})
+            return cls({key: root / name for key, name in weight_map.items()})
+        single = root / "model.safetensors"
+        if single.is_file():
+            with safe_open(str(single), framework="pt") as f:
+                return cls({key: single for key in f.keys()})
+        return None
+
+    def get(self, key: str, like: torch.Tensor, device: torch.device) -> torch.Tensor | None:
+        """Tensor ``key`` cast as ``from_pretrained`` casts it (to ``like``'s dtype), or None if absent."""
+        if key not in self.files:
+            return None
+        with safe_open(str(self.files[key]), framework="pt") as f:
+            return f.get_tensor(key).to(device=device, dtype=like.dtype)
+
+    def matches(self, key: str, weight: torch.Tensor) -> bool:
+        """Whether ``key`` holds ``weight`` (its first row, read without loading the rest)."""
+        if key not in self.files or weight.device.type == "meta":
+            return False
+        with safe_open(str(self.files[key]), framework="pt") as f:
+            part = f.get_slice(key)
+            if tuple(part.get_shape()) != tuple(weight.shape):
+                return False
+            row = part[0:1].to(dtype=weight.dtype)
+        return torch.equal(row, weight[0:1].detach().cpu())
+
+
+def parse_max_memory(text: str | None) -> dict[Any, str] | None:
+    """``"0=70GiB,1=70GiB,cpu=200GiB"`` (or the same as JSON) -> accelerate's max_memory mapping."""
+    if not text:
+        return None
+    try:
+        raw = json.loads(text) if text.lstrip().startswith("{") else dict(p.split("=", 1) for p in text.split(","))
+    except ValueError:
+        raw = None
+    if not isinstance(raw, dict) or not raw:
+        raise UserError(f"--max-memory '{text}' must look like '0=70GiB,cpu=200GiB' (device=size, ...)")
+    return {int(k) if str(k).strip().isdigit() else str(k).strip(): str(v).strip() for k, v in raw.items()}
+
+
+def parse_device_map(text: str | None) -> str | dict[str, Any] | None:
+    """``auto``, ``balanced``, a JSON object {module: device}, or a path to a JSON file holding one."""
+    if not text:
+        return None
+    if text in AUTO_MAPS:
+        return text
+    source = Path(text).read_text() if Path(text).is_file() else text
+    try:
+        mapping = json.loads(source)
+    except json.JSONDecodeError:
+        mapping = None
+    if not isinstance(mapping, dict):
+        raise UserError(f"--device-map '{text}': use auto, balanced, or a JSON object {{module: device}}")
+    return mapping
+
+
+def device_map_for(empty: nn.Module, blocks_prefix: str, num_blocks: int, main: torch.device,
+                   device_map: str | dict[str, Any], max_memory: dict[Any, str] | None,
+                   dtype: torch.dtype) -> dict[str, Any]:
+    """Blocks spread by ``device_map`` (over GPUs, CPU RAM, disk); everything else on ``main``."""
+    if isinstance(device_map, dict):
+        placed = dict(device_map)
+    else:
+        from accelerate import infer_auto_device_map
+        from accelerate.utils import get_balanced_memory
+
+        no_split = list(getattr(empty, "_no_split_modules", None) or [])
+        no_split.append(type(empty.get_submodule(blocks_prefix)[0]).__name__)  # a block is never split
+        if device_map == "balanced":
+            max_memory = get_balanced_memory(empty, max_memory=max_memory, no_split_module_classes=no_split,
+                                             dtype=dtype)
+        placed = infer_auto_device_map(empty, max_memory=max_memory, no_split_module_classes=no_split, dtype=dtype)
+    home = main.index if main.type == "cuda" and main.index is not None else main.type
+    out = {name: home for name in _outside(empty, blocks_prefix)}
+    for b in range(num_blocks):
+        name = f"{blocks_prefix}.{b}"
+        owner = next((k for k in (name, blocks_prefix, "") if k in placed), None)
+        out[name] = placed[owner] if owner is not None else home
+    return out
+
+
+def _outside(module: nn.Module, blocks_prefix: str, prefix: str = "") -> list[str]:
+    """Names of the modules that together hold everything except the decoder blocks."""
+    names = []
+    for name, child in module.named_children():
+        full = f"{prefix}{name}"
+        if full == blocks_prefix:
+            continue
+        if blocks_prefix.startswith(full + "."):
+            names += _outside(child, blocks_prefix, full + ".")
+        else:
+            names.append(full)
+    return names

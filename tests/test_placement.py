@@ -1,0 +1,84 @@
+"""Models larger than a device: blocks offloaded (here to disk, on CPU) search exactly like a resident
+model; dense weights are restored from the memory-mapped checkpoint instead of a host copy."""
+
+import json
+
+import pytest
+import torch
+
+from evopress.cli import main
+from evopress.errors import UserError
+from evopress.models import Hardware
+from evopress.placement import offload_hook, parse_device_map, parse_max_memory
+
+OFFLOAD = ["--device", "cpu", "--device-map", "auto", "--max-memory", "cpu=30KB"]
+SEARCH = ["--generations", "3", "--offspring", "4", "--stages", "2:32,1:64", "--initial-candidates", "3",
+          "--initial-tokens", "64", "--final-tokens", "128"]
+
+
+def test_tiny_max_memory_offloads_the_blocks_and_keeps_the_head(tiny_checkpoint):
+    model, _ = tiny_checkpoint
+    loaded = Hardware("cpu", device_map="auto", max_memory="cpu=30KB").load(str(model))
+    decoder = loaded.decoder
+    assert all(offload_hook(layer.self_attn.q_proj) is not None for layer in decoder.layers)
+    assert all(layer.self_attn.q_proj.weight.device.type == "meta" for layer in decoder.layers)
+    assert decoder.head.weight.device.type == "cpu" and decoder.device == torch.device("cpu")
+    resident = Hardware("cpu").load(str(model)).model
+    ids = torch.randint(0, 50, (2, 16), generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(loaded.model(ids).logits, resident(ids).logits, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("space, build, target", [
+    ("drop", None, "0.34"), ("sparsity", ["--levels", "3"], "0.55"), ("quant", ["--bits", "2,3,4"], "2.5")])
+def test_offloaded_search_equals_resident_search(space, build, target, tiny_checkpoint, tmp_path):
+    model, text = tiny_checkpoint
+    common = ["--model", str(model), "--data", str(text), "--seq-len", "32", "--calib-tokens", "512", "--quiet"]
+    extra = []
+    if build:
+        assert main(["build-db", "--space", space, *build, "--out", str(tmp_path / "db"), *common]) == 0
+        extra = ["--db", str(tmp_path / "db")]
+    results = []
+    for name, placement in (("resident", []), ("offloaded", OFFLOAD)):
+        assert main(["search", "--space", space, "--target", target, *extra, *SEARCH, *placement,
+                     "--out", str(tmp_path / name), *common]) == 0
+        results.append(json.loads((tmp_path / name / "result.json").read_text()))
+    resident, offloaded = results
+    assert offloaded["levels"] == resident["levels"]
+    assert offloaded["fitness"]["kl"] == resident["fitness"]["kl"]
+    assert [h["fitness"] for h in offloaded["history"]] == [h["fitness"] for h in resident["history"]]
+    assert offloaded["recipe"]["max_memory"] == "cpu=30KB"  # recorded, but not part of the fingerprint
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_dense_weights_come_back_from_the_checkpoint_bit_for_bit(dtype, tiny_checkpoint, tmp_path):
+    from evopress.data import TokenPool
+    from evopress.spaces.quant.build import build_quant_database
+    from evopress.spaces.quant.space import QuantSpace
+
+    model, _ = tiny_checkpoint
+    pool = TokenPool(torch.randint(0, 50, (8, 16), generator=torch.Generator().manual_seed(1)), "random")
+    loaded = Hardware("cpu", dtype).load(str(model))
+    dense = {n: m.weight.detach().clone() for n, m in loaded.decoder.linear_layers().items()}
+    build_quant_database(Hardware("cpu", dtype).load(str(model)).decoder, pool, tmp_path / "db", (2, 3), 16, 0,
+                         batch_size=4, progress=False)
+    space = QuantSpace(loaded.decoder, 2.5, db=str(tmp_path / "db"))
+    assert all(copy is None for copy in space._dense)  # no host copy: the checkpoint is the dense source
+    space.apply((0,) * len(space.units))
+    assert not torch.equal(space.layers[0].weight, dense[space.units[0]])
+    space.apply(None)
+    for name, layer in zip(space.units, space.layers):
+        assert layer.weight.dtype == dense[name].dtype and torch.equal(layer.weight, dense[name])
+        assert torch.equal(space.dense_weight(space.units.index(name)), dense[name])
+
+
+def test_placement_settings_are_checked():
+    assert parse_max_memory("0=70GiB,cpu=200GiB") == {0: "70GiB", "cpu": "200GiB"}
+    assert parse_max_memory('{"cpu": "1GiB"}') == {"cpu": "1GiB"}
+    assert parse_device_map("balanced") == "balanced"
+    assert parse_device_map('{"model.layers.0": "disk"}') == {"model.layers.0": "disk"}
+    for bad in ("70GiB", "", "{}"):
+        if bad:
+            with pytest.raises(UserError, match="--max-memory"):
+                parse_max_memory(bad)
+    with pytest.raises(UserError, match="--device-map"):
+        parse_device_map("everywhere")
