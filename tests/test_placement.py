@@ -82,3 +82,25 @@ def test_placement_settings_are_checked():
                 parse_max_memory(bad)
     with pytest.raises(UserError, match="--device-map"):
         parse_device_map("everywhere")
+
+
+def test_a_database_built_in_bf16_serves_an_fp32_model_and_old_fingerprints_still_load(tiny_checkpoint, tmp_path):
+    from evopress.data import TokenPool
+    from evopress.database import MANIFEST, model_fingerprints
+    from evopress.io import read_json, write_json
+    from evopress.spaces.quant.build import build_quant_database
+    from evopress.spaces.quant.space import QuantSpace
+
+    model, _ = tiny_checkpoint
+    pool = TokenPool(torch.randint(0, 50, (8, 16), generator=torch.Generator().manual_seed(1)), "random")
+    build_quant_database(Hardware("cpu", "bfloat16").load(str(model)).decoder, pool, tmp_path / "db", (2, 3), 16, 0,
+                         batch_size=4, progress=False)
+    fp32 = Hardware("cpu", "float32").load(str(model)).decoder
+    assert model_fingerprints(fp32.model)[1] != read_json(tmp_path / "db" / MANIFEST)["model_fingerprint"]
+    QuantSpace(fp32, 2.5, db=str(tmp_path / "db"))  # the portable fingerprint matches across dtypes
+    manifest = read_json(tmp_path / "db" / MANIFEST)
+    write_json(tmp_path / "db" / MANIFEST, {**manifest, "model_fingerprint": model_fingerprints(fp32.model)[1]})
+    QuantSpace(fp32, 2.5, db=str(tmp_path / "db"))  # a database from before the portable fingerprint
+    write_json(tmp_path / "db" / MANIFEST, {**manifest, "model_fingerprint": "0123456789abcdef"})
+    with pytest.raises(UserError, match="built for another model"):
+        QuantSpace(fp32, 2.5, db=str(tmp_path / "db"))

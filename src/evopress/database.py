@@ -40,21 +40,33 @@ CACHE_ENV = "EVOPRESS_DB_CACHE_GB"
 DEFAULT_CACHE_GB = 8.0
 
 
-def model_fingerprint(model: nn.Module) -> str:
-    """Config plus a strided sample of every parameter: cheap even at 70B, and changes with the weights."""
-    h = hashlib.sha256()
+def model_fingerprints(model: nn.Module) -> tuple[str, str]:
+    """(portable, exact) fingerprints: config plus a strided sample of every parameter.
+
+    Cheap even at 70B, and changes with the weights. The portable one rounds the samples to bfloat16
+    first, so one checkpoint loaded in fp32 or bf16 gets the same fingerprint and a database built on
+    a GPU in bf16 serves an fp32 run on a CPU. The exact one (unrounded samples) is what databases
+    built before that change recorded; it is still accepted.
+    """
+    portable, exact = hashlib.sha256(b"bf16-samples"), hashlib.sha256()
     config = getattr(model, "config", None)
     if config is not None:
         # metadata that loading or save_pretrained rewrites (``architectures``) is not the model
         meta = ("dtype", "torch_dtype", "_name_or_path", "transformers_version", "architectures")
-        d = {k: v for k, v in config.to_dict().items() if k not in meta}
-        h.update(json.dumps(d, sort_keys=True, default=str).encode())
+        d = json.dumps({k: v for k, v in config.to_dict().items() if k not in meta}, sort_keys=True, default=str)
+        portable.update(d.encode())
+        exact.update(d.encode())
     for name, p in named_parameters(model):  # offloaded weights are read back from their map
         flat = p.detach().reshape(-1)
-        step = max(1, flat.numel() // 256)
-        h.update(name.encode() + str(tuple(p.shape)).encode())
-        h.update(flat[::step][:256].float().cpu().numpy().tobytes())
-    return h.hexdigest()[:16]
+        sample = flat[::max(1, flat.numel() // 256)][:256].cpu()
+        for h, values in ((portable, sample.to(torch.bfloat16).float()), (exact, sample.float())):
+            h.update(name.encode() + str(tuple(p.shape)).encode())
+            h.update(values.numpy().tobytes())
+    return portable.hexdigest()[:16], exact.hexdigest()[:16]
+
+
+def model_fingerprint(model: nn.Module) -> str:
+    return model_fingerprints(model)[0]
 
 
 def data_fingerprint(pool: TokenPool) -> str:
@@ -89,10 +101,10 @@ class Database:
             raise UserError(f"{path} is not an evopress database ({FORMAT})")
         if manifest.get("space") != space:
             raise UserError(f"database {root} was built for space '{manifest.get('space')}', not '{space}'")
-        fp = model_fingerprint(model)
-        if manifest.get("model_fingerprint") != fp:
-            raise UserError(f"database {root} was built for another model ({manifest.get('model')}, "
-                            f"fingerprint {manifest.get('model_fingerprint')} != {fp})")
+        fps = model_fingerprints(model)
+        if manifest.get("model_fingerprint") not in fps:
+            raise UserError(f"database {root} was built for another model (fingerprint "
+                            f"{manifest.get('model_fingerprint')} != {fps[0]})")
         return Database(root, manifest)
 
     def check_data(self, pool: TokenPool) -> None:

@@ -1,0 +1,81 @@
+"""Peak host RSS of a sparsity and a quant search on the default model, against the issue's bound.
+
+    python benchmarks/host_memory.py --out runs/memory                     # this checkout
+    python benchmarks/host_memory.py --out runs/memory --src OLD/src --label before   # another checkout
+
+Builds small level databases once (sparsity ±2 levels around 50%, quant 2,3,4 bits; reused by later
+runs), then runs a short search per space in a fresh process that reports its own peak RSS
+(``ru_maxrss``) at exit. The bound is model bytes + database cache + teacher cache + 25%, where the
+database cache is what the search can hold (min of ``$EVOPRESS_DB_CACHE_GB`` and the database on disk)
+and the teacher cache is ``pool tokens x (hidden + 2) x 4`` bytes. Results append to
+``OUT/memory.tsv``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+CALIB = ["--seq-len", "256", "--calib-tokens", "8192"]
+SEARCH = ["--generations", "2", "--offspring", "8", "--stages", "2:256,1:1024", "--final-tokens", "1024", "--quiet"]
+SPACES = {"sparsity": (["--center", "0.5", "--levels", "2"], "0.5"), "quant": (["--bits", "2,3,4"], "3")}
+CHILD = ("import resource, sys; from evopress.cli import main; rc = main(sys.argv[1:]); "
+         "print('peak_rss_kib', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr); sys.exit(rc)")
+
+
+def evopress(args: list[str], src: str) -> tuple[int, str]:
+    env = {**os.environ, "PYTHONPATH": src}
+    proc = subprocess.run([sys.executable, "-c", CHILD, *args], env=env, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise SystemExit(proc.stderr)
+    return proc.returncode, proc.stderr
+
+
+def model_bytes(src: str) -> tuple[int, int]:
+    code = ("import sys; from evopress.models import Hardware; m = Hardware('cpu').load(None).model; "
+            "print(sum(p.numel() * p.element_size() for p in m.parameters()), m.config.hidden_size)")
+    out = subprocess.run([sys.executable, "-c", code], env={**os.environ, "PYTHONPATH": src},
+                         capture_output=True, text=True, check=True).stdout.split()
+    return int(out[0]), int(out[1])
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--src", default=str(Path(__file__).resolve().parents[1] / "src"))
+    p.add_argument("--label", default="after")
+    args = p.parse_args()
+    here = str(Path(__file__).resolve().parents[1] / "src")
+    weights, hidden = model_bytes(here)
+    cache_gb = float(os.environ.get("EVOPRESS_DB_CACHE_GB", "8"))
+    rows = []
+    for space, (build, target) in SPACES.items():
+        db = args.out / f"db-{space}"
+        if not (db / "manifest.json").is_file():
+            evopress(["build-db", "--space", space, *build, *CALIB, "--out", str(db), "--quiet"], here)
+        db_bytes = json.loads((db / "manifest.json").read_text())["bytes"]
+        run = args.out / f"{args.label}-{space}"
+        _, err = evopress(["search", "--space", space, "--target", target, "--db", str(db), *CALIB, *SEARCH,
+                           "--out", str(run), "--restart"], args.src)
+        peak = int(err.split("peak_rss_kib")[-1].split()[0]) * 1024
+        teacher = 8192 * (hidden + 2) * 4
+        bound = 1.25 * (weights + min(db_bytes, cache_gb * 2**30) + teacher)
+        rows.append([args.label, space, peak, weights, db_bytes, teacher, int(bound), peak <= bound])
+        print(f"{args.label} {space}: peak RSS {peak / 2**20:.0f} MiB; bound {bound / 2**20:.0f} MiB (model "
+              f"{weights / 2**20:.0f} + database {db_bytes / 2**20:.0f} + teacher {teacher / 2**20:.0f}, +25%): "
+              f"{'within' if peak <= bound else 'ABOVE'}")
+    table = args.out / "memory.tsv"
+    new = not table.is_file()
+    with open(table, "a") as f:
+        if new:
+            f.write("label\tspace\tpeak_rss\tmodel_bytes\tdb_bytes\tteacher_bytes\tbound\twithin\n")
+        for row in rows:
+            f.write("\t".join(map(str, row)) + "\n")
+
+
+if __name__ == "__main__":
+    main()
