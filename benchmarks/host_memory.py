@@ -3,8 +3,8 @@
     python benchmarks/host_memory.py --out runs/memory                     # this checkout
     python benchmarks/host_memory.py --out runs/memory --src OLD/src --label before   # another checkout
 
-Builds small level databases once (sparsity ±2 levels around 50%, quant 2,3,4 bits; reused by later
-runs), then runs a short search per space in a fresh process that reports its own peak RSS
+Builds small level databases with the measured checkout once (sparsity ±2 levels around 50%, quant
+2,3,4 bits; reused by later runs with the same label), then runs a short search per space in a fresh process that reports its own peak RSS
 (``ru_maxrss``) at exit. The bound is model bytes + database cache + teacher cache + 25%, where the
 database cache is what the search can hold (min of ``$EVOPRESS_DB_CACHE_GB`` and the database on disk)
 and the teacher cache is ``pool tokens x (hidden + 2) x 4`` bytes. Results append to
@@ -22,7 +22,7 @@ from pathlib import Path
 
 CALIB = ["--seq-len", "256", "--calib-tokens", "8192"]
 SEARCH = ["--generations", "2", "--offspring", "8", "--stages", "2:256,1:1024", "--final-tokens", "1024", "--quiet"]
-SPACES = {"sparsity": (["--center", "0.5", "--levels", "2"], "0.5"), "quant": (["--bits", "2,3,4"], "3")}
+SPACES = {"sparsity": (["--target", "0.5", "--levels", "2"], "0.5"), "quant": (["--bits", "2,3,4"], "3")}
 CHILD = ("import resource, sys; from evopress.cli import main; rc = main(sys.argv[1:]); "
          "print('peak_rss_kib', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr); sys.exit(rc)")
 
@@ -54,9 +54,9 @@ def main() -> None:
     cache_gb = float(os.environ.get("EVOPRESS_DB_CACHE_GB", "8"))
     rows = []
     for space, (build, target) in SPACES.items():
-        db = args.out / f"db-{space}"
+        db = args.out / f"db-{args.label}-{space}"
         if not (db / "manifest.json").is_file():
-            evopress(["build-db", "--space", space, *build, *CALIB, "--out", str(db), "--quiet"], here)
+            evopress(["build-db", "--space", space, *build, *CALIB, "--out", str(db), "--quiet"], args.src)
         db_bytes = json.loads((db / "manifest.json").read_text())["bytes"]
         run = args.out / f"{args.label}-{space}"
         _, err = evopress(["search", "--space", space, "--target", target, "--db", str(db), *CALIB, *SEARCH,

@@ -38,6 +38,8 @@ BUILD = "build.json"  # settings of a build in progress (see BuildLog)
 FORMAT = "evopress-db/1"
 CACHE_ENV = "EVOPRESS_DB_CACHE_GB"
 DEFAULT_CACHE_GB = 8.0
+DECODED_CACHE_ENV = "EVOPRESS_DECODED_CACHE_GB"  # decoded levels, on the layers' device (see LayerwiseSpace)
+DEFAULT_DECODED_CACHE_GB = 1.0
 
 
 def model_fingerprints(model: nn.Module) -> tuple[str, str]:
@@ -191,14 +193,14 @@ class VariantCache:
         return self._lru.get((name, tuple(keys)), lambda: self.db.read(name, keys), tensor_bytes)
 
 
-def cache_budget() -> int:
-    raw = os.environ.get(CACHE_ENV, str(DEFAULT_CACHE_GB))
+def cache_budget(env: str = CACHE_ENV, default_gb: float = DEFAULT_CACHE_GB) -> int:
+    raw = os.environ.get(env, str(default_gb))
     try:
         gb = float(raw)
     except ValueError:
-        raise UserError(f"{CACHE_ENV}={raw!r} is not a number of GiB") from None
+        raise UserError(f"{env}={raw!r} is not a number of GiB") from None
     if gb < 0:
-        raise UserError(f"{CACHE_ENV}={raw!r} must be >= 0")
+        raise UserError(f"{env}={raw!r} must be >= 0")
     return int(gb * 2**30)
 
 

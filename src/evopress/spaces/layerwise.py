@@ -19,8 +19,9 @@ from torch import nn
 
 from ..compressors.hessian import HessianAccumulator
 from ..data import TokenPool
-from ..database import (BuildLog, ByteLRU, Database, VariantCache, calibrate_blocks, data_fingerprint, layer_file,
-                        linear_units, model_fingerprint, save_layer, tensor_bytes)
+from ..database import (DECODED_CACHE_ENV, DEFAULT_DECODED_CACHE_GB, BuildLog, ByteLRU, Database, VariantCache,
+                        cache_budget, calibrate_blocks, data_fingerprint, layer_file, linear_units, model_fingerprint,
+                        save_layer, tensor_bytes)
 from ..errors import UserError
 from ..models import Decoder
 from ..placement import WeightOverride, offload_hook
@@ -43,13 +44,14 @@ def group_rule_option(space: str, default: str, meaning: str) -> CliOption:
 class LayerwiseSpace(Space):
     """Units are the blocks' linear layers; a level is a stored variant of the layer's weight.
 
-    Weights are swapped, never overwritten: the dense originals stay as they are (on CPU; no copy
-    when the model is on CPU), and decoded levels live in a byte-bounded LRU on the model's device.
-    Why the LRU: consecutive candidates move a few layers back and forth between the same levels,
-    and decoding (unpacking a bitmask, dequantizing) costs several times a copy.
+    Weights are swapped, never overwritten: a dense weight is re-read from the checkpoint (or the
+    offload map) when a layer goes dense, and decoded levels live in a byte-bounded LRU on the
+    layers' device (``$EVOPRESS_DECODED_CACHE_GB``; on a CPU model that is host RAM). Why the LRU:
+    consecutive candidates move a few layers back and forth between the same levels, and decoding
+    (unpacking a bitmask, dequantizing) costs several times a copy.
     """
 
-    DECODED_CACHE_BYTES = 1 << 30
+    DECODED_CACHE_BYTES: int | None = None  # None: $EVOPRESS_DECODED_CACHE_GB (default 1 GiB)
 
     def __init__(self, decoder: Decoder, target: float, db: str | None):
         if db is None:
@@ -61,7 +63,8 @@ class LayerwiseSpace(Space):
         self.num_blocks = decoder.num_blocks
         self.units, self.unit_block, self.layers = linear_units(decoder, self.db)
         self._variants = VariantCache(self.db)
-        self._decoded = ByteLRU(self.DECODED_CACHE_BYTES)
+        decoded = self.DECODED_CACHE_BYTES
+        self._decoded = ByteLRU(cache_budget(DECODED_CACHE_ENV, DEFAULT_DECODED_CACHE_GB) if decoded is None else decoded)
         self._offload = [offload_hook(m) for m in self.layers]
         self._maps = [hook.weights_map if hook is not None else None for hook in self._offload]
         self._dense = [self._dense_copy(u) for u in range(len(self.units))]
