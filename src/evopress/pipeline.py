@@ -13,13 +13,12 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import numpy as np
-import torch
 
 from .data import TokenPool, load_pool
 from .distributed import ShardedEvaluator, is_main, world_size
 from .evaluate import EVAL, EvalSettings, HeldOut, lm_eval_tasks, write_eval
 from .errors import UserError
-from .fitness import Evaluator, FitnessConfig
+from .fitness import Evaluator
 from .interchange import parse_config, write_config
 from .io import locked_dir, read_json, write_json
 from .models import Decoder, Hardware, LoadedModel, load_model, resolve_device, resolve_dtype
