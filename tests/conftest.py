@@ -49,17 +49,26 @@ WORDS = ("the of and to in is was for on as with by at from his that an are whic
          "city world war state river music film team known many most time year between during used").split()
 
 
-def write_tiny_checkpoint(root, layers: int = 6):
-    """A tiny random Llama + word-level tokenizer + a text file, as a user would pass with --model/--data."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
+def word_tokenizer(add_bos: bool = False):
+    """A word-level tokenizer over ``WORDS``; ``add_bos`` prepends <s> the way Llama-3 and Gemma tokenizers do."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
     vocab = {w: i for i, w in enumerate(["<unk>", "<s>", "</s>"] + WORDS)}
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
-    model = tiny_model(layers=layers)
-    model.resize_token_embeddings(len(vocab))
+    if add_bos:
+        tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
+                                                           special_tokens=[("<s>", vocab["<s>"])])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+
+
+def write_tiny_checkpoint(root, layers: int = 6, model=None, tokenizer=None):
+    """A tiny random model (Llama unless given) + tokenizer (word-level unless given) + a text file, as a
+    user would pass with --model/--data."""
+    fast = tokenizer if tokenizer is not None else word_tokenizer()
+    model = model if model is not None else tiny_model(layers=layers)
+    model.resize_token_embeddings(len(fast))
     model.save_pretrained(root / "model")
     fast.save_pretrained(root / "model")
     rng = __import__("random").Random(0)

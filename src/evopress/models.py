@@ -243,6 +243,9 @@ class Decoder:
         self.model = model
         self.checkpoint = checkpoint  # where dense weights can be re-read from, if the model came from disk
         self.config = getattr(model, "config", None)
+        # What describes the block stack (block count, layer types): a multimodal wrapper's text_config.
+        self.text_config = self.config.get_text_config(decoder=True) if hasattr(self.config, "get_text_config") \
+            else self.config
         self.layers, self.base = self._find_layers(model)
         block = self.layers[0]
         attn = _child_by_name(block, _ATTN_NAMES, ("Attention",))

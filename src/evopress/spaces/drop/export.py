@@ -21,6 +21,20 @@ def _output_projection(module: nn.Module) -> nn.Linear:
     return linears[-1]
 
 
+def _shrink_config(config: Any, keep: list[int], blocks: int) -> None:
+    """Keep only the ``keep`` blocks in the config that describes the block stack (a multimodal model's
+    text_config, edited in place inside the model's config), per-layer attention types included.
+
+    Why the check: writing the count anywhere else would reload the removed blocks freshly initialised.
+    """
+    if getattr(config, "num_hidden_layers", None) != blocks:
+        raise UserError(f"cannot export: the model config does not give its {blocks} decoder blocks as "
+                        "num_hidden_layers, so removed blocks cannot be written out")
+    if getattr(config, "layer_types", None):
+        config.layer_types = [config.layer_types[b] for b in keep]
+    config.num_hidden_layers = len(keep)
+
+
 def export(space: DropSpace, config: Config, out: Path, tokenizer: Any) -> dict[str, Any]:
     """A plain transformers checkpoint computing exactly the configuration; modifies the model in place.
 
@@ -33,6 +47,8 @@ def export(space: DropSpace, config: Config, out: Path, tokenizer: Any) -> dict[
     """
     space.apply(None)
     masks = space.masks(config)
+    keep = [b for b, (attn, mlp) in enumerate(masks) if not (attn and mlp)]
+    _shrink_config(space.decoder.text_config, keep, space.num_blocks)  # first: it may refuse
     for b, (attn, mlp) in enumerate(masks):
         for dropped, module in ((attn, space.decoder.attn(b)), (mlp, space.decoder.mlp(b))):
             if dropped and not (attn and mlp):
@@ -40,7 +56,6 @@ def export(space: DropSpace, config: Config, out: Path, tokenizer: Any) -> dict[
                 proj.weight.data.zero_()
                 if proj.bias is not None:
                     proj.bias.data.zero_()
-    keep = [b for b, (attn, mlp) in enumerate(masks) if not (attn and mlp)]
     model = space.decoder.model
     layers = space.decoder.layers
     for b in reversed(range(space.num_blocks)):
@@ -50,10 +65,6 @@ def export(space: DropSpace, config: Config, out: Path, tokenizer: Any) -> dict[
         for m in layer.modules():
             if hasattr(m, "layer_idx"):
                 m.layer_idx = i
-    config_ = model.config
-    if getattr(config_, "layer_types", None):
-        config_.layer_types = [config_.layer_types[b] for b in keep]
-    config_.num_hidden_layers = len(keep)
     out = Path(out)
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
