@@ -16,6 +16,10 @@ float32 model and the dense model scores 0. Every vocabulary-sized temporary is 
 ``FitnessConfig.block_bytes``: positions are chunked so a [positions, vocab] block fits it, and a
 half-precision head weight is upcast in blocks of vocabulary rows that fit it.
 
+Host syncs: a stage's labels and teacher entries go to the device once (or stream per batch from
+pinned host memory when they exceed ``teacher_device_bytes``), KL sums stay on the device, and all
+candidates' sums are read back once per stage: a GPU then never waits for the host inside a stage.
+
 Prefix reuse: all candidates of a stage share one sample, and a child differs from its parent in a
 few units. Candidates are evaluated in lexicographic order of their per-block configuration; the
 residual stream at block boundaries is kept for the previous candidate, so the next one starts at
@@ -50,6 +54,8 @@ class FitnessConfig:
     block_bytes: int = HEAD_BLOCK_BYTES  # bound on each vocab-sized temporary: logit block, fp32 head rows
     prefix_reuse: bool = True
     cache_bytes: int = 1 << 30  # memory for cached block-boundary activations
+    teacher_device_bytes: int = 4 << 30  # a stage's teacher entries stay on the device when they fit
+    profile: bool = False  # sync the device around timed steps so EvalStats' seconds are true (benchmarks)
 
 
 @dataclass
@@ -69,6 +75,7 @@ class EvalStats:
     head_tokens: int = 0  # LM-head positions for candidates
     teacher_head_tokens: int = 0  # LM-head positions for the teacher
     naive_block_tokens: int = 0  # what running every candidate from the embeddings would cost
+    # times: without FitnessConfig.profile a GPU's queued work lands in whichever step next waits on it
     seconds: float = 0.0  # wall time inside measure(): model forwards, teacher, KL
     block_seconds: float = 0.0  # of which candidate decoder-block forwards
     head_seconds: float = 0.0  # of which candidate LM head and KL
@@ -152,10 +159,13 @@ class TeacherCache:
     def targets(self, normed: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
         return teacher_targets(self.decoder, normed, labels, self.chunk_tokens, self.block_bytes)
 
-    def get(self, windows: Sequence[int], length: int, device: torch.device) -> dict[str, torch.Tensor]:
-        """Entries of the predicted positions of the first ``length`` tokens of each window, concatenated."""
+    def get(self, windows: Sequence[int], length: int) -> dict[str, torch.Tensor]:
+        """Entries of the predicted positions of the first ``length`` tokens of each window, and their
+        labels, concatenated in CPU RAM."""
         keys = self.store[windows[0]].keys()
-        return {k: torch.cat([self.store[w][k][: length - 1] for w in windows]).to(device) for k in keys}
+        out = {k: torch.cat([self.store[w][k][: length - 1] for w in windows]) for k in keys}
+        out["labels"] = self.pool.windows[windows, 1:length].reshape(-1)
+        return out
 
     @property
     def nbytes(self) -> int:
@@ -184,21 +194,21 @@ def logsumexp_(z: torch.Tensor) -> torch.Tensor:
 
 
 @torch.inference_mode()
-def compare(decoder: Decoder, student: torch.Tensor, targets: dict[str, torch.Tensor], input_ids: torch.Tensor,
-            chunk_tokens: int, block_bytes: int = HEAD_BLOCK_BYTES) -> tuple[torch.Tensor, int]:
+def compare(decoder: Decoder, student: torch.Tensor, targets: dict[str, torch.Tensor], chunk_tokens: int,
+            block_bytes: int = HEAD_BLOCK_BYTES) -> torch.Tensor:
     """Sums of KL(teacher || student), student NLL and teacher NLL over all predicted positions.
 
-    ``student`` holds final-normed hidden states [B, T, H]; ``targets`` the teacher's entries for the
-    same positions. Sums stay on the device in float64 (one sync per candidate, not per chunk).
+    ``student`` holds final-normed hidden states [B, T, H]; ``targets`` the teacher's entries and the
+    labels for the same positions, on the device. The float64 sums [3] stay on the device: reading them
+    would stall the device queue, so callers read many candidates' sums at once.
     """
     s = _flat(student)
-    labels = input_ids[:, 1:].reshape(-1).to(s.device)
     sums = torch.zeros(3, dtype=torch.float64, device=s.device)
     step = chunk_positions(chunk_tokens, block_bytes, decoder.head.weight.shape[0], 4)
     for i in range(0, len(s), step):
         part = s[i: i + step]
         z = decoder.logits(part, block_bytes)
-        y = labels[i: i + step]
+        y = targets["labels"][i: i + step]
         z_y = z.gather(1, y[:, None]).squeeze(1)
         if "u" in targets:  # linear head: the hidden-space identity (module docstring)
             lse = logsumexp_(z)
@@ -210,7 +220,7 @@ def compare(decoder: Decoder, student: torch.Tensor, targets: dict[str, torch.Te
             kl = (log_p.exp() * (log_p - (z - lse[:, None]))).sum(-1)
             dense_nll = -log_p.gather(1, y[:, None]).squeeze(1)
         sums += torch.stack([kl, lse - z_y, dense_nll]).double().sum(-1)
-    return sums, len(s)
+    return sums
 
 
 class Evaluator:
@@ -272,19 +282,30 @@ class Evaluator:
         self.stats.teacher_head_tokens += self.teacher.ensure(windows, self.space)
         self.stats.teacher_seconds += self._clock() - t0
 
+    def _stage_targets(self, batches: list[tuple[torch.Tensor, list[int]]]) -> list[dict[str, torch.Tensor]]:
+        """The stage's teacher entries and labels per batch: moved to the device once for the whole stage
+        when they fit ``teacher_device_bytes``, else left in (pinned) host memory for ``_compare`` to copy
+        per batch; a copy from pinned memory is asynchronous, so neither way makes the host wait."""
+        host = [self.teacher.get(w, ids.shape[1]) for ids, w in batches]
+        device = self.decoder.device
+        if sum(tensor_bytes(t) for t in host) <= self.config.teacher_device_bytes:
+            return [{k: v.to(device) for k, v in t.items()} for t in host]
+        if device.type == "cuda":
+            return [{k: v.pin_memory() for k, v in t.items()} for t in host]
+        return host
+
     @torch.inference_mode()
     def _measure(self, configs: Sequence[Config], sample: Sample) -> list[Measurement]:
         batches = self.pool.batches(sample, self.config.batch_size)
         self._ensure_teacher(sample.index)
-        device = self.decoder.device
-        targets = [self.teacher.get(w, ids.shape[1], device) for ids, w in batches]
+        targets = self._stage_targets(batches)
         inputs = [self.decoder.enter(ids) for ids, _ in batches]
         L = self.decoder.num_blocks
         keys = [self.space.block_keys(c) for c in configs]
         stride = self._stride(sample.tokens)
         cache: dict[int, list[torch.Tensor]] = {0: [inp.hidden for inp in inputs]}
         previous: tuple | None = None
-        results: list[Measurement | None] = [None] * len(configs)
+        sums = torch.zeros(len(configs), 3, dtype=torch.float64, device=self.decoder.device)
         for i in sorted(range(len(configs)), key=keys.__getitem__):
             shared = _common_prefix(keys[i], previous) if previous is not None else 0
             for b in [b for b in cache if b > shared]:
@@ -300,7 +321,7 @@ class Evaluator:
                 if (b + 1) % stride == 0 and b + 1 < L:
                     cache[b + 1] = states
             t1 = self._clock()
-            results[i] = self._compare(states, batches, targets)
+            sums[i] = self._compare(states, targets)
             self.stats.block_seconds += t1 - t0
             self.stats.head_seconds += self._clock() - t1
             previous = keys[i]
@@ -309,24 +330,25 @@ class Evaluator:
             self.stats.naive_block_tokens += L * sample.tokens
             self.stats.head_tokens += sample.tokens
             self.stats.teacher_head_tokens += sample.tokens if self._teacher_per_candidate else 0
-        return results  # type: ignore[return-value]
+        positions = sum(ids.shape[0] * (ids.shape[1] - 1) for ids, _ in batches)
+        return [Measurement(*(x / max(positions, 1) for x in row), positions) for row in sums.tolist()]
 
     def _clock(self) -> float:
-        """Wall time after the device's queued work: GPU kernels run asynchronously, so without a
-        sync the block time would land in whichever step next waits on a result (stats only)."""
+        """Wall time; with ``profile``, after the device's queued work. GPU kernels run asynchronously,
+        so without a sync the block time lands in whichever step next waits on a result; but each sync
+        drains the queue the device would otherwise keep full, so searches run without them."""
         device = self.decoder.device
-        if device.type == "cuda":
+        if self.config.profile and device.type == "cuda":
             torch.cuda.synchronize(device)
         return time.perf_counter()
 
-    def _compare(self, states: list[torch.Tensor], batches: list[tuple[torch.Tensor, list[int]]],
-                 targets: list[dict[str, torch.Tensor]]) -> Measurement:
-        total = torch.zeros(3, dtype=torch.float64, device=self.decoder.device)
-        positions = 0
-        for h, (ids, _), t in zip(states, batches, targets):
-            sums, n = compare(self.decoder, self.decoder.norm(h), t, ids, self.config.chunk_tokens,
-                              self.config.block_bytes)
-            total += sums
-            positions += n
-        kl, nll, dense_nll = (x / max(positions, 1) for x in total.tolist())
-        return Measurement(kl, nll, dense_nll, positions)
+    def _compare(self, states: list[torch.Tensor], targets: list[dict[str, torch.Tensor]]) -> torch.Tensor:
+        """One candidate's summed KL, NLL and dense NLL over the stage's batches, left on the device."""
+        device = self.decoder.device
+        total = torch.zeros(3, dtype=torch.float64, device=device)
+        for h, t in zip(states, targets):
+            if t["labels"].device != device:  # a stage too big for the device: copy from pinned memory
+                t = {k: v.to(device, non_blocking=True) for k, v in t.items()}
+            total += compare(self.decoder, self.decoder.norm(h), t, self.config.chunk_tokens,
+                             self.config.block_bytes)
+        return total

@@ -54,7 +54,8 @@ class Recipe:
         d = self.to_json()
         for k in ("device",):
             d.pop(k)
-        for k in ("batch_size", "chunk_tokens", "block_bytes", "prefix_reuse", "cache_bytes"):
+        for k in ("batch_size", "chunk_tokens", "block_bytes", "prefix_reuse", "cache_bytes", "teacher_device_bytes",
+                  "profile"):
             d["fitness"].pop(k)
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
