@@ -185,3 +185,17 @@ def test_a_stage_too_big_for_the_device_gives_the_same_scores(decoder, pool):
     configs = space.initial_configs(np.random.default_rng(14), 3)
     resident = Evaluator(space, pool).measure(configs, sample)
     assert Evaluator(space, pool, FitnessConfig(teacher_device_bytes=0)).measure(configs, sample) == resident
+
+
+def test_batches_by_tokens(decoder, pool):
+    """``batch_tokens`` is whole windows per batch: 3 windows of 16 tokens, the same scores as ``batch_size=3``."""
+    assert FitnessConfig(batch_tokens=50).windows_per_batch(16) == 3
+    assert FitnessConfig(batch_tokens=10).windows_per_batch(16) == 1  # never less than one window
+    assert FitnessConfig(batch_size=5).windows_per_batch(16) == 5
+    space = DropSpace(decoder, 0.34, "sublayer")
+    sample = pool.sample(100, np.random.default_rng(15))
+    configs = space.initial_configs(np.random.default_rng(16), 3)
+    by_tokens = Evaluator(space, pool, FitnessConfig(batch_size=8, batch_tokens=50))
+    assert by_tokens.teacher.batch_size == 3
+    assert by_tokens.measure(configs, sample) == Evaluator(space, pool, FitnessConfig(batch_size=3)).measure(
+        configs, sample)

@@ -49,13 +49,19 @@ METRICS = ("kl", "ppl")
 @dataclass
 class FitnessConfig:
     metric: str = "kl"  # "kl": mean KL(dense || candidate); "ppl": mean next-token NLL (log-perplexity)
-    batch_size: int = 8
+    batch_size: int = 8  # windows per forward batch, unless batch_tokens is set
+    batch_tokens: int | None = None  # tokens per forward batch (whole windows, at least one)
     chunk_tokens: int = 1024  # positions per LM-head chunk, at most (block_bytes may allow fewer)
     block_bytes: int = HEAD_BLOCK_BYTES  # bound on each vocab-sized temporary: logit block, fp32 head rows
     prefix_reuse: bool = True
     cache_bytes: int = 1 << 30  # memory for cached block-boundary activations
     teacher_device_bytes: int = 4 << 30  # a stage's teacher entries stay on the device when they fit
     profile: bool = False  # sync the device around timed steps so EvalStats' seconds are true (benchmarks)
+
+    def windows_per_batch(self, seq_len: int) -> int:
+        """Windows per forward batch: ``batch_tokens`` keeps a batch's activation memory fixed whatever
+        the window length."""
+        return max(1, self.batch_tokens // seq_len) if self.batch_tokens else self.batch_size
 
 
 @dataclass
@@ -235,7 +241,8 @@ class Evaluator:
             from .errors import UserError
 
             raise UserError(f"unknown fitness '{self.config.metric}' (choose from {', '.join(METRICS)})")
-        self.teacher = TeacherCache(self.decoder, pool, self.config.batch_size, self.config.chunk_tokens,
+        self.batch_size = self.config.windows_per_batch(pool.seq_len)
+        self.teacher = TeacherCache(self.decoder, pool, self.batch_size, self.config.chunk_tokens,
                                     self.config.block_bytes)
         self.stats = EvalStats()
         self._teacher_per_candidate = not linear_head(self.decoder)  # non-linear heads recompute teacher logits
@@ -296,7 +303,7 @@ class Evaluator:
 
     @torch.inference_mode()
     def _measure(self, configs: Sequence[Config], sample: Sample) -> list[Measurement]:
-        batches = self.pool.batches(sample, self.config.batch_size)
+        batches = self.pool.batches(sample, self.batch_size)
         self._ensure_teacher(sample.index)
         targets = self._stage_targets(batches)
         inputs = [self.decoder.enter(ids) for ids, _ in batches]

@@ -54,8 +54,8 @@ class Recipe:
         d = self.to_json()
         for k in ("device",):
             d.pop(k)
-        for k in ("batch_size", "chunk_tokens", "block_bytes", "prefix_reuse", "cache_bytes", "teacher_device_bytes",
-                  "profile"):
+        for k in ("batch_size", "batch_tokens", "chunk_tokens", "block_bytes", "prefix_reuse", "cache_bytes",
+                  "teacher_device_bytes", "profile"):
             d["fitness"].pop(k)
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -84,4 +84,6 @@ def make_recipe(mapping: Mapping[str, Any] | None = None, /, **settings: Any) ->
     recipe.search.validate()
     if recipe.fitness.cache_bytes < 0:
         raise UserError("--prefix-cache-gb must be >= 0")
+    if recipe.fitness.batch_tokens is not None and recipe.fitness.batch_tokens < 1:
+        raise UserError("--batch-tokens must be >= 1")
     return recipe
