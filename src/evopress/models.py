@@ -27,7 +27,7 @@ DEFAULT_MODEL = "default"
 _ATTN_NAMES = ("self_attn", "attn", "attention", "self_attention")
 _MLP_NAMES = ("mlp", "feed_forward", "ffn", "block_sparse_moe")
 _NORM_NAMES = ("norm", "final_layernorm", "ln_f", "final_norm")
-HEAD_BLOCK_BYTES = 256 << 20  # bound on each float32 copy of LM-head weight rows (``Decoder.logits``)
+HEAD_BLOCK_BYTES = 256 << 20  # default bound on an LM-head temporary: fp32 weight rows, a logit block
 
 
 def resolve_device(device: str | None) -> torch.device:
@@ -271,7 +271,7 @@ class Decoder:
         bias that the KL fitness would see against its float32 hidden-space products (``fitness``). bf16
         and fp16 values are exact in float32, so this is the model's own head without the output rounding.
         A half-precision weight is upcast ``head_rows`` vocabulary rows at a time: a whole float32 copy of
-        a 128k x 8k head would be 4 GiB.
+        a 128k x 8k head would be 4 GB.
         """
         weight, bias = self.head.weight, getattr(self.head, "bias", None)
         x, rows = normed.float(), head_rows(weight, block_bytes)
