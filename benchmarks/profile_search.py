@@ -4,7 +4,7 @@
     python benchmarks/profile_search.py --space sparsity --target 0.5 --db DB --out runs/profile/sparsity.txt
 
 Same search settings and modes as ``benchmarks/speed.py`` (``--mode naive`` profiles the reference's
-evaluator). The teacher is built before profiling, as in a search. Writes the operator table sorted by
+evaluator), with its ``FitnessConfig(profile=True)``: the device is synced around timed steps. The teacher is built before profiling, as in a search. Writes the operator table sorted by
 self CPU time (and CUDA time on a GPU) and prints its first rows.
 """
 

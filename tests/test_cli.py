@@ -15,6 +15,7 @@ from evopress.errors import UserError
     (["baseline", "--method", "magic", "--target", "0.25", "--out", "x"], "unknown method 'magic'"),
     (["search", "--out", "x"], "--target"),
     (["search", "--target", "0.25", "--prefix-cache-gb", "-1", "--out", "x"], "--prefix-cache-gb"),
+    (["search", "--target", "0.25", "--batch-tokens", "0", "--out", "x"], "--batch-tokens"),
     (["eval", "/does/not/exist"], "not found"),
     (["frobnicate"], "invalid choice"),
 ])
@@ -50,3 +51,17 @@ def test_prefix_cache_flag_sets_the_bound_but_not_the_fingerprint():
     small = recipe("--prefix-cache-gb", "0.5")
     assert small.fitness.cache_bytes == 2**29
     assert small.fingerprint() == recipe().fingerprint()  # a speed knob: resuming with another value is fine
+
+
+def test_batch_tokens_flag_and_other_speed_knobs_leave_the_fingerprint():
+    from evopress.recipe import make_recipe
+
+    def recipe(*extra):
+        args = build_parser().parse_args(["search", "--target", "0.25", "--out", "x", *extra])
+        return recipe_from_args(args, "evopress")
+
+    by_tokens = recipe("--batch-tokens", "4096")
+    assert by_tokens.fitness.batch_tokens == 4096 and recipe().fitness.batch_tokens is None
+    assert by_tokens.fingerprint() == recipe().fingerprint()
+    knobs = dict(batch_tokens=4096, block_bytes=1 << 20, teacher_device_bytes=0, profile=True)
+    assert make_recipe(**knobs).fingerprint() == make_recipe().fingerprint()

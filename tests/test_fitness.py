@@ -1,5 +1,7 @@
 """KL fitness: zero for the dense model, cache and prefix reuse change nothing but speed."""
 
+import collections
+
 import numpy as np
 import pytest
 import torch
@@ -118,3 +120,82 @@ def test_fp32_product_of_a_half_precision_head_in_row_blocks():
     out = _fp32_product(p, weight, rows=3)  # 4 blocks, the last one short
     assert out.dtype == torch.float32
     assert torch.allclose(out, p @ weight.float(), atol=1e-6)
+
+
+HOST_READS = ("item", "tolist", "numpy", "cpu", "__float__", "__int__", "__bool__", "__index__")
+
+
+def count_host_syncs(monkeypatch) -> collections.Counter:
+    """Counts the calls that make a GPU's host wait: reading tensor values on the host, transfers that
+    name a device, device synchronizes. On a CPU they are cheap, but they are counted all the same."""
+    counts: collections.Counter = collections.Counter()
+
+    def counting(name, original):
+        def wrapper(self, *args, **kwargs):
+            counts[name] += 1
+            return original(self, *args, **kwargs)
+        return wrapper
+
+    for name in HOST_READS:
+        monkeypatch.setattr(torch.Tensor, name, counting(name, getattr(torch.Tensor, name)))
+    to = torch.Tensor.to
+
+    def counting_to(self, *args, **kwargs):
+        if "device" in kwargs or any(isinstance(a, (str, torch.device, torch.Tensor)) for a in args):
+            counts["to(device)"] += 1
+        return to(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.Tensor, "to", counting_to)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: counts.update(["synchronize"]))
+    return counts
+
+
+def test_host_syncs_per_stage_do_not_grow_with_the_candidates(decoder, pool, monkeypatch):
+    space = DropSpace(decoder, 0.34, "sublayer")
+    ev = Evaluator(space, pool, FitnessConfig(batch_size=4))
+    ev.warm()
+    sample = pool.sample(100, np.random.default_rng(11))  # 7 windows, one truncated: 3 batches
+    configs = space.initial_configs(np.random.default_rng(12), 8)
+    counts = count_host_syncs(monkeypatch)
+    per_stage = []
+    for n in (1, 8):
+        counts.clear()
+        ev.score(configs[:n], sample)
+        per_stage.append(dict(counts))
+    one, eight = per_stage
+    assert eight == one
+    assert one["tolist"] == 1  # all candidates' sums read at once
+
+
+def test_timings_sync_the_device_only_when_profiling(decoder, pool, monkeypatch):
+    calls = []
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: calls.append(device))
+    monkeypatch.setattr(type(decoder), "device", property(lambda self: torch.device("cuda", 0)))
+    space = DropSpace(decoder, 0.34, "sublayer")
+    Evaluator(space, pool)._clock()
+    assert calls == []
+    Evaluator(space, pool, FitnessConfig(profile=True))._clock()
+    assert calls == [torch.device("cuda", 0)]
+
+
+def test_a_stage_too_big_for_the_device_gives_the_same_scores(decoder, pool):
+    """Over ``teacher_device_bytes`` a stage's teacher entries stay in host memory and are copied per batch."""
+    space = DropSpace(decoder, 0.34, "sublayer")
+    sample = pool.sample(70, np.random.default_rng(13))
+    configs = space.initial_configs(np.random.default_rng(14), 3)
+    resident = Evaluator(space, pool).measure(configs, sample)
+    assert Evaluator(space, pool, FitnessConfig(teacher_device_bytes=0)).measure(configs, sample) == resident
+
+
+def test_batches_by_tokens(decoder, pool):
+    """``batch_tokens`` is whole windows per batch: 3 windows of 16 tokens, the same scores as ``batch_size=3``."""
+    assert FitnessConfig(batch_tokens=50).windows_per_batch(16) == 3
+    assert FitnessConfig(batch_tokens=10).windows_per_batch(16) == 1  # never less than one window
+    assert FitnessConfig(batch_size=5).windows_per_batch(16) == 5
+    space = DropSpace(decoder, 0.34, "sublayer")
+    sample = pool.sample(100, np.random.default_rng(15))
+    configs = space.initial_configs(np.random.default_rng(16), 3)
+    by_tokens = Evaluator(space, pool, FitnessConfig(batch_size=8, batch_tokens=50))
+    assert by_tokens.teacher.batch_size == 3
+    assert by_tokens.measure(configs, sample) == Evaluator(space, pool, FitnessConfig(batch_size=3)).measure(
+        configs, sample)

@@ -10,6 +10,16 @@ final normed hidden states instead and recompute teacher log-probs chunk by chun
 is computed the first time a sample touches it (``Evaluator.warm`` does the whole pool up front), and
 lives in CPU RAM; a stage moves only its sample's entries to the model's device.
 
+Precision: in a bf16/fp16 model the LM head, logsumexp and hidden-space products are computed in
+float32 (``Decoder.logits``), the teacher's softmax in float64, so the identity is as exact as in a
+float32 model and the dense model scores 0. Every vocabulary-sized temporary is bounded by
+``FitnessConfig.block_bytes``: positions are chunked so a [positions, vocab] block fits it, and a
+half-precision head weight is upcast in blocks of vocabulary rows that fit it.
+
+Host syncs: a stage's labels and teacher entries go to the device once (or stream per batch from
+pinned host memory when they exceed ``teacher_device_bytes``), KL sums stay on the device, and all
+candidates' sums are read back once per stage: a GPU then never waits for the host inside a stage.
+
 Prefix reuse: all candidates of a stage share one sample, and a child differs from its parent in a
 few units. Candidates are evaluated in lexicographic order of their per-block configuration; the
 residual stream at block boundaries is kept for the previous candidate, so the next one starts at
@@ -30,7 +40,7 @@ import torch.nn.functional as F
 
 from .data import Sample, TokenPool
 from .database import tensor_bytes
-from .models import Decoder
+from .models import HEAD_BLOCK_BYTES, Decoder, head_rows
 from .spaces.base import Config, Space
 
 METRICS = ("kl", "ppl")
@@ -39,10 +49,19 @@ METRICS = ("kl", "ppl")
 @dataclass
 class FitnessConfig:
     metric: str = "kl"  # "kl": mean KL(dense || candidate); "ppl": mean next-token NLL (log-perplexity)
-    batch_size: int = 8
-    chunk_tokens: int = 1024  # positions per LM-head chunk: bounds the vocab-sized temporaries
+    batch_size: int = 8  # windows per forward batch, unless batch_tokens is set
+    batch_tokens: int | None = None  # tokens per forward batch (whole windows, at least one)
+    chunk_tokens: int = 1024  # positions per LM-head chunk, at most (block_bytes may allow fewer)
+    block_bytes: int = HEAD_BLOCK_BYTES  # bound on each vocab-sized temporary: logit block, fp32 head rows
     prefix_reuse: bool = True
     cache_bytes: int = 1 << 30  # memory for cached block-boundary activations
+    teacher_device_bytes: int = 4 << 30  # a stage's teacher entries stay on the device when they fit
+    profile: bool = False  # sync the device around timed steps so EvalStats' seconds are true (benchmarks)
+
+    def windows_per_batch(self, seq_len: int) -> int:
+        """Windows per forward batch: ``batch_tokens`` keeps a batch's activation memory fixed whatever
+        the window length."""
+        return max(1, self.batch_tokens // seq_len) if self.batch_tokens else self.batch_size
 
 
 @dataclass
@@ -62,6 +81,7 @@ class EvalStats:
     head_tokens: int = 0  # LM-head positions for candidates
     teacher_head_tokens: int = 0  # LM-head positions for the teacher
     naive_block_tokens: int = 0  # what running every candidate from the embeddings would cost
+    # times: without FitnessConfig.profile a GPU's queued work lands in whichever step next waits on it
     seconds: float = 0.0  # wall time inside measure(): model forwards, teacher, KL
     block_seconds: float = 0.0  # of which candidate decoder-block forwards
     head_seconds: float = 0.0  # of which candidate LM head and KL
@@ -77,45 +97,53 @@ def linear_head(decoder: Decoder) -> bool:
     return isinstance(decoder.head, torch.nn.Linear) and not decoder.softcap
 
 
-def _fp32_product(p: torch.Tensor, weight: torch.Tensor, rows: int = 16384) -> torch.Tensor:
-    """p @ weight in float32, converting at most ``rows`` vocabulary rows of a bf16/fp16 head at a time
-    (a whole fp32 copy of a 128k-vocabulary head would be GBs of accelerator memory)."""
-    if weight.dtype == torch.float32:
-        return p @ weight
-    return sum(p[:, i: i + rows] @ weight[i: i + rows].float() for i in range(0, weight.shape[0], rows))
+def _fp32_product(p: torch.Tensor, weight: torch.Tensor, rows: int) -> torch.Tensor:
+    """p @ weight in float32, upcasting ``rows`` vocabulary rows of a bf16/fp16 head at a time
+    (``head_rows``: a whole fp32 copy of a 128k-vocabulary head would be GBs of accelerator memory)."""
+    out = p[:, :rows] @ weight[:rows].float()
+    for i in range(rows, weight.shape[0], rows):
+        out += p[:, i: i + rows] @ weight[i: i + rows].float()
+    return out
+
+
+def chunk_positions(chunk_tokens: int, block_bytes: int, vocab: int, itemsize: int) -> int:
+    """Positions per LM-head chunk: at most ``chunk_tokens``, and few enough that one [positions, vocab]
+    block of ``itemsize``-byte floats fits ``block_bytes`` (1,024 positions of a 128k vocabulary in
+    float64 would be 1 GiB of accelerator memory next to the model)."""
+    return max(1, min(chunk_tokens, block_bytes // (itemsize * vocab)))
 
 
 @torch.inference_mode()
-def teacher_targets(decoder: Decoder, normed: torch.Tensor, labels: torch.Tensor,
-                    chunk_tokens: int) -> dict[str, torch.Tensor]:
+def teacher_targets(decoder: Decoder, normed: torch.Tensor, labels: torch.Tensor, chunk_tokens: int,
+                    block_bytes: int = HEAD_BLOCK_BYTES) -> dict[str, torch.Tensor]:
     """What the KL against the dense model needs at each predicted position [N, H] (labels [N])."""
     if not linear_head(decoder):
         return {"hidden": normed}
     weight, bias = decoder.head.weight, decoder.head.bias
     parts: dict[str, list[torch.Tensor]] = {"u": [], "a": [], "nll": []}
-    # a few float64 [positions, vocab] temporaries live at once: keep each near 256 MiB (a 128k vocabulary
-    # at 1,024 positions would need ~4 GB of accelerator memory next to the model)
-    chunk_tokens = max(1, min(chunk_tokens, (256 << 20) // (8 * weight.shape[0])))
-    for i in range(0, len(normed), chunk_tokens):
+    step, rows = chunk_positions(chunk_tokens, block_bytes, len(weight), 8), head_rows(weight, block_bytes)
+    for i in range(0, len(normed), step):
         # float64 once per position: a float32 softmax over a large vocabulary sums to 1 + ~1e-5, and
         # the identity multiplies that error by logsumexp (~20), a bias the full-logit KL mostly cancels
-        log_p = F.log_softmax(decoder.logits(normed[i: i + chunk_tokens]).double(), dim=-1)
+        log_p = F.log_softmax(decoder.logits(normed[i: i + step], block_bytes).double(), dim=-1)
         p = log_p.exp()
         a = (p * log_p).sum(-1)
         parts["a"].append((a - p @ bias.double() if bias is not None else a).float())
-        parts["u"].append(_fp32_product(p.float(), weight))
-        parts["nll"].append(-log_p.gather(1, labels[i: i + chunk_tokens, None]).squeeze(1).float())
+        parts["u"].append(_fp32_product(p.float(), weight, rows))
+        parts["nll"].append(-log_p.gather(1, labels[i: i + step, None]).squeeze(1).float())
     return {k: torch.cat(v) for k, v in parts.items()}
 
 
 class TeacherCache:
     """Per pool window, the dense model's ``teacher_targets``, computed on first use, kept in CPU RAM."""
 
-    def __init__(self, decoder: Decoder, pool: TokenPool, batch_size: int, chunk_tokens: int = 1024):
+    def __init__(self, decoder: Decoder, pool: TokenPool, batch_size: int, chunk_tokens: int = 1024,
+                 block_bytes: int = HEAD_BLOCK_BYTES):
         self.decoder = decoder
         self.pool = pool
         self.batch_size = batch_size
         self.chunk_tokens = chunk_tokens
+        self.block_bytes = block_bytes
         self.store: dict[int, dict[str, torch.Tensor]] = {}
 
     @torch.inference_mode()
@@ -135,12 +163,15 @@ class TeacherCache:
         return len(missing) * (self.pool.seq_len - 1) if linear_head(self.decoder) else 0
 
     def targets(self, normed: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
-        return teacher_targets(self.decoder, normed, labels, self.chunk_tokens)
+        return teacher_targets(self.decoder, normed, labels, self.chunk_tokens, self.block_bytes)
 
-    def get(self, windows: Sequence[int], length: int, device: torch.device) -> dict[str, torch.Tensor]:
-        """Entries of the predicted positions of the first ``length`` tokens of each window, concatenated."""
+    def get(self, windows: Sequence[int], length: int) -> dict[str, torch.Tensor]:
+        """Entries of the predicted positions of the first ``length`` tokens of each window, and their
+        labels, concatenated in CPU RAM."""
         keys = self.store[windows[0]].keys()
-        return {k: torch.cat([self.store[w][k][: length - 1] for w in windows]).to(device) for k in keys}
+        out = {k: torch.cat([self.store[w][k][: length - 1] for w in windows]) for k in keys}
+        out["labels"] = self.pool.windows[windows, 1:length].reshape(-1)
+        return out
 
     @property
     def nbytes(self) -> int:
@@ -169,32 +200,33 @@ def logsumexp_(z: torch.Tensor) -> torch.Tensor:
 
 
 @torch.inference_mode()
-def compare(decoder: Decoder, student: torch.Tensor, targets: dict[str, torch.Tensor], input_ids: torch.Tensor,
-            chunk_tokens: int) -> tuple[torch.Tensor, int]:
+def compare(decoder: Decoder, student: torch.Tensor, targets: dict[str, torch.Tensor], chunk_tokens: int,
+            block_bytes: int = HEAD_BLOCK_BYTES) -> torch.Tensor:
     """Sums of KL(teacher || student), student NLL and teacher NLL over all predicted positions.
 
-    ``student`` holds final-normed hidden states [B, T, H]; ``targets`` the teacher's entries for the
-    same positions. Sums stay on the device in float64 (one sync per candidate, not per chunk).
+    ``student`` holds final-normed hidden states [B, T, H]; ``targets`` the teacher's entries and the
+    labels for the same positions, on the device. The float64 sums [3] stay on the device: reading them
+    would stall the device queue, so callers read many candidates' sums at once.
     """
     s = _flat(student)
-    labels = input_ids[:, 1:].reshape(-1).to(s.device)
     sums = torch.zeros(3, dtype=torch.float64, device=s.device)
-    for i in range(0, len(s), chunk_tokens):
-        part = s[i: i + chunk_tokens]
-        z = decoder.logits(part)
-        y = labels[i: i + chunk_tokens]
+    step = chunk_positions(chunk_tokens, block_bytes, decoder.head.weight.shape[0], 4)
+    for i in range(0, len(s), step):
+        part = s[i: i + step]
+        z = decoder.logits(part, block_bytes)
+        y = targets["labels"][i: i + step]
         z_y = z.gather(1, y[:, None]).squeeze(1)
         if "u" in targets:  # linear head: the hidden-space identity (module docstring)
             lse = logsumexp_(z)
-            kl = targets["a"][i: i + chunk_tokens] + lse - (part.float() * targets["u"][i: i + chunk_tokens]).sum(-1)
-            dense_nll = targets["nll"][i: i + chunk_tokens]
+            kl = targets["a"][i: i + step] + lse - (part.float() * targets["u"][i: i + step]).sum(-1)
+            dense_nll = targets["nll"][i: i + step]
         else:
             lse = torch.logsumexp(z, dim=-1)
-            log_p = F.log_softmax(decoder.logits(targets["hidden"][i: i + chunk_tokens]), dim=-1)
+            log_p = F.log_softmax(decoder.logits(targets["hidden"][i: i + step], block_bytes), dim=-1)
             kl = (log_p.exp() * (log_p - (z - lse[:, None]))).sum(-1)
             dense_nll = -log_p.gather(1, y[:, None]).squeeze(1)
         sums += torch.stack([kl, lse - z_y, dense_nll]).double().sum(-1)
-    return sums, len(s)
+    return sums
 
 
 class Evaluator:
@@ -209,7 +241,9 @@ class Evaluator:
             from .errors import UserError
 
             raise UserError(f"unknown fitness '{self.config.metric}' (choose from {', '.join(METRICS)})")
-        self.teacher = TeacherCache(self.decoder, pool, self.config.batch_size, self.config.chunk_tokens)
+        self.batch_size = self.config.windows_per_batch(pool.seq_len)
+        self.teacher = TeacherCache(self.decoder, pool, self.batch_size, self.config.chunk_tokens,
+                                    self.config.block_bytes)
         self.stats = EvalStats()
         self._teacher_per_candidate = not linear_head(self.decoder)  # non-linear heads recompute teacher logits
 
@@ -255,19 +289,30 @@ class Evaluator:
         self.stats.teacher_head_tokens += self.teacher.ensure(windows, self.space)
         self.stats.teacher_seconds += self._clock() - t0
 
+    def _stage_targets(self, batches: list[tuple[torch.Tensor, list[int]]]) -> list[dict[str, torch.Tensor]]:
+        """The stage's teacher entries and labels per batch: moved to the device once for the whole stage
+        when they fit ``teacher_device_bytes``, else left in (pinned) host memory for ``_compare`` to copy
+        per batch; a copy from pinned memory is asynchronous, so neither way makes the host wait."""
+        host = [self.teacher.get(w, ids.shape[1]) for ids, w in batches]
+        device = self.decoder.device
+        if sum(tensor_bytes(t) for t in host) <= self.config.teacher_device_bytes:
+            return [{k: v.to(device) for k, v in t.items()} for t in host]
+        if device.type == "cuda":
+            return [{k: v.pin_memory() for k, v in t.items()} for t in host]
+        return host
+
     @torch.inference_mode()
     def _measure(self, configs: Sequence[Config], sample: Sample) -> list[Measurement]:
-        batches = self.pool.batches(sample, self.config.batch_size)
+        batches = self.pool.batches(sample, self.batch_size)
         self._ensure_teacher(sample.index)
-        device = self.decoder.device
-        targets = [self.teacher.get(w, ids.shape[1], device) for ids, w in batches]
+        targets = self._stage_targets(batches)
         inputs = [self.decoder.enter(ids) for ids, _ in batches]
         L = self.decoder.num_blocks
         keys = [self.space.block_keys(c) for c in configs]
         stride = self._stride(sample.tokens)
         cache: dict[int, list[torch.Tensor]] = {0: [inp.hidden for inp in inputs]}
         previous: tuple | None = None
-        results: list[Measurement | None] = [None] * len(configs)
+        sums = torch.zeros(len(configs), 3, dtype=torch.float64, device=self.decoder.device)
         for i in sorted(range(len(configs)), key=keys.__getitem__):
             shared = _common_prefix(keys[i], previous) if previous is not None else 0
             for b in [b for b in cache if b > shared]:
@@ -283,7 +328,7 @@ class Evaluator:
                 if (b + 1) % stride == 0 and b + 1 < L:
                     cache[b + 1] = states
             t1 = self._clock()
-            results[i] = self._compare(states, batches, targets)
+            sums[i] = self._compare(states, targets)
             self.stats.block_seconds += t1 - t0
             self.stats.head_seconds += self._clock() - t1
             previous = keys[i]
@@ -292,23 +337,25 @@ class Evaluator:
             self.stats.naive_block_tokens += L * sample.tokens
             self.stats.head_tokens += sample.tokens
             self.stats.teacher_head_tokens += sample.tokens if self._teacher_per_candidate else 0
-        return results  # type: ignore[return-value]
+        positions = sum(ids.shape[0] * (ids.shape[1] - 1) for ids, _ in batches)
+        return [Measurement(*(x / max(positions, 1) for x in row), positions) for row in sums.tolist()]
 
     def _clock(self) -> float:
-        """Wall time after the device's queued work: GPU kernels run asynchronously, so without a
-        sync the block time would land in whichever step next waits on a result (stats only)."""
+        """Wall time; with ``profile``, after the device's queued work. GPU kernels run asynchronously,
+        so without a sync the block time lands in whichever step next waits on a result; but each sync
+        drains the queue the device would otherwise keep full, so searches run without them."""
         device = self.decoder.device
-        if device.type == "cuda":
+        if self.config.profile and device.type == "cuda":
             torch.cuda.synchronize(device)
         return time.perf_counter()
 
-    def _compare(self, states: list[torch.Tensor], batches: list[tuple[torch.Tensor, list[int]]],
-                 targets: list[dict[str, torch.Tensor]]) -> Measurement:
-        total = torch.zeros(3, dtype=torch.float64, device=self.decoder.device)
-        positions = 0
-        for h, (ids, _), t in zip(states, batches, targets):
-            sums, n = compare(self.decoder, self.decoder.norm(h), t, ids, self.config.chunk_tokens)
-            total += sums
-            positions += n
-        kl, nll, dense_nll = (x / max(positions, 1) for x in total.tolist())
-        return Measurement(kl, nll, dense_nll, positions)
+    def _compare(self, states: list[torch.Tensor], targets: list[dict[str, torch.Tensor]]) -> torch.Tensor:
+        """One candidate's summed KL, NLL and dense NLL over the stage's batches, left on the device."""
+        device = self.decoder.device
+        total = torch.zeros(3, dtype=torch.float64, device=device)
+        for h, t in zip(states, targets):
+            if t["labels"].device != device:  # a stage too big for the device: copy from pinned memory
+                t = {k: v.to(device, non_blocking=True) for k, v in t.items()}
+            total += compare(self.decoder, self.decoder.norm(h), t, self.config.chunk_tokens,
+                             self.config.block_bytes)
+        return total

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from . import assets
@@ -28,6 +29,7 @@ DEFAULT_MODEL = "default"
 _ATTN_NAMES = ("self_attn", "attn", "attention", "self_attention")
 _MLP_NAMES = ("mlp", "feed_forward", "ffn", "block_sparse_moe")
 _NORM_NAMES = ("norm", "final_layernorm", "ln_f", "final_norm")
+HEAD_BLOCK_BYTES = 256 << 20  # default bound on an LM-head temporary: fp32 weight rows, a logit block
 
 
 def resolve_device(device: str | None) -> torch.device:
@@ -228,6 +230,14 @@ class _Catch(nn.Module):
         return hidden_states
 
 
+def head_rows(weight: torch.Tensor, block_bytes: int) -> int:
+    """Vocabulary rows of a head weight to upcast to float32 at once: all of a float32 weight (no copy is
+    made), else as many as fit ``block_bytes``."""
+    if weight.dtype == torch.float32:
+        return len(weight)
+    return max(1, block_bytes // (4 * weight.shape[1]))
+
+
 @dataclass
 class BlockInputs:
     """What the model hands its first block, plus the per-layer extra arguments (masks, RoPE)."""
@@ -333,9 +343,20 @@ class Decoder:
             h = self.run_block(b, h, inputs)
             yield h
 
-    def logits(self, normed: torch.Tensor) -> torch.Tensor:
-        """Logits in float32 from hidden states that already went through the final norm."""
-        logits = self.head(normed).float()
+    def logits(self, normed: torch.Tensor, block_bytes: int = HEAD_BLOCK_BYTES) -> torch.Tensor:
+        """Logits from hidden states that already went through the final norm, computed in float32.
+
+        Computed, not only returned, in float32: a bf16 head rounds every logit to 8 significant bits, a
+        bias that the KL fitness would see against its float32 hidden-space products (``fitness``). bf16
+        and fp16 values are exact in float32, so this is the model's own head without the output rounding.
+        A half-precision weight is upcast ``head_rows`` vocabulary rows at a time: a whole float32 copy of
+        a 128k x 8k head would be 4 GB.
+        """
+        weight, bias = self.head.weight, getattr(self.head, "bias", None)
+        x, rows = normed.float(), head_rows(weight, block_bytes)
+        blocks = [F.linear(x, weight[i: i + rows].float(), None if bias is None else bias[i: i + rows].float())
+                  for i in range(0, len(weight), rows)]
+        logits = blocks[0] if len(blocks) == 1 else torch.cat(blocks, dim=-1)
         if self.softcap:
             logits = torch.tanh(logits / self.softcap) * self.softcap
         return logits

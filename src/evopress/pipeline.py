@@ -181,7 +181,7 @@ def _warm_start(ctx: Context, initial: list[Config], log: Callable[[str], None])
 def baseline_inputs(ctx: Context) -> BaselineInputs:
     r = ctx.recipe
     return BaselineInputs(ctx.space, ctx.evaluator, ctx.pool, r.baseline_tokens, r.search.seed,
-                          r.random_candidates, r.fitness.batch_size)
+                          r.random_candidates, r.fitness.windows_per_batch(ctx.pool.seq_len))
 
 
 def run_baseline(ctx: Context, out: Path, log: Callable[[str], None] = print) -> dict[str, Any]:

@@ -64,7 +64,8 @@ class Recipe:
         d = self.to_json()
         for k in ("device", "device_map", "max_memory"):
             d.pop(k)
-        for k in ("batch_size", "chunk_tokens", "prefix_reuse", "cache_bytes"):
+        for k in ("batch_size", "batch_tokens", "chunk_tokens", "block_bytes", "prefix_reuse", "cache_bytes",
+                  "teacher_device_bytes", "profile"):
             d["fitness"].pop(k)
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -115,6 +116,8 @@ def _check_ranges(recipe: Recipe) -> None:
             raise UserError(f"{name} (--{name.split('.')[-1].replace('_', '-')}) must be at least {limit}")
     if recipe.fitness.cache_bytes < 0:
         raise UserError("--prefix-cache-gb must be >= 0")
+    if recipe.fitness.batch_tokens is not None and recipe.fitness.batch_tokens < 1:
+        raise UserError("--batch-tokens must be >= 1")
 
 
 def _split(settings: dict[str, Any], cls: type) -> dict[str, Any]:
