@@ -37,7 +37,7 @@ def main() -> None:
     with torch.inference_mode():
         for c in (None, config):
             space.apply(c)
-            *_, h = decoder.run_blocks(ids)
+            h = decoder.final_hidden(ids)
             logits.append(decoder.logits(decoder.norm(h)[:, :-1].reshape(-1, h.shape[-1])))
         teacher, student = logits
         lp64, lq64 = F.log_softmax(teacher.double(), -1), F.log_softmax(student.double(), -1)

@@ -156,7 +156,7 @@ class TeacherCache:
         for s in range(0, len(missing), self.batch_size):
             chunk = missing[s: s + self.batch_size]
             ids = self.pool.windows[chunk]
-            *_, h = self.decoder.run_blocks(ids)
+            h = self.decoder.final_hidden(ids)
             labels = ids[:, 1:].to(h.device)
             for w, row, y in zip(chunk, self.decoder.norm(h), labels):
                 self.store[w] = {k: v.to("cpu", copy=True) for k, v in self.targets(row[:-1], y).items()}

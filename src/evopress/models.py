@@ -334,6 +334,15 @@ class Decoder:
         return out[0] if isinstance(out, tuple) else out
 
     @torch.inference_mode()
+    def final_hidden(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """The residual stream after the last block (before the final norm), keeping no other boundary."""
+        inputs = self.enter(input_ids)
+        h = inputs.hidden
+        for b in range(self.num_blocks):
+            h = self.run_block(b, h, inputs)
+        return h
+
+    @torch.inference_mode()
     def run_blocks(self, input_ids: torch.Tensor) -> Iterator[torch.Tensor]:
         """Yield the residual stream at every block boundary 0..L (before the final norm)."""
         inputs = self.enter(input_ids)
