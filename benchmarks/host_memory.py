@@ -22,6 +22,7 @@ from pathlib import Path
 
 CALIB = ["--seq-len", "256", "--calib-tokens", "8192"]
 SEARCH = ["--generations", "2", "--offspring", "8", "--stages", "2:256,1:1024", "--final-tokens", "1024", "--quiet"]
+# --target is build-db's older name for --center, so older checkouts run the same command
 SPACES = {"sparsity": (["--target", "0.5", "--levels", "2"], "0.5"), "quant": (["--bits", "2,3,4"], "3")}
 CHILD = ("import resource, sys; from evopress.cli import main; rc = main(sys.argv[1:]); "
          "print('peak_rss_kib', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr); sys.exit(rc)")
@@ -35,12 +36,15 @@ def evopress(args: list[str], src: str) -> tuple[int, str]:
     return proc.returncode, proc.stderr
 
 
-def model_bytes(src: str) -> tuple[int, int]:
-    code = ("import sys; from evopress.models import Hardware; m = Hardware('cpu').load(None).model; "
-            "print(sum(p.numel() * p.element_size() for p in m.parameters()), m.config.hidden_size)")
+def model_bytes(src: str) -> tuple[int, int, int]:
+    """Parameter bytes and hidden size of the default model, and the RSS of the imports alone."""
+    code = ("import resource; import evopress.cli, evopress.pipeline, transformers; "
+            "base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024; "
+            "from evopress.models import Hardware; m = Hardware('cpu').load(None).model; "
+            "print(sum(p.numel() * p.element_size() for p in m.parameters()), m.config.hidden_size, base)")
     out = subprocess.run([sys.executable, "-c", code], env={**os.environ, "PYTHONPATH": src},
                          capture_output=True, text=True, check=True).stdout.split()
-    return int(out[0]), int(out[1])
+    return int(out[0]), int(out[1]), int(out[2])
 
 
 def main() -> None:
@@ -50,7 +54,7 @@ def main() -> None:
     p.add_argument("--label", default="after")
     args = p.parse_args()
     here = str(Path(__file__).resolve().parents[1] / "src")
-    weights, hidden = model_bytes(here)
+    weights, hidden, imports = model_bytes(here)
     cache_gb = float(os.environ.get("EVOPRESS_DB_CACHE_GB", "8"))
     rows = []
     for space, (build, target) in SPACES.items():
@@ -64,15 +68,15 @@ def main() -> None:
         peak = int(err.split("peak_rss_kib")[-1].split()[0]) * 1024
         teacher = 8192 * (hidden + 2) * 4
         bound = 1.25 * (weights + min(db_bytes, cache_gb * 2**30) + teacher)
-        rows.append([args.label, space, peak, weights, db_bytes, teacher, int(bound), peak <= bound])
+        rows.append([args.label, space, peak, weights, db_bytes, teacher, imports, int(bound), peak <= bound])
         print(f"{args.label} {space}: peak RSS {peak / 2**20:.0f} MiB; bound {bound / 2**20:.0f} MiB (model "
               f"{weights / 2**20:.0f} + database {db_bytes / 2**20:.0f} + teacher {teacher / 2**20:.0f}, +25%): "
-              f"{'within' if peak <= bound else 'ABOVE'}")
+              f"{'within' if peak <= bound else 'ABOVE'}; the imports alone: {imports / 2**20:.0f} MiB")
     table = args.out / "memory.tsv"
     new = not table.is_file()
     with open(table, "a") as f:
         if new:
-            f.write("label\tspace\tpeak_rss\tmodel_bytes\tdb_bytes\tteacher_bytes\tbound\twithin\n")
+            f.write("label\tspace\tpeak_rss\tmodel_bytes\tdb_bytes\tteacher_bytes\timports_rss\tbound\twithin\n")
         for row in rows:
             f.write("\t".join(map(str, row)) + "\n")
 

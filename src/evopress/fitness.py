@@ -147,13 +147,16 @@ class TeacherCache:
         self.store: dict[int, dict[str, torch.Tensor]] = {}
 
     @torch.inference_mode()
-    def ensure(self, windows: Sequence[int], space: Space) -> int:
+    def ensure(self, windows: Sequence[int], space: Space, progress: bool = False) -> int:
         """Compute the missing windows' entries; returns how many positions went through the LM head."""
+        from tqdm.auto import tqdm
+
         missing = [w for w in dict.fromkeys(windows) if w not in self.store]
         if not missing:
             return 0
         space.apply(None)
-        for s in range(0, len(missing), self.batch_size):
+        starts = range(0, len(missing), self.batch_size)
+        for s in tqdm(starts, desc="teacher", unit="batch", disable=not progress, leave=False):
             chunk = missing[s: s + self.batch_size]
             ids = self.pool.windows[chunk]
             h = self.decoder.final_hidden(ids)
@@ -254,13 +257,13 @@ class Evaluator:
     def sample_tokens(sample: Sample) -> int:
         return sample.tokens
 
-    def warm(self) -> None:
+    def warm(self, progress: bool = False) -> None:
         """Run the dense teacher over the whole pool now, with the model dense once instead of per stage.
 
         Why: a search touches every window within a few generations anyway, and each stage that meets a
         new window must restore the dense weights and then rewrite every layer for the next candidate.
         """
-        self._ensure_teacher(range(len(self.pool.windows)))
+        self._ensure_teacher(range(len(self.pool.windows)), progress)
 
     def score(self, configs: Sequence[Config], sample: Sample) -> list[float]:
         """Fitness of each configuration on the sample; lower is better."""
@@ -284,9 +287,9 @@ class Evaluator:
         finally:
             self.stats.seconds += time.perf_counter() - start
 
-    def _ensure_teacher(self, windows: Sequence[int]) -> None:
+    def _ensure_teacher(self, windows: Sequence[int], progress: bool = False) -> None:
         t0 = self._clock()
-        self.stats.teacher_head_tokens += self.teacher.ensure(windows, self.space)
+        self.stats.teacher_head_tokens += self.teacher.ensure(windows, self.space, progress)
         self.stats.teacher_seconds += self._clock() - t0
 
     def _stage_targets(self, batches: list[tuple[torch.Tensor, list[int]]]) -> list[dict[str, torch.Tensor]]:

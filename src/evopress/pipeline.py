@@ -98,7 +98,7 @@ def run_search(ctx: Context, out: Path, restart: bool = False, progress: bool = 
         write_json(out / RECIPE, recipe.to_json())
     start = time.perf_counter()
     log(f"teacher: the dense model over all {ctx.pool.tokens} calibration tokens, once")
-    ctx.evaluator.warm()
+    ctx.evaluator.warm(progress and is_main())
     if state is None and len(initial) > 1:
         log(f"ranking {len(initial)} initial candidates on {recipe.search.initial_tokens} tokens")
     with _SearchProgress(recipe, state, progress, log) as report:
