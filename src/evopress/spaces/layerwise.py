@@ -51,7 +51,7 @@ class LayerwiseSpace(Space):
 
     DECODED_CACHE_BYTES = 1 << 30
 
-    def __init__(self, decoder: Decoder, target: float, db: str | None):
+    def __init__(self, decoder: Decoder, target: float | None, db: str | None):
         if db is None:
             raise UserError(f"the {self.name} space needs --db (build one with: evopress build-db --space "
                             f"{self.name} --out DB)")
