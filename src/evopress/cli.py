@@ -1,4 +1,5 @@
-"""Command line: ``evopress search | baseline | import-config | eval | build-db | export | run | report``.
+"""Command line: ``evopress search | baseline | import-config | export-config | eval | build-db | export | run |
+report``.
 
 Space-specific options come from the registered spaces (``SpacePlugin.options``); this module names none.
 
@@ -17,6 +18,8 @@ from typing import Any, Callable
 from .errors import UserError
 from .evolution import SearchConfig
 from .fitness import METRICS, FitnessConfig
+from .interchange import OWN, all_formats
+from .io import atomic_write
 from .models import Hardware
 from .recipe import Recipe, make_recipe
 from .spaces import DEFAULT_SPACE, PLUGINS, SpacePlugin, baselines, get_plugin
@@ -75,11 +78,12 @@ def _space_options(p: argparse.ArgumentParser, options: list[CliOption]) -> None
             p.add_argument(*first.flags, type=first.type, default=None, help=help_text)
 
 
-def _common(p: argparse.ArgumentParser) -> None:
+def _common(p: argparse.ArgumentParser, target_required: bool = True) -> None:
     f = FitnessConfig()
     p.add_argument("--space", default=DEFAULT_SPACE, help=f"compression space ({', '.join(PLUGINS)})")
-    p.add_argument("--target", type=float, required=True,
-                   help="; ".join(plugin.target_help for plugin in PLUGINS.values()))
+    p.add_argument("--target", type=float, required=target_required,
+                   help="; ".join(plugin.target_help for plugin in PLUGINS.values())
+                   + ("" if target_required else " (default: the one the file meets)"))
     _space_options(p, [o for plugin in PLUGINS.values() for o in plugin.options])
     p.add_argument("--rules", type=Path, default=None, help="YAML list of constraints: {match: 're:...', "
                    "pin | min | max: level, tie: true} (see docs/constraints.md)")
@@ -131,10 +135,25 @@ def _add_baseline(sub: Any) -> None:
     b.add_argument("--candidates", type=int, default=32, help="random: N of best-of-N")
 
 
+def _format_help(what: str) -> str:
+    return f"{what}; " + "; ".join(f"{name}: {form.help}" for name, form in all_formats().items())
+
+
 def _add_import_config(sub: Any) -> None:
-    im = sub.add_parser("import-config", help="turn a text config ('module: level' lines) into a result")
+    im = sub.add_parser("import-config", help="turn a text config (ours or the reference's) into a result")
     im.add_argument("config", type=Path)
-    _common(im)
+    im.add_argument("--format", default=None, choices=list(all_formats()),
+                    help=_format_help("layout of the file (default: recognised from the text)"))
+    _common(im, target_required=False)
+
+
+def _add_export_config(sub: Any) -> None:
+    x = sub.add_parser("export-config", help="write a result's configuration as a text config")
+    x.add_argument("dir", type=Path, help="result directory")
+    x.add_argument("--format", default=OWN, choices=list(all_formats()), help=_format_help(f"layout (default {OWN})"))
+    x.add_argument("--out", type=Path, default=None, help="file to write (default: stdout)")
+    _hardware_args(x)
+    _output(x, json_flag=False)
 
 
 def _add_eval(sub: Any) -> None:
@@ -190,8 +209,8 @@ def _add_report(sub: Any) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="evopress", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
-    for add in (_add_search, _add_baseline, _add_import_config, _add_eval, _add_build_db, _add_export, _add_run,
-                _add_report):
+    for add in (_add_search, _add_baseline, _add_import_config, _add_export_config, _add_eval, _add_build_db,
+                _add_export, _add_run, _add_report):
         add(sub)
     return parser
 
@@ -256,8 +275,18 @@ def _import_config(args: argparse.Namespace, log: Log) -> dict[str, Any]:
     from . import pipeline
 
     recipe = recipe_from_args(args, "imported")
-    with pipeline.claim_output(args.out, recipe, args.restart):
-        return pipeline.import_config(args.config, recipe, args.out, log)
+    return pipeline.import_config(args.config, recipe, args.out, log, args.format, args.restart)
+
+
+def _export_config(args: argparse.Namespace, log: Log) -> None:
+    from .pipeline import export_config
+
+    text = export_config(args.dir, args.format, _hardware(args))
+    if args.out is None:
+        sys.stdout.write(text)
+    else:
+        atomic_write(args.out, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+        log(f"wrote {args.format} config to {args.out}")
 
 
 def _run_recipe(args: argparse.Namespace, log: Log) -> dict[str, Any]:
@@ -308,6 +337,7 @@ def _report(args: argparse.Namespace, log: Log) -> dict[str, Any]:
 
 COMMANDS: dict[str, Callable[[argparse.Namespace, Log], Any]] = {
     "search": _search_or_baseline, "baseline": _search_or_baseline, "import-config": _import_config,
+    "export-config": _export_config,
     "run": _run_recipe, "build-db": _build_db, "export": _export, "eval": _eval, "report": _report,
 }
 

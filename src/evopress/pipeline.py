@@ -19,11 +19,12 @@ from .distributed import ShardedEvaluator, is_main, world_size
 from .evaluate import EVAL, EvalSettings, HeldOut, lm_eval_tasks, write_eval
 from .errors import UserError
 from .fitness import Evaluator
-from .interchange import parse_config, write_config
+from .interchange import (choose_format, format_config, get_format, implied_target, parse_config, read_text,
+                          write_config)
 from .io import locked_dir, read_json, write_json
 from .models import Decoder, Hardware, LoadedModel, load_model, resolve_device, resolve_dtype
 from .evolution import SearchState, evolve
-from .recipe import Recipe
+from .recipe import Recipe, make_recipe
 from .spaces import Space, baselines, get_plugin, make_space
 from .spaces.base import BaselineInputs, Config, NoMoveError, switch
 from .version import __version__
@@ -44,8 +45,8 @@ class Context:
     evaluator: Evaluator
 
 
-def prepare(recipe: Recipe, log: Callable[[str], None] = print) -> Context:
-    loaded = recipe.hardware.load(recipe.model, log)
+def prepare(recipe: Recipe, log: Callable[[str], None] = print, loaded: LoadedModel | None = None) -> Context:
+    loaded = loaded or recipe.hardware.load(recipe.model, log)
     decoder = loaded.decoder
     space = make_space(recipe.space, decoder, recipe.target, recipe.space_options)
     pool = load_pool(loaded.tokenizer, recipe.data, "calibration", recipe.seq_len, recipe.calib_tokens)
@@ -252,19 +253,35 @@ def _saved_fingerprint(path: Path) -> str | None:
         return None
 
 
-def import_config(path: Path, recipe: Recipe, out: Path, log: Callable[[str], None] = print) -> dict[str, Any]:
-    """A configuration found elsewhere (text, one ``module: level`` per line) as an evopress result."""
-    if not Path(path).is_file():
-        raise UserError(f"config {path} not found")
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise UserError(f"config {path} is not UTF-8 text (byte {e.start})") from e
-    ctx = prepare(recipe, log)
-    config = parse_config(text, ctx.space, str(path))
-    result = _result(ctx, config, [], 0.0)
-    save_result(ctx.space, Path(out), result)
+def import_config(path: Path, recipe: Recipe, out: Path, log: Callable[[str], None] = print,
+                  fmt: str | None = None, restart: bool = False) -> dict[str, Any]:
+    """A configuration found elsewhere (a text file in any format of the space, see interchange) as a result.
+
+    ``fmt`` None: recognised from the text. ``recipe.target`` None: the file's own, so the model is
+    loaded first to find it and ``out`` is claimed after; with a target it is claimed before.
+    """
+    text = read_text(path)
+    name, form = choose_format(recipe.space, text, fmt, str(path))
+    log(f"reading {path} as {name}")
+    loaded = None
+    if recipe.target is None:
+        loaded = recipe.hardware.load(recipe.model, log)
+        target = implied_target(text, form, recipe.space, loaded.decoder, recipe.space_options, str(path))
+        recipe = make_recipe({**recipe.to_json(), "target": target})
+        log(f"{path} meets target {target:g}")
+    with claim_output(out, recipe, restart):
+        ctx = prepare(recipe, log, loaded)
+        config = parse_config(text, ctx.space, str(path), form)
+        result = _result(ctx, config, [], 0.0)
+        save_result(ctx.space, Path(out), result)
     return result
+
+
+def export_config(out: Path, fmt: str, hardware: Hardware = Hardware()) -> str:
+    """A saved result's configuration as text in format ``fmt`` of its space (the format checked first)."""
+    form = get_format(read_json(Path(out) / RESULT)["space"], fmt)
+    _, _, space, config = load_result(out, hardware)
+    return format_config(space, config, form)
 
 
 def load_result(out: Path, hardware: Hardware = Hardware(),

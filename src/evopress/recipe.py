@@ -30,7 +30,7 @@ class Recipe:
     """Everything that determines a run's result."""
 
     space: str = DEFAULT_SPACE
-    target: float = 0.25
+    target: float | None = 0.25  # None only for an imported configuration, until its file is read
     method: str = "evopress"
     model: str | None = None  # None: the embedded default
     data: str = "wiki"
@@ -150,6 +150,8 @@ def make_recipe(mapping: Mapping[str, Any] | None = None, /, **settings: Any) ->
         settings["model"] = str(Path(settings["model"]).expanduser().resolve())  # evaluate from any directory
     recipe = Recipe(**settings, search=SearchConfig(**search), fitness=FitnessConfig(**fitness))
     recipe.search.validate()
+    if recipe.target is None and recipe.method != "imported":
+        raise UserError("bad recipe: a target is required (only an imported configuration may take its file's)")
     _check_ranges(recipe)
     check_space_settings(recipe.space, recipe.target, recipe.space_options)
     recipe.hardware.check()

@@ -37,10 +37,13 @@ def baselines(name: str) -> dict[str, Baseline]:
     return {**get_plugin(name).baselines, "random": best_of_random}
 
 
-def check_space_settings(name: str, target: float, options: dict[str, Any]) -> None:
-    """Refuse an unknown space, a target outside its range or an option it lacks, before any model loads."""
+def check_space_settings(name: str, target: float | None, options: dict[str, Any]) -> None:
+    """Refuse an unknown space, a target outside its range or an option it lacks, before any model loads.
+
+    ``target`` None: an imported configuration's own, found once the file is read.
+    """
     plugin = get_plugin(name)
-    if plugin.check_target is not None:
+    if plugin.check_target is not None and target is not None:
         plugin.check_target(target)
     accepted = inspect.signature(plugin.space).parameters
     unknown = sorted(set(options) - set(accepted) - {"rules"})

@@ -13,10 +13,13 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
+from fractions import Fraction
 from pathlib import Path
 from typing import Any, Callable, ClassVar, Mapping, Sequence
 
 import numpy as np
+
+from ..errors import UserError
 
 Config = tuple[int, ...]
 
@@ -127,6 +130,14 @@ class Space(ABC):
         """What each level of unit ``u`` means to a user (text configs, reports): the index by default."""
         return list(range(self.problem.num_levels[u]))
 
+    def implied_target(self, config: Config) -> float:
+        """The target whose budget ``config`` meets exactly: what a configuration found elsewhere was made for.
+
+        ``import-config`` without ``--target`` builds the space with ``target=None`` (units, levels and
+        costs, no budget yet), reads the file and asks this; a space that supports it overrides both.
+        """
+        raise UserError(f"space '{self.name}' cannot tell a configuration's target: give --target")
+
     def profile(self, config: Config) -> dict[str, int]:
         return dict(zip(self.units, config))
 
@@ -175,6 +186,35 @@ class BaselineInputs:
     batch_size: int = 8
 
 
+def shortest_decimal(near: Fraction, fits: Callable[[Fraction], bool]) -> float | None:
+    """The float with the fewest decimals, rounded from ``near``, whose printed value ``fits`` (None if none).
+
+    Spaces read a target back as ``Fraction(str(target))``; a target found from a configuration should
+    print as a user would type it (2.25, not 2.2500000000000004) and still give that budget.
+    """
+    for digits in range(18):
+        target = float(round(near, digits))
+        if fits(Fraction(str(target))):
+            return target
+    return None
+
+
+@dataclass(frozen=True)
+class ConfigFormat:
+    """A plain-text layout of configurations (ours or another tool's), as one space reads and writes it.
+
+    ``read`` and ``write`` speak in levels of the model's own modules (``Space.model_space``), so rules
+    never change a file; ``read`` raises ``UserError`` naming ``source`` and the line for a file that
+    does not fit the model. ``fits_line`` lets ``import-config`` recognise a file without ``--format``
+    (and, for a file with a bad line, pick the format whose reader names it).
+    """
+
+    help: str
+    fits_line: Callable[[str], bool]  # one line, comment and surrounding blanks removed
+    read: Callable[[str, Space, str], Config]  # (text, model space, source) -> levels
+    write: Callable[[Space, Config], str]
+
+
 Baseline = Callable[[BaselineInputs], Config]
 # (decoder, pool, builder options, out, batch size, progress) -> manifest
 Builder = Callable[[Any, Any, dict[str, Any], Path, int, bool], dict[str, Any]]
@@ -195,6 +235,7 @@ class SpacePlugin:
     build: Builder | None = None  # level database builder, for spaces that need one
     build_options: tuple[CliOption, ...] = ()
     export: Exporter | None = None
+    config_formats: Mapping[str, ConfigFormat] = field(default_factory=dict)  # besides our own (interchange)
 
     def space_options(self, given: Mapping[str, Any]) -> dict[str, Any]:
         """This space's options from command-line values keyed by argument name."""

@@ -53,7 +53,7 @@ class LayerwiseSpace(Space):
 
     DECODED_CACHE_BYTES: int | None = None  # None: $EVOPRESS_DECODED_CACHE_GB (default 1 GiB)
 
-    def __init__(self, decoder: Decoder, target: float, db: str | None):
+    def __init__(self, decoder: Decoder, target: float | None, db: str | None):
         if db is None:
             raise UserError(f"the {self.name} space needs --db (build one with: evopress build-db --space "
                             f"{self.name} --out DB)")

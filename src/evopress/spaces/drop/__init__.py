@@ -1,7 +1,7 @@
 """Depth: drop attention and/or MLP sub-blocks, or whole blocks."""
 
 from ..base import CliOption, SpacePlugin
-from . import baselines, export
+from . import baselines, export, formats
 from .space import DropSpace, check_target, drop_count
 
 PLUGIN = SpacePlugin(
@@ -13,6 +13,7 @@ PLUGIN = SpacePlugin(
                        "the paper) or block (whole blocks)", default="sublayer"),),
     baselines={"shortgpt": baselines.shortgpt, "angular": baselines.angular},
     export=export.export,
+    config_formats={"reference-drop": formats.REFERENCE},
 )
 
 __all__ = ["PLUGIN", "DropSpace", "drop_count"]

@@ -4,7 +4,8 @@ A dropped sub-block outputs zero, so the decoder layer adds nothing to its resid
 sub-block, including its pre-norm, becomes an exact identity. Level 0 keeps a unit, level 1 drops it.
 With sub-block granularity exactly k attention and exactly k MLP sub-blocks are dropped (k =
 floor(target * blocks)), as in the paper; attention and MLP trade only among themselves, so both
-counts stay exact under every switch.
+counts stay exact under every switch. ``target=None`` builds the units without a budget (nothing
+dropped), enough to read a configuration and find its target (``implied_target``: k / blocks).
 """
 
 from __future__ import annotations
@@ -49,14 +50,14 @@ def drop_count(target: float, blocks: int) -> int:
 class DropSpace(Space):
     name = "drop"
 
-    def __init__(self, decoder: Decoder, target: float, granularity: str = "sublayer"):
+    def __init__(self, decoder: Decoder, target: float | None, granularity: str = "sublayer"):
         if granularity not in GRANULARITIES:
             raise UserError(f"unknown granularity '{granularity}' (choose from {', '.join(GRANULARITIES)})")
         self.decoder = decoder
         self.target = target
         self.granularity = granularity
         self.num_blocks = L = decoder.num_blocks
-        self.k = drop_count(target, L)
+        self.k = drop_count(target, L) if target is not None else 0
         prefix = next(n for n, m in decoder.model.named_modules() if m is decoder.layers)
         kinds = [decoder.attn_attr, decoder.mlp_attr] if granularity == "sublayer" else [None]
         self.units = [f"{prefix}.{b}" + (f".{kind}" if kind else "") for kind in kinds for b in range(L)]
@@ -83,6 +84,18 @@ class DropSpace(Space):
         if self.granularity == "block":
             return tuple(int(a and m) for a, m in masks)
         return tuple(int(a) for a, _ in masks) + tuple(int(m) for _, m in masks)
+
+    def implied_target(self, config: Config) -> float:
+        """k / blocks for a configuration dropping k sub-blocks of each kind (floor(target * blocks) = k)."""
+        masks = self.masks(config)
+        attn, mlp = sum(a for a, _ in masks), sum(m for _, m in masks)
+        if attn != mlp:
+            raise UserError(f"the configuration drops {attn} attention and {mlp} MLP sub-blocks; the depth space "
+                            "drops equally many of each kind")
+        if not 0 < attn < self.num_blocks:
+            raise UserError(f"the configuration drops {attn} of {self.num_blocks} sub-blocks of each kind; a depth "
+                            "target drops at least one and fewer than all")
+        return attn / self.num_blocks
 
     def apply(self, config: Config | None) -> None:
         layers = self.decoder.layers

@@ -2,7 +2,7 @@
 
 from ..base import CliOption, SpacePlugin
 from ..layerwise import DB_OPTION, group_rule_option
-from . import baselines, build, export
+from . import baselines, build, export, formats
 from .space import QuantSpace, check_target
 
 PLUGIN = SpacePlugin(
@@ -26,6 +26,7 @@ PLUGIN = SpacePlugin(
                   f"(default {build.DEFAULT_CALIB_BITS}; 0: dense inputs)", type=int),
     ),
     export=export.export_quantized,
+    config_formats={"reference-quant": formats.REFERENCE},
 )
 
 __all__ = ["PLUGIN", "QuantSpace"]

@@ -19,6 +19,9 @@ down_proj separates from gate/up because its row count differs); ``name`` groups
 As in the paper, each group's total level then never changes during the search: the initial
 configuration fixes how many bits go to attention vs MLP.
 
+Without a target (``None``) the budget is a placeholder and the space only reads configurations;
+``implied_target`` is then a configuration's average bits.
+
 Levels default to the longest equally spaced run of the database's bitwidths starting at the
 smallest (2..6 of 2,3,4,5,6,8): with unequal steps (6 -> 8 costs twice 5 -> 6) a single-step switch
 pairing them is never budget-neutral, so a level past the gap is unreachable from configurations that
@@ -38,7 +41,7 @@ import torch
 from ...compressors.gptq import QuantGrid, QuantizedWeight
 from ...errors import UserError
 from ...models import Decoder
-from ..base import Config, Problem
+from ..base import Config, Problem, shortest_decimal
 from ..layerwise import LayerwiseSpace
 from .build import packed_keys
 from .levels import MAX_BITS, default_levels, exact_knapsack, level_cost, max_reachable
@@ -55,12 +58,13 @@ def check_target(target: float) -> None:
 class QuantSpace(LayerwiseSpace):
     name = "quant"
 
-    def __init__(self, decoder: Decoder, target: float, db: str | None = None, group_rule: str = "size",
+    def __init__(self, decoder: Decoder, target: float | None, db: str | None = None, group_rule: str = "size",
                  overhead: bool = False, bits: Sequence[int] | None = None):
         if group_rule not in GROUP_RULES:
             raise UserError(f"unknown --group-rule '{group_rule}' for quant (choose from {', '.join(GROUP_RULES)}; "
                             "'global' cannot keep an exact bit budget across layers of different sizes)")
-        check_target(target)
+        if target is not None:
+            check_target(target)
         super().__init__(decoder, target, db)
         self.group_rule = group_rule
         self.overhead = overhead
@@ -74,9 +78,11 @@ class QuantSpace(LayerwiseSpace):
         self.shapes = [tuple(manifest["layers"][name]) for name in self.units]
         self.numel = sum(o * i for o, i in self.shapes)
         costs = tuple(tuple(level_cost(b, s, self.grid(b), overhead) for b in self.bits) for s in self.shapes)
-        self.target_bits = math.floor(Fraction(str(target)) * self.numel)
+        # no target: a placeholder budget (the cheapest configuration), for reading configurations
+        wanted = Fraction(str(target)) * self.numel if target is not None else Fraction(sum(c[0] for c in costs))
+        self.target_bits = math.floor(wanted)
         top = sum(c[-1] for c in costs)
-        if Fraction(str(target)) * self.numel > top:
+        if wanted > top:
             raise UserError(f"--target {target} is above the most expensive configuration ({top / self.numel:.4f} "
                             f"bits per weight with every layer at {self.bits[-1]} bits, {self.accounting()}); "
                             f"database {self.db.root} offers levels {','.join(map(str, self.bits))} bits")
@@ -181,6 +187,19 @@ class QuantSpace(LayerwiseSpace):
 
     def level_labels(self, u: int) -> list[Any]:
         return list(self.bits)
+
+    def implied_target(self, config: Config) -> float:
+        """The average bits of ``config`` (this space's accounting), as short a decimal as gives its total.
+
+        The budget is ``floor(target x weights)``, so any target in [cost, cost + 1) / weights gives
+        the configuration's cost; rounding from the middle of that range finds the shortest one.
+        """
+        cost, top = self.problem.cost(config), sum(c[-1] for c in self.problem.costs)
+        target = shortest_decimal(Fraction(cost + min(cost + 1, top), 2 * self.numel),
+                                  lambda t: math.floor(t * self.numel) == cost and t * self.numel <= top)
+        if target is None:
+            raise UserError(f"no decimal target gives exactly {cost} bits over {self.numel} weights; give --target")
+        return target
 
     def layer_bits(self, config: Config) -> dict[str, int]:
         return {name: self.bits[level] for name, level in zip(self.units, config)}

@@ -14,6 +14,8 @@ one nearest ``target * weights`` (exact when the database centre is the target, 
 ``center * n_u`` per layer). One database therefore serves any target inside its range; for a target
 away from the centre the starting configuration is the feasible one whose per-layer sparsities are
 closest to the target (``nearest_config``), which is exactly uniform when the target is the centre.
+Without a target (``None``) the budget is a placeholder and the space only reads configurations;
+``implied_target`` is then a configuration's average sparsity.
 
 Switch groups (``group_rule``): ``global`` (default, the released code) lets any layer trade with
 any other, valid because every step is ``step`` weights; ``size`` restricts trades to layers of equal
@@ -37,7 +39,7 @@ import torch
 
 from ...errors import UserError
 from ...models import Decoder
-from ..base import Config, NoMoveError, switch
+from ..base import Config, NoMoveError, shortest_decimal, switch
 from ..layerwise import LayerwiseSpace
 from .levels import nearest_levels, sparsity_problem
 from .storage import decode_level, level_keys
@@ -54,10 +56,11 @@ def check_target(target: float) -> None:
 class SparsitySpace(LayerwiseSpace):
     name = "sparsity"
 
-    def __init__(self, decoder: Decoder, target: float, db: str | None = None, group_rule: str = "global"):
+    def __init__(self, decoder: Decoder, target: float | None, db: str | None = None, group_rule: str = "global"):
         if group_rule not in GROUP_RULES:
             raise UserError(f"unknown --group-rule '{group_rule}' for sparsity (choose from {', '.join(GROUP_RULES)})")
-        check_target(target)
+        if target is not None:
+            check_target(target)
         super().__init__(decoder, target, db)
         self.group_rule = group_rule
         manifest = self.db.manifest
@@ -68,7 +71,9 @@ class SparsitySpace(LayerwiseSpace):
         self.first_offsets = [e["first_offset"] for e in entries]
         self.zeros: list[list[int]] = [e["zeros"] for e in entries]
         self.weights = sum(self.numels)
-        self.target_zeros = Fraction(str(target)) * self.weights
+        # no target: a placeholder budget (every layer at its least sparse level), for reading configurations
+        self.target_zeros = (Fraction(str(target)) * self.weights if target is not None
+                             else Fraction(sum(z[0] for z in self.zeros)))
         try:
             self.problem, self.total_steps = sparsity_problem(self.numels, self.zeros, self.step, self.target_zeros,
                                                               group_rule)
@@ -129,6 +134,14 @@ class SparsitySpace(LayerwiseSpace):
     def level_labels(self, u: int) -> list[Any]:
         first = self.first_offsets[u]
         return list(range(first, first + len(self.zeros[u])))
+
+    def implied_target(self, config: Config) -> float:
+        """The average sparsity of ``config``, as short a decimal as keeps its total the nearest reachable one."""
+        zeros = sum(z[lv] for z, lv in zip(self.zeros, config))
+        target = shortest_decimal(Fraction(zeros, self.weights),
+                                  lambda t: 2 * abs(t * self.weights - zeros) < self.step)
+        assert target is not None  # the exact average itself fits
+        return target
 
     def layer_sparsity(self, config: Config) -> list[float]:
         return [z[lv] / n for z, lv, n in zip(self.zeros, config, self.numels)]
