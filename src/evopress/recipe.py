@@ -52,14 +52,18 @@ class Recipe:
     def from_json(d: Mapping[str, Any]) -> "Recipe":
         return make_recipe(d)
 
-    def fingerprint(self) -> str:
-        """What a resumed run must share with the checkpoint (device, dtype and speed knobs excluded)."""
+    def identity(self) -> dict[str, Any]:
+        """The settings that determine the result: all but the device and the speed knobs."""
         d = self.to_json()
         for k in ("device",):
             d.pop(k)
         for k in ("batch_size", "chunk_tokens", "prefix_reuse", "cache_bytes"):
             d["fitness"].pop(k)
-        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+        return d
+
+    def fingerprint(self) -> str:
+        """What a resumed run must share with the checkpoint: its ``identity``, hashed."""
+        return hashlib.sha256(json.dumps(self.identity(), sort_keys=True).encode()).hexdigest()[:16]
 
 
 def _type_ok(value: Any, hint: Any) -> bool:
