@@ -137,8 +137,7 @@ def test_the_python_api_under_two_processes_equals_one(tiny_checkpoint, tmp_path
 
 @pytest.fixture(scope="module")
 def two_checkpoints(tiny_checkpoint, tmp_path_factory):
-    """Searches of seeds 0 and 1 that stopped before their result (kept aside as finished.json), leaving a
-    checkpoint to resume from."""
+    """Checkpoints of seeds 0 and 1 to resume from: searches stopped before their result (finished.json)."""
     from evopress.cli import main
 
     model, text = tiny_checkpoint
@@ -153,15 +152,21 @@ def resume_args(model, text, root, seed, out_seed):
     return search_args(model, text, root / f"seed{out_seed}", 1) + ["--seed", str(seed)]
 
 
-@pytest.mark.parametrize("case", ["seed", "out", "checkpoint"])
+DISAGREEMENTS = {  # each rank's (seed, seed of the checkpoint its --out holds), and what every rank must say
+    "seed": ([(0, 0), (1, 0)], "ranks disagree on settings.search.seed: rank 0 has 0, rank 1 has 1"),
+    "out": ([(0, 0), (0, 1)], "ranks disagree on the output directory"),
+    "checkpoint": ([(1, 0), (1, 0)], "holds a search with different settings"),
+}
+
+
+@pytest.mark.parametrize("case", DISAGREEMENTS)
 def test_ranks_that_disagree_on_a_resume_stop_with_one_line_each(case, tiny_checkpoint, two_checkpoints):
     """Rank 1 with another seed or --out, or rank 0's checkpoint made with other settings: exit 2 everywhere.
 
-    The collective timeout is longer than the test's: only an immediate, agreed stop passes."""
+    The collective timeout is longer than the test's: only an immediate, agreed stop passes.
+    """
     model, text = tiny_checkpoint
-    seeds = {"seed": [(0, 0), (1, 0)], "out": [(0, 0), (0, 1)], "checkpoint": [(1, 0), (1, 0)]}[case]
-    expected = {"seed": "ranks disagree on settings.search.seed: rank 0 has 0, rank 1 has 1", "out": "ranks disagree on the output directory",
-                "checkpoint": "holds a search with different settings"}[case]
+    seeds, expected = DISAGREEMENTS[case]
     ranks = finish(launch([cli(resume_args(model, text, two_checkpoints, *s)) for s in seeds], timeout="900"))
     for rc, _, err in ranks:
         assert rc == 2, err
@@ -170,6 +175,7 @@ def test_ranks_that_disagree_on_a_resume_stop_with_one_line_each(case, tiny_chec
 
 
 def test_two_processes_resume_rank_0s_checkpoint(tiny_checkpoint, two_checkpoints, tmp_path):
+    """Rank 0 reads the checkpoint and hands it over; the resumed result is the single-process one."""
     model, text = tiny_checkpoint
     shutil.copytree(two_checkpoints / "seed0", tmp_path / "seed0")
     shutil.copytree(two_checkpoints / "seed0", tmp_path / "one")
@@ -179,5 +185,5 @@ def test_two_processes_resume_rank_0s_checkpoint(tiny_checkpoint, two_checkpoint
     ranks = finish(launch([cli(args)] * 2))
     for rc, _, err in ranks:
         assert rc == 0, err
-    assert "resuming from generation 1" in ranks[0][2]
+    assert "resuming from generation 1" in ranks[0][2] and ranks[1][2] == ""
     assert_same_run(tmp_path / "seed0", tmp_path / "one")
