@@ -9,13 +9,16 @@ Every call writes the same files as the CLI (result.json, recipe.json, checkpoin
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from .errors import UserError
 from .recipe import Recipe, make_recipe
 from .spaces import DEFAULT_SPACE
+
+if TYPE_CHECKING:
+    from .evaluate import EvalSettings
 
 
 @dataclass
@@ -52,9 +55,28 @@ def run(recipe: Any, out: str | Path | None = None, restart: bool = False, progr
 
     A recipe file's ``out`` is used when ``out`` is not given, and its ``eval`` section, if any, is
     run on the result (``Result.data["eval"]``): the same as ``evopress run FILE``.
-    """
-    from . import pipeline
 
+    Under torchrun (a script started by ``torchrun --nproc-per-node N``) the N processes make one run:
+    candidates are split between them, every rank returns the same result, rank 0 alone writes ``out``
+    and runs the ``eval`` section (the other ranks' results have no ``"eval"``).
+    """
+    from . import distributed
+
+    recipe, out, settings = _resolve(recipe, out)
+    with distributed.session():
+        distributed.agree({"settings": recipe.identity(), "the output directory": str(out), "restart": restart})
+        log = distributed.main_only(log)
+        data = _search_or_baseline(replace(recipe, device=distributed.local_device() or recipe.device), out,
+                                   restart, progress, log)
+        if settings is not None and distributed.is_main():
+            from .pipeline import evaluate_results
+
+            data = {**data, "eval": evaluate_results([out], settings, log=log)[0]}
+    return Result(out, data)
+
+
+def _resolve(recipe: Any, out: str | Path | None) -> tuple[Recipe, Path, EvalSettings | None]:
+    """The Recipe, the output directory and the eval settings (or None) that ``run`` was given."""
     if isinstance(recipe, (str, Path)):
         recipe = load_recipe_file(Path(recipe))
     evaluation = None
@@ -66,19 +88,21 @@ def run(recipe: Any, out: str | Path | None = None, restart: bool = False, progr
         recipe = make_recipe(recipe)
     if out is None:
         raise UserError("no output directory: give out=... (--out) or an 'out' key in the recipe")
-    settings = _eval_settings(evaluation) if evaluation is not None else None
-    with pipeline.claim_output(Path(out), recipe, restart):
+    return recipe, Path(out), _eval_settings(evaluation) if evaluation is not None else None
+
+
+def _search_or_baseline(recipe: Recipe, out: Path, restart: bool, progress: bool,
+                        log: Callable[[str], None]) -> dict[str, Any]:
+    from . import pipeline
+
+    with pipeline.claim_output(out, recipe, restart):
         ctx = pipeline.prepare(recipe, log)
         if recipe.method == "evopress":
-            data = pipeline.run_search(ctx, Path(out), restart=restart, progress=progress, log=log)
-        else:
-            data = pipeline.run_baseline(ctx, Path(out), log)
-    if settings is not None:
-        data = {**data, "eval": pipeline.evaluate_results([Path(out)], settings, log=log)[0]}
-    return Result(Path(out), data)
+            return pipeline.run_search(ctx, out, restart=restart, progress=progress, log=log)
+        return pipeline.run_baseline(ctx, out, log)
 
 
-def _eval_settings(section: Any):
+def _eval_settings(section: Any) -> EvalSettings:
     from .evaluate import EvalSettings
 
     if not isinstance(section, dict):

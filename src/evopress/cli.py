@@ -12,9 +12,11 @@ import argparse
 import json
 import os
 import sys
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, Callable
 
+from .distributed import RankFailed, is_main, main_only, session
 from .errors import UserError
 from .evolution import SearchConfig
 from .fitness import METRICS, FitnessConfig
@@ -253,21 +255,17 @@ def recipe_from_args(args: argparse.Namespace, method: str) -> Recipe:
 
 
 def _search_or_baseline(args: argparse.Namespace, log: Log) -> dict[str, Any]:
-    from . import pipeline
+    from .api import run as run_recipe
+    from .pipeline import RESULT
 
     if args.command == "baseline" and args.method not in baselines(args.space):
         raise UserError(f"unknown method '{args.method}' for space '{args.space}' "
                         f"(choose from {', '.join(baselines(args.space))})")
     recipe = recipe_from_args(args, "evopress" if args.command == "search" else args.method)
-    with pipeline.claim_output(args.out, recipe, args.restart):
-        ctx = pipeline.prepare(recipe, log)
-        if args.command == "search":
-            result = pipeline.run_search(ctx, args.out, restart=args.restart, progress=not args.quiet, log=log)
-        else:
-            result = pipeline.run_baseline(ctx, args.out, log)
+    result = run_recipe(recipe, args.out, restart=args.restart, progress=not args.quiet, log=log).data
     fitness = result["fitness"]
     log(f"{result['method']}: calibration {fitness['metric']} "
-        f"{fitness['kl' if fitness['metric'] == 'kl' else 'nll']:.4f}; wrote {args.out / pipeline.RESULT}")
+        f"{fitness['kl' if fitness['metric'] == 'kl' else 'nll']:.4f}; wrote {args.out / RESULT}")
     return result
 
 
@@ -340,20 +338,17 @@ COMMANDS: dict[str, Callable[[argparse.Namespace, Log], Any]] = {
     "export-config": _export_config,
     "run": _run_recipe, "build-db": _build_db, "export": _export, "eval": _eval, "report": _report,
 }
+DISTRIBUTED = {"search", "baseline", "run"}  # the commands that evaluate candidates: one run under torchrun
 
 
 def run(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     log: Log = (lambda msg: None) if args.quiet else (lambda msg: print(msg, file=sys.stderr))
-    if args.command == "search":
-        from .distributed import init_from_env, is_main
-
-        args.device = init_from_env() or args.device
-        if not is_main():
-            log = lambda msg: None  # noqa: E731  (one voice per run: rank 0's)
-    result = COMMANDS[args.command](args, log)
-    if getattr(args, "json", False):
-        print(json.dumps(result, indent=2))
+    with session() if args.command in DISTRIBUTED else nullcontext():
+        log = main_only(log)
+        result = COMMANDS[args.command](args, log)
+        if getattr(args, "json", False) and is_main():
+            print(json.dumps(result, indent=2))
     return 0
 
 
@@ -364,13 +359,8 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         print(f"evopress: error: {e}", file=sys.stderr)
         return 2
-    except (RuntimeError, OSError) as e:
-        from .distributed import world_size
-
-        if world_size() <= 1:
-            raise
-        # a peer died or a collective timed out: one clear line instead of a wall of gloo/nccl traces
-        print(f"evopress: error: distributed run failed on this rank: {str(e).splitlines()[0]}", file=sys.stderr)
+    except RankFailed as e:  # a peer died or a collective timed out
+        print(f"evopress: error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("\nevopress: interrupted", file=sys.stderr)  # on a fresh line, not after a progress bar

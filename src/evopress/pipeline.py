@@ -7,7 +7,7 @@ description of a run and is written, fully resolved, next to every result.
 from __future__ import annotations
 
 import time
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -15,7 +15,7 @@ from typing import Any, Callable, Iterator
 import numpy as np
 
 from .data import TokenPool, load_pool
-from .distributed import ShardedEvaluator, is_main, world_size
+from .distributed import from_main, is_main, sharded
 from .evaluate import EVAL, EvalSettings, HeldOut, lm_eval_tasks, write_eval
 from .errors import UserError
 from .fitness import Evaluator
@@ -87,11 +87,16 @@ def _result(ctx: Context, config: Config, history: list[dict], seconds: float) -
 
 def run_search(ctx: Context, out: Path, restart: bool = False, progress: bool = True,
                log: Callable[[str], None] = print) -> dict[str, Any]:
-    """EvoPress search with a checkpoint after every generation; rerunning resumes it."""
+    """EvoPress search with a checkpoint after every generation; rerunning resumes it.
+
+    Under torchrun rank 0 reads the checkpoint and every rank resumes from its copy: ranks reading
+    --out on their own could start from different generations (a checkpoint written in between, or
+    another file system's view of it) and then split different candidates.
+    """
     recipe = ctx.recipe
     out = Path(out)
     fingerprint = recipe.fingerprint()
-    state = None if restart else load_checkpoint(out, fingerprint)
+    state = None if restart else from_main(lambda: load_checkpoint(out, fingerprint))
     if state is not None:
         log(f"resuming from generation {state.generation}")
     initial = _initial_population(ctx, state is None, log)
@@ -108,9 +113,8 @@ def run_search(ctx: Context, out: Path, restart: bool = False, progress: bool = 
                 write_json(out / CHECKPOINT, {"fingerprint": fingerprint, "state": s.to_json()})
             report(s)
 
-        evaluator = ShardedEvaluator(ctx.evaluator) if world_size() > 1 else ctx.evaluator
         try:
-            state = evolve(ctx.space.problem, evaluator, initial, recipe.search, state, on_generation)
+            state = evolve(ctx.space.problem, sharded(ctx.evaluator), initial, recipe.search, state, on_generation)
         except NoMoveError as e:
             raise UserError(f"target {recipe.target} leaves nothing to search: {e}") from e
     history = [{k: v for k, v in asdict(h).items() if k != "parent"} for h in state.history]
@@ -181,7 +185,7 @@ def _warm_start(ctx: Context, initial: list[Config], log: Callable[[str], None])
 
 def baseline_inputs(ctx: Context) -> BaselineInputs:
     r = ctx.recipe
-    return BaselineInputs(ctx.space, ctx.evaluator, ctx.pool, r.baseline_tokens, r.search.seed,
+    return BaselineInputs(ctx.space, sharded(ctx.evaluator), ctx.pool, r.baseline_tokens, r.search.seed,
                           r.random_candidates, r.fitness.windows_per_batch(ctx.pool.seq_len))
 
 
@@ -194,7 +198,8 @@ def run_baseline(ctx: Context, out: Path, log: Callable[[str], None] = print) ->
                         f"(choose from {', '.join(methods)})")
     config = methods[recipe.method](baseline_inputs(ctx))
     result = _result(ctx, config, [], time.perf_counter() - start)
-    save_result(ctx.space, Path(out), result)
+    if is_main():
+        save_result(ctx.space, Path(out), result)
     return result
 
 
@@ -231,18 +236,24 @@ def claim_output(out: Path, recipe: Recipe, restart: bool = False) -> Iterator[P
     """Check and lock ``out`` before any model is loaded: writable, ours alone, not another run's result.
 
     A finished result made with other settings is never overwritten without ``restart`` (the same
-    rule a search's checkpoint has always had); under torchrun only rank 0 writes, so only it locks.
+    rule a search's checkpoint has always had). Under torchrun only rank 0 writes, so only it locks
+    and checks; the other ranks share its verdict.
     """
-    if not is_main():
-        yield Path(out)
-        return
-    with locked_dir(out) as path:
-        if not restart and (path / RESULT).is_file():
-            if _saved_fingerprint(path / RESULT) != recipe.fingerprint():
-                raise UserError(f"{path} holds a result made with different settings; use another --out or --restart")
-        if not restart and (path / CHECKPOINT).is_file():
-            load_checkpoint(path, recipe.fingerprint())
-        yield path
+    with ExitStack() as held:
+        def claim() -> Path:
+            path = held.enter_context(locked_dir(out))
+            _check_output(path, recipe, restart)
+            return path
+
+        yield from_main(claim)
+
+
+def _check_output(path: Path, recipe: Recipe, restart: bool) -> None:
+    if not restart and (path / RESULT).is_file():
+        if _saved_fingerprint(path / RESULT) != recipe.fingerprint():
+            raise UserError(f"{path} holds a result made with different settings; use another --out or --restart")
+    if not restart and (path / CHECKPOINT).is_file():
+        load_checkpoint(path, recipe.fingerprint())
 
 
 def _saved_fingerprint(path: Path) -> str | None:

@@ -59,15 +59,19 @@ class Recipe:
     def from_json(d: Mapping[str, Any]) -> "Recipe":
         return make_recipe(d)
 
-    def fingerprint(self) -> str:
-        """What a resumed run must share with the checkpoint (placement and speed knobs excluded)."""
+    def identity(self) -> dict[str, Any]:
+        """The settings that determine the result: all but placement and the speed knobs."""
         d = self.to_json()
         for k in ("device", "device_map", "max_memory"):
             d.pop(k)
         for k in ("batch_size", "batch_tokens", "chunk_tokens", "block_bytes", "prefix_reuse", "cache_bytes",
                   "teacher_device_bytes", "profile"):
             d["fitness"].pop(k)
-        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+        return d
+
+    def fingerprint(self) -> str:
+        """What a resumed run must share with the checkpoint: its ``identity``, hashed."""
+        return hashlib.sha256(json.dumps(self.identity(), sort_keys=True).encode()).hexdigest()[:16]
 
 
 def _type_ok(value: Any, hint: Any) -> bool:
