@@ -6,7 +6,8 @@ GPTQ/SparseGPT perplexity protocol. Fixed windows batch without padding, which m
 hardware than the reference's unpacked variable-length documents.
 
 Sources: ``wiki`` (default; held-out split of the embedded Wikipedia summaries), ``ptb`` (Penn
-Treebank, the standard second set) or a local ``.txt``/``.jsonl`` file.
+Treebank, the standard second set) or a local UTF-8 ``.txt`` (documents separated by blank lines) or
+``.jsonl`` (one ``{"text": ...}`` object per line) file.
 """
 
 from __future__ import annotations
@@ -23,11 +24,13 @@ from .errors import UserError
 
 WIKI_SPLIT_SEED = 0
 WIKI_EVAL_ARTICLES = 2000
+SEPARATOR = "\n\n"
+BINARY_SHARE = 0.01  # a .txt with more undecodable or NUL characters than this is not text
 
 
 def _wiki_documents(role: str) -> list[str]:
     """Disjoint by article: a seeded permutation, the last 2,000 articles held out for evaluation."""
-    data = json.loads(assets.wiki_summaries_json().read_text())
+    data = json.loads(assets.wiki_summaries_json().read_text(encoding="utf-8"))
     titles = sorted(data)
     order = np.random.default_rng(WIKI_SPLIT_SEED).permutation(len(titles))
     cut = len(titles) - WIKI_EVAL_ARTICLES
@@ -43,18 +46,36 @@ def _ptb_documents(role: str) -> list[str]:
     return [treebank.penn["train" if role == "calibration" else "test"]]
 
 
-def _file_documents(path: Path) -> list[str]:
-    if path.suffix == ".jsonl":
-        docs = []
-        for n, line in enumerate(path.read_text().splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                docs.append(json.loads(line)["text"])
-            except (json.JSONDecodeError, KeyError, TypeError) as e:
-                raise UserError(f"{path}:{n}: expected a JSON object with a 'text' field") from e
-        return docs
-    return [d for d in path.read_text(errors="replace").split("\n\n") if d.strip()]
+def _jsonl_documents(path: Path) -> list[str]:
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = raw[: e.start].count(b"\n") + 1
+        raise UserError(f"{path}:{line}: not UTF-8 (byte 0x{raw[e.start]:02x}); a .jsonl file must be "
+                        "UTF-8 encoded") from e
+    docs = []
+    for n, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            doc = json.loads(line)["text"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise UserError(f"{path}:{n}: expected a JSON object with a 'text' field") from e
+        if not isinstance(doc, str):
+            raise UserError(f"{path}:{n}: 'text' must be a string, not {type(doc).__name__}")
+        docs.append(doc)
+    return docs
+
+
+def _txt_documents(path: Path) -> list[str]:
+    """Blank-line separated documents; a file that is mostly not UTF-8 text is refused, not searched on."""
+    text = path.read_bytes().decode("utf-8", errors="replace")
+    bad = text.count("\ufffd") + text.count("\x00")
+    if bad > BINARY_SHARE * len(text):
+        raise UserError(f"{path} does not look like text: {bad} of its {len(text)} characters are not UTF-8 "
+                        "or NUL; give a UTF-8 .txt or .jsonl file")
+    return [d for d in text.split(SEPARATOR) if d.strip()]
 
 
 def documents(source: str, role: str) -> list[str]:
@@ -65,7 +86,7 @@ def documents(source: str, role: str) -> list[str]:
         return _ptb_documents(role)
     path = Path(source).expanduser()
     if path.is_file():
-        return _file_documents(path)
+        return _jsonl_documents(path) if path.suffix == ".jsonl" else _txt_documents(path)
     raise UserError(f"data '{source}' not found (use wiki, ptb, or a local .txt/.jsonl file)")
 
 
