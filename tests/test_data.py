@@ -1,11 +1,134 @@
-"""Calibration and evaluation text: mixtures of sources interleave equal shares; bad input files are refused."""
+"""Calibration and evaluation text: the joined-text protocol, tokenizing in pieces, windows drawn across
+the whole text, mixtures, and bad input files."""
 
+import random
+
+import numpy as np
 import pytest
-from transformers import AutoTokenizer
+import torch
+from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 from evopress import data
-from evopress.data import load_pool
+from evopress.data import (PROTOCOL, SEPARATOR, calibration_windows, evaluation_windows, load_pool,
+                           sample_documents, token_ids)
 from evopress.errors import UserError
+
+from .conftest import WORDS
+
+
+def _docs(n: int = 60, seed: int = 0) -> list[str]:
+    """Documents with punctuation, trailing spaces, line breaks and non-ASCII, which tokenizers treat specially."""
+    rng = random.Random(seed)
+    extra = ["café", "naïve", "日本", "--", "(1990)", "e.g.", "  "]
+    return [" ".join(rng.choice(WORDS + extra) for _ in range(rng.randint(5, 80))) + rng.choice(["", ".", " ", "\n"])
+            for _ in range(n)]
+
+
+def _trained(kind: str) -> PreTrainedTokenizerFast:
+    """A small real tokenizer: byte-level BPE (GPT-2/Llama-3 style) or SentencePiece-style Metaspace BPE."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    if kind == "bytelevel":
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        alphabet = pre_tokenizers.ByteLevel.alphabet()
+    else:  # Llama-2 style: a leading "▁" is added to the start of every string tokenized
+        tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
+        alphabet = sorted(set("".join(_docs()) + "\n▁"))
+    trainer = trainers.BpeTrainer(vocab_size=400, initial_alphabet=alphabet, special_tokens=["<unk>"])
+    tok.train_from_iterator([d + SEPARATOR for d in _docs(200, seed=1)], trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>")
+
+
+def _one_shot(tok, text: str) -> np.ndarray:
+    return np.asarray(tok(text, add_special_tokens=False)["input_ids"])
+
+
+@pytest.mark.parametrize("kind", ["bytelevel", "metaspace"])
+def test_tokenizing_in_pieces_equals_tokenizing_the_joined_text_at_once(kind, monkeypatch):
+    monkeypatch.setattr(data, "CONTEXT_CHARS", 64)  # little context: the cuts are tested hard
+    tok = _trained(kind)
+    text = SEPARATOR.join(_docs())
+    encoded: list[int] = []
+
+    class Spy:  # records how long the texts handed to the tokenizer are
+        class backend_tokenizer:
+            @staticmethod
+            def encode_batch(texts, **kw):
+                encoded.extend(map(len, texts))
+                return tok.backend_tokenizer.encode_batch(texts, **kw)
+
+    for piece_chars in (37, 500, 4000):
+        encoded.clear()
+        assert np.array_equal(token_ids(Spy(), text, piece_chars=piece_chars), _one_shot(tok, text))
+        assert max(encoded) <= piece_chars + 2 * 64  # really in pieces: no two had to be tokenized as one
+    # cutting without context changes tokens, so the test above can fail
+    naive = np.concatenate([_one_shot(tok, text[s: s + 500]) for s in range(0, len(text), 500)])
+    assert not np.array_equal(naive, _one_shot(tok, text))
+
+
+def test_pieces_that_disagree_at_a_cut_are_tokenized_as_one(monkeypatch):
+    """BPE without pre-tokenizer on 'aaaa...': the pairing depends on where the text starts, at any distance."""
+    from tokenizers import Tokenizer, models
+
+    monkeypatch.setattr(data, "CONTEXT_CHARS", 16)
+    tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.BPE({"a": 0, "aa": 1}, [("a", "a")])))
+    text = "a" * 3001
+    assert np.array_equal(token_ids(tok, text, piece_chars=101), _one_shot(tok, text))
+
+
+def test_a_tokenizer_without_offsets_tokenizes_the_text_in_one_call(tiny_checkpoint):
+    tok = AutoTokenizer.from_pretrained(tiny_checkpoint[0])
+    calls = []
+
+    def plain(text, add_special_tokens):
+        calls.append(text)
+        return tok(text, add_special_tokens=add_special_tokens)
+
+    text = SEPARATOR.join(_docs())
+    assert np.array_equal(token_ids(plain, text, piece_chars=100), _one_shot(tok, text)) and calls == [text]
+
+
+def test_windows_follow_the_joined_text_protocol():
+    """Documents joined with blank lines and tokenized as one text (not one by one), then cut into windows."""
+    tok = _trained("bytelevel")
+    docs = _docs()
+    joined = _one_shot(tok, SEPARATOR.join(docs))
+    n = len(joined) // 16
+    assert torch.equal(evaluation_windows(tok, docs, 16, None).flatten(), torch.from_numpy(joined[: n * 16]))
+    assert torch.equal(evaluation_windows(tok, docs, 16, 100), evaluation_windows(tok, docs, 16, None)[:7])
+    per_document = np.concatenate([_one_shot(tok, d + SEPARATOR) for d in docs])  # the old, different stream
+    assert not np.array_equal(per_document[: len(joined)], joined)
+    assert PROTOCOL.startswith("GPTQ protocol: documents joined with blank lines, tokenized as one text")
+
+
+def test_calibration_windows_are_drawn_across_the_whole_text_and_nest(tiny_checkpoint, tmp_path):
+    tok = AutoTokenizer.from_pretrained(tiny_checkpoint[0])
+    first, last = WORDS[:10], WORDS[-10:]  # the first half of the file uses other words than the second
+    rng = random.Random(0)
+    docs = [" ".join(rng.choice(first if i < 50 else last) for _ in range(40)) for i in range(100)]
+    (tmp_path / "t.txt").write_text(SEPARATOR.join(docs))
+    pool = load_pool(tok, str(tmp_path / "t.txt"), "calibration", 8, 64)
+    grid = evaluation_windows(tok, docs, 8, None)
+    assert pool.tokens == 64 and len(grid) == 500
+    rows = [next(i for i in range(len(grid)) if torch.equal(grid[i], w)) for w in pool.windows]
+    assert min(rows) < 250 <= max(rows)  # both halves of the text, not its first windows
+    vocab = tok.convert_ids_to_tokens(pool.windows.flatten().tolist())
+    assert set(vocab) & set(first) and set(vocab) & set(last)
+    larger = load_pool(tok, str(tmp_path / "t.txt"), "calibration", 8, 256).windows
+    assert torch.equal(larger[: len(pool.windows)], pool.windows)  # a pool is a prefix of any larger one
+    assert torch.equal(calibration_windows(tok, docs, 8, None)[:8], pool.windows)  # and the order is seeded
+
+
+def test_a_long_text_is_reduced_to_a_seeded_sample_of_documents():
+    docs = [f"doc{i} " + "x" * 98 for i in range(1000)]  # about 105 characters each
+    assert sample_documents(docs, 10**6) is docs
+    sample = sample_documents(docs, 10_000)
+    assert sample == sample_documents(docs, 10_000)
+    assert 10_000 <= sum(len(d) + len(SEPARATOR) for d in sample) < 10_000 + 110  # the budget, passed by one at most
+    index = [int(d.split()[0][3:]) for d in sample]
+    assert index == sorted(index) and index[0] < 100 and index[-1] > 900  # text order, spread over the text
+    assert sample_documents(["y" * 50_000], 10_000) == ["y" * 10_000]
 
 
 def test_a_mixture_interleaves_equal_shares_of_each_source(tiny_checkpoint, tmp_path):
