@@ -1,6 +1,7 @@
 """Calibration and evaluation text: the joined-text protocol, tokenizing in pieces, windows drawn across
-the whole text, mixtures, and bad input files."""
+the whole text, the pool size rule, mixtures, and bad input files."""
 
+import json
 import random
 
 import numpy as np
@@ -9,9 +10,10 @@ import torch
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 from evopress import data
-from evopress.data import (PROTOCOL, SEPARATOR, calibration_windows, evaluation_windows, load_pool,
+from evopress.data import (PROTOCOL, SEPARATOR, TokenPool, calibration_windows, evaluation_windows, load_pool,
                            sample_documents, token_ids)
 from evopress.errors import UserError
+from evopress.recipe import make_recipe
 
 from .conftest import WORDS
 
@@ -159,10 +161,87 @@ def test_bad_text_files_are_refused_with_one_clear_line(tmp_path):
     assert data.documents(str(tmp_path / "mostly.txt"), "calibration")[0].endswith("river \ufffd")
 
 
+def test_a_sample_never_silently_shrinks_to_the_pool():
+    pool = TokenPool(torch.zeros(4, 8, dtype=torch.long), "zeros")
+    assert pool.sample(32, np.random.default_rng(0)).tokens == 32
+    with pytest.raises(UserError, match="sample of 33 tokens does not fit the calibration pool of 32"):
+        pool.sample(33, np.random.default_rng(0))
+    with pytest.raises(UserError, match="33"):
+        pool.first(33)
+
+
+def test_the_default_pool_is_sized_from_the_schedule():
+    assert make_recipe().pool_tokens() == 32768
+    assert make_recipe(stages=[(2, 2048), (1, 32768)]).pool_tokens() == 4 * 32768
+    assert make_recipe(stages=[(2, 2048), (1, 32768)], calib_tokens=40000).pool_tokens() == 40000
+    assert make_recipe(method="uniform", baseline_tokens=50000).pool_tokens() == 50000
+    assert make_recipe(init_from=["shortgpt"], baseline_tokens=50000).pool_tokens() == 50000
+    assert make_recipe(final_tokens=40000).pool_tokens() == 40000
+    with pytest.raises(UserError, match="calib_tokens must be a positive"):
+        make_recipe(calib_tokens=0)
+
+
+def test_fingerprints_of_recipes_that_set_the_pool_are_unchanged():
+    """Values computed before calib_tokens could be unset: checkpoints written then still resume."""
+    assert make_recipe(calib_tokens=32768).fingerprint() == "4dabdcaf318bbd66"
+    assert make_recipe(calib_tokens=1024, seq_len=32, stages=[(1, 64)]).fingerprint() == "c0a049eafa7b0a0d"
+
+
+def test_check_samples_refuses_or_warns_with_the_numbers():
+    logged = []
+    data.check_samples({"the largest --stages sample": 2048, "--final-tokens": 4096}, 2048, 16384, "the pool",
+                       logged.append)
+    assert logged == []
+    data.check_samples({"the largest --stages sample": 8192}, 8192, 16384, "the pool", logged.append)
+    assert len(logged) == 1 and "WARNING" in logged[0] and "50% of the pool (16384 tokens)" in logged[0]
+    assert "share about 50% of their windows" in logged[0] and "--calib-tokens 32768" in logged[0]
+    with pytest.raises(UserError, match=r"^--final-tokens \(40000 tokens\) is larger than the pool \(16384 tokens\); "
+                                        r"give --calib-tokens 40000 or more"):
+        data.check_samples({"the largest --stages sample": 2048, "--final-tokens": 40000}, 2048, 16384, "the pool",
+                           logged.append)
+
+
 def _search(model, text, out, *extra):
     return ["search", "--target", "0.34", "--model", str(model), "--data", str(text), "--seq-len", "32",
             "--generations", "1", "--offspring", "2", "--stages", "1:64", "--initial-candidates", "2",
             "--initial-tokens", "64", "--final-tokens", "128", "--out", str(out), *extra]
+
+
+def test_cli_refuses_a_pool_smaller_than_a_sample_before_loading_the_model(tmp_path, capsys):
+    from evopress.cli import main
+
+    argv = _search(tmp_path / "no-model", "wiki", tmp_path / "out", "--stages", "2:2048,1:32768", "--calib-tokens",
+                   "16384")
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "the largest --stages sample (32768 tokens) is larger than the calibration pool (16384 tokens)" in err[0]
+    assert "--calib-tokens 131072 or more" in err[0]
+
+
+def test_cli_warns_when_stage_samples_would_mostly_overlap(tiny_checkpoint, tmp_path, capsys):
+    from evopress.cli import main
+
+    model, text = tiny_checkpoint
+    assert main(_search(model, text, tmp_path / "out", "--calib-tokens", "192", "--stages", "1:96")) == 0
+    assert "WARNING: the largest --stages sample (96 tokens) is 50% of the calibration pool" in capsys.readouterr().err
+
+
+def test_the_pool_defaults_to_the_whole_of_a_short_text_and_an_explicit_one_must_fit(tiny_checkpoint, tmp_path,
+                                                                                     capsys):
+    from evopress.cli import main
+
+    model, text = tiny_checkpoint
+    assert main(_search(model, text, tmp_path / "default", "--quiet")) == 0
+    grid = evaluation_windows(AutoTokenizer.from_pretrained(model), data.documents(str(text), "calibration"), 32, None)
+    recipe = json.loads((tmp_path / "default" / "recipe.json").read_text())
+    assert recipe["calib_tokens"] == grid.numel() < 32768  # resolved: recipe.json reruns the same pool
+    assert main(_search(model, text, tmp_path / "big", "--calib-tokens", "100000")) == 2
+    assert f"--calib-tokens 100000 is more than all of data '{text}' in windows of 32 ({grid.numel()} tokens)" \
+        in capsys.readouterr().err
+    short = tmp_path / "short.txt"
+    short.write_text(" ".join(["the city of the river"] * 20))  # 100 tokens: 3 windows of 32
+    assert main(_search(model, short, tmp_path / "short", "--final-tokens", "128")) == 2
+    assert "--final-tokens (128 tokens) is larger than all of data" in capsys.readouterr().err
 
 
 def test_cli_refuses_a_jsonl_that_is_not_utf8_in_one_line(tiny_checkpoint, tmp_path, capsys):

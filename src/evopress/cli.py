@@ -17,7 +17,8 @@ from typing import Any, Callable
 from .errors import UserError
 from .evolution import SearchConfig
 from .fitness import METRICS, FitnessConfig
-from .recipe import Recipe, make_recipe
+from .data import MIN_POOL_TOKENS, STAGE_SHARE
+from .recipe import IMPORTED, Recipe, make_recipe
 from .spaces import DEFAULT_SPACE, PLUGINS, SpacePlugin, baselines, get_plugin
 from .spaces.base import CliOption
 
@@ -40,14 +41,21 @@ def parse_stages(text: str) -> list[tuple[int, int]]:
     return stages  # type: ignore[return-value]
 
 
-def _model_args(p: argparse.ArgumentParser, calib_tokens: int = 32768) -> None:
+POOL_HELP = (f"size of the calibration pool in tokens (default: the largest of {MIN_POOL_TOKENS}, {STAGE_SHARE} x "
+             "the largest --stages sample and any other sample, or the whole text if shorter); windows are "
+             "drawn at random (fixed seed) across the whole text. A sample larger than the pool is refused; "
+             f"a stage sample over 1/{STAGE_SHARE} of it is warned about")
+
+
+def _model_args(p: argparse.ArgumentParser, calib_tokens: int | None = None,
+                calib_help: str = POOL_HELP) -> None:
     p.add_argument("--model", default=None, help="local HF model directory or .gguf file (default: "
                    "embedded SmolLM2-135M-Instruct)")
     p.add_argument("--data", default="wiki", help="calibration text: wiki, ptb, or a .txt/.jsonl file")
     p.add_argument("--device", default=None, help="cuda, cuda:1, cpu, ... (default: CUDA when present)")
     p.add_argument("--dtype", default=None, help="float32, bfloat16, float16 (default: fp32 on CPU, bf16 on GPU)")
     p.add_argument("--seq-len", type=int, default=256, help="calibration window length in tokens")
-    p.add_argument("--calib-tokens", type=int, default=calib_tokens, help="size of the calibration pool")
+    p.add_argument("--calib-tokens", type=int, default=calib_tokens, help=calib_help)
 
 
 def _space_options(p: argparse.ArgumentParser, options: list[CliOption]) -> None:
@@ -144,7 +152,8 @@ def _add_build_db(sub: Any) -> None:
     buildable = [name for name, plugin in PLUGINS.items() if plugin.build is not None]
     db = sub.add_parser("build-db", help=f"build a level database ({', '.join(buildable)})")
     db.add_argument("--space", required=True, help=" or ".join(buildable))
-    _model_args(db, calib_tokens=16384)
+    _model_args(db, 16384, "size of the calibration pool in tokens, drawn at random (fixed seed) across the whole "
+                "text (default: %(default)s)")
     db.add_argument("--batch-size", type=int, default=8)
     _space_options(db, [o for plugin in PLUGINS.values() for o in plugin.build_options])
     db.add_argument("--out", type=Path, required=True)
@@ -238,7 +247,7 @@ def _search_or_baseline(args: argparse.Namespace, log: Log) -> dict[str, Any]:
 def _import_config(args: argparse.Namespace, log: Log) -> dict[str, Any]:
     from . import pipeline
 
-    return pipeline.import_config(args.config, recipe_from_args(args, "imported"), args.out, log)
+    return pipeline.import_config(args.config, recipe_from_args(args, IMPORTED), args.out, log)
 
 
 def _run_recipe(args: argparse.Namespace, log: Log) -> dict[str, Any]:

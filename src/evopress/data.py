@@ -34,7 +34,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -52,6 +52,8 @@ PIECE_CHARS = 2**20
 CONTEXT_CHARS = 2**12
 PIECES_PER_CALL = 8  # pieces handed to the tokenizer at once: it tokenizes them in parallel
 BINARY_SHARE = 0.01  # a .txt with more undecodable or NUL characters than this is not text
+MIN_POOL_TOKENS = 32768  # the smallest default calibration pool
+STAGE_SHARE = 4  # a default pool holds at least 4x the largest stage sample (overlap 25% or less)
 
 
 def _wiki_documents(role: str) -> list[str]:
@@ -237,7 +239,7 @@ class TokenPool:
         return self.windows.numel()
 
     def sample(self, tokens: int, rng: np.random.Generator) -> Sample:
-        """Uniform windows without replacement until exactly ``tokens`` (capped at the pool)."""
+        """Uniform windows without replacement until exactly ``tokens``."""
         return self._take(rng.permutation(len(self.windows)), tokens)
 
     def first(self, tokens: int) -> Sample:
@@ -245,7 +247,9 @@ class TokenPool:
         return self._take(range(len(self.windows)), tokens)
 
     def _take(self, order, tokens: int) -> Sample:
-        tokens = min(tokens, self.tokens)
+        if tokens > self.tokens:  # never a silently smaller sample (pipeline.prepare checks the schedule)
+            raise UserError(f"a sample of {tokens} tokens does not fit the calibration pool of {self.tokens} "
+                            f"tokens of '{self.source}'; raise --calib-tokens or sample fewer tokens")
         n = -(-tokens // self.seq_len)
         lengths = [self.seq_len] * n
         lengths[-1] = tokens - self.seq_len * (n - 1)
@@ -286,3 +290,30 @@ def load_pool(tokenizer, source: str, role: str, seq_len: int, max_tokens: int |
     parts = [load_pool(tokenizer, s, role, seq_len, share).windows for s in sources]
     return TokenPool(_interleave(parts), source)
 
+
+def default_pool_tokens(samples: dict[str, int], stage: int) -> int:
+    """The pool a run gets when it does not set one: ``MIN_POOL_TOKENS``, ``STAGE_SHARE`` x its largest
+    stage sample, or its largest other sample, whichever is most (the text permitting)."""
+    return max(MIN_POOL_TOKENS, STAGE_SHARE * stage, *samples.values())
+
+
+def check_samples(samples: dict[str, int], stage: int, pool_tokens: int, holder: str,
+                  log: Callable[[str], None]) -> None:
+    """Refuse a sample larger than the pool; warn loudly when the stages' samples would mostly overlap.
+
+    ``samples`` maps what sets each sample (a flag) to its tokens, ``stage`` is the largest selection
+    stage's sample (0 without a search), ``holder`` names what holds ``pool_tokens`` for the message.
+    Two independent samples of k windows out of n share k/n of their windows on average, so a stage
+    drawing more than 1/``STAGE_SHARE`` of the pool sees largely the same data every generation.
+    """
+    what, need = max(samples.items(), key=lambda kv: kv[1])
+    fix = max(need, STAGE_SHARE * stage)
+    if need > pool_tokens:
+        raise UserError(f"{what} ({need} tokens) is larger than {holder} ({pool_tokens} tokens); give "
+                        f"--calib-tokens {fix} or more (or leave it unset to size the pool from the schedule), "
+                        "or sample fewer tokens")
+    if STAGE_SHARE * stage > pool_tokens:
+        share = round(100 * stage / pool_tokens)
+        log(f"WARNING: the largest --stages sample ({stage} tokens) is {share}% of {holder} ({pool_tokens} "
+            f"tokens): two such samples share about {share}% of their windows, so every stage sees largely "
+            f"the same data; --calib-tokens {fix} or more keeps the overlap at 25% or less")

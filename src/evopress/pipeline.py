@@ -7,14 +7,14 @@ description of a run and is written, fully resolved, next to every result.
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 import torch
 
-from .data import TokenPool, load_pool
+from .data import TokenPool, check_samples, load_pool
 from .distributed import ShardedEvaluator, is_main, world_size
 from .evaluate import EvalSettings, HeldOut, lm_eval_tasks, write_eval
 from .errors import UserError
@@ -45,16 +45,41 @@ class Context:
 
 
 def prepare(recipe: Recipe, log: Callable[[str], None] = print) -> Context:
+    """Model, space and calibration pool of a run; ``Context.recipe`` holds the pool size it resolved to.
+
+    The samples are checked against the pool before the model loads (the pool size is in the recipe);
+    a text too short for it is only known once tokenized, and is refused or warned about then.
+    """
+    check_samples(recipe.samples(), recipe.largest_stage(), recipe.pool_tokens(),
+                  "the calibration pool", log)
     device = resolve_device(recipe.device)
     dtype = resolve_dtype(recipe.dtype, device)
     loaded = load_model(recipe.model, device, dtype)
     decoder = loaded.decoder
     space = make_space(recipe.space, decoder, recipe.target, recipe.space_options)
-    pool = load_pool(loaded.tokenizer, recipe.data, "calibration", recipe.seq_len, recipe.calib_tokens)
+    pool, recipe = _calibration_pool(recipe, loaded.tokenizer, log)
     space.check_calibration(pool)
     log(f"model {loaded.name}: {decoder.num_blocks} blocks on {device} ({dtype}); calibration "
-        f"{pool.tokens} tokens of '{recipe.data}' in {len(pool.windows)} windows of {pool.seq_len}")
+        f"{pool.tokens} tokens of '{recipe.data}' in {len(pool.windows)} windows of {pool.seq_len}, "
+        "drawn across the whole text")
     return Context(recipe, loaded, decoder, pool, space, Evaluator(space, pool, recipe.fitness))
+
+
+def _calibration_pool(recipe: Recipe, tokenizer: Any, log: Callable[[str], None]) -> tuple[TokenPool, Recipe]:
+    """The pool, and the recipe with ``calib_tokens`` resolved so that recipe.json reruns the same pool.
+
+    A pool the text cannot fill is refused when ``--calib-tokens`` asked for it; the default pool
+    shrinks to the whole text, as long as every sample still fits.
+    """
+    want = recipe.pool_tokens()
+    pool = load_pool(tokenizer, recipe.data, "calibration", recipe.seq_len, want)
+    if pool.tokens < want:
+        holder = f"all of data '{recipe.data}' in windows of {pool.seq_len}"
+        if recipe.calib_tokens is not None:
+            raise UserError(f"--calib-tokens {want} is more than {holder} ({pool.tokens} tokens); give "
+                            f"--calib-tokens {pool.tokens} or less, or more text")
+        check_samples(recipe.samples(), recipe.largest_stage(), pool.tokens, holder, log)
+    return pool, replace(recipe, calib_tokens=min(want, pool.tokens))
 
 
 def _final_fitness(ctx: Context, config: Config) -> dict[str, Any]:
@@ -183,7 +208,7 @@ def import_config(path: Path, recipe: Recipe, out: Path, log: Callable[[str], No
     ctx = prepare(recipe, log)
     config = parse_config(Path(path).read_text(), ctx.space, str(path))
     result = _result(ctx, config, [], 0.0)
-    write_json(Path(out) / RECIPE, recipe.to_json())
+    write_json(Path(out) / RECIPE, ctx.recipe.to_json())
     save_result(ctx.space, Path(out), result)
     return result
 

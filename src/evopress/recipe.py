@@ -12,10 +12,13 @@ import json
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Mapping
 
+from .data import default_pool_tokens
 from .errors import UserError
 from .evolution import SearchConfig
 from .fitness import FitnessConfig
 from .spaces import DEFAULT_SPACE
+
+IMPORTED = "imported"  # the method of a configuration found elsewhere (``import-config``)
 
 # speed knobs older recipes may still carry; they never changed results, so they are dropped on load
 _RETIRED_FITNESS_KEYS = ("logit_cache_bytes",)
@@ -33,7 +36,7 @@ class Recipe:
     device: str | None = None
     dtype: str | None = None
     seq_len: int = 256
-    calib_tokens: int = 32768
+    calib_tokens: int | None = None  # the calibration pool; None: sized from the schedule (``pool_tokens``)
     space_options: dict[str, Any] = field(default_factory=dict)
     search: SearchConfig = field(default_factory=SearchConfig)
     fitness: FitnessConfig = field(default_factory=FitnessConfig)
@@ -48,6 +51,28 @@ class Recipe:
     @staticmethod
     def from_json(d: Mapping[str, Any]) -> "Recipe":
         return make_recipe(d)
+
+    def largest_stage(self) -> int:
+        """Tokens of the largest selection-stage sample; 0 when the run is not a search."""
+        return max(t for _, t in self.search.stages) if self.method == "evopress" else 0
+
+    def samples(self) -> dict[str, int]:
+        """The calibration samples this run draws, keyed by the setting that sizes each (for messages)."""
+        if self.method == IMPORTED:
+            return {"--final-tokens": self.final_tokens}
+        if self.method != "evopress":
+            return {"--final-tokens": self.final_tokens, "--tokens": self.baseline_tokens}
+        sizes = {"the largest --stages sample": self.largest_stage(), "--initial-tokens": self.search.initial_tokens,
+                 "--final-tokens": self.final_tokens}
+        if self.init_from:
+            sizes["the --init-from baselines' sample (baseline_tokens)"] = self.baseline_tokens
+        return sizes
+
+    def pool_tokens(self) -> int:
+        """The calibration pool to load: ``calib_tokens``, or when unset a size that fits the schedule."""
+        if self.calib_tokens is not None:
+            return self.calib_tokens
+        return default_pool_tokens(self.samples(), self.largest_stage())
 
     def fingerprint(self) -> str:
         """What a resumed run must share with the checkpoint (device, dtype and speed knobs excluded)."""
@@ -81,6 +106,10 @@ def make_recipe(mapping: Mapping[str, Any] | None = None, /, **settings: Any) ->
     except TypeError as e:
         raise UserError(f"bad recipe: {e}") from e
     recipe.search.validate()
+    for name in ("calib_tokens", "final_tokens", "baseline_tokens"):
+        value = getattr(recipe, name)
+        if value is not None and value < 1:
+            raise UserError(f"{name} must be a positive number of tokens, not {value}")
     if recipe.fitness.cache_bytes < 0:
         raise UserError("--prefix-cache-gb must be >= 0")
     return recipe
