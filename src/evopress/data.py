@@ -15,8 +15,8 @@ padding, which matters more on our hardware than the reference's unpacked variab
   seeded random sample of its documents of about that size, so the token ids held (4 bytes each) and the
   tokenizing time stay bounded; the text itself is read whole.
 
-Tokenizing "as a whole" is done in pieces of ``PIECE_CHARS`` characters, so memory does not grow with
-a document's length and pieces tokenize in parallel. A cut can change tokens (a blank line at the end
+Tokenizing "as a whole" is done in pieces of ``PIECE_CHARS`` characters, so the tokenizer's temporaries stay
+bounded whatever the text's length and pieces tokenize in parallel. A cut can change tokens (a blank line at the end
 of a piece becomes one token instead of two; SentencePiece tokenizers add a leading space to every
 string), so each piece is tokenized with ``CONTEXT_CHARS`` of the neighbouring text on both sides and
 keeps only the tokens that start inside it. Two neighbouring pieces must agree on the tokens around the
@@ -146,21 +146,23 @@ class _Piece:
     ahead: list[tuple[int, int]]  # (offset, id) of the window's tokens starting in [end, end + CONTEXT_CHARS / 2)
 
 
+def _starting_in(starts: np.ndarray, ids: np.ndarray, a: int, b: int) -> list[tuple[int, int]]:
+    """(offset, id) of the tokens that start in [a, b)."""
+    m = (starts >= a) & (starts < b)
+    return list(zip(starts[m].tolist(), ids[m].tolist()))
+
+
 def _pieces(backend: Any, text: str, spans: list[tuple[int, int]]) -> list[_Piece]:
     """Tokenize each span with ``CONTEXT_CHARS`` of context on both sides; keep the tokens starting inside."""
     los = [max(0, s - CONTEXT_CHARS) for s, _ in spans]
     windows = [text[lo: min(len(text), e + CONTEXT_CHARS)] for lo, (_, e) in zip(los, spans)]
-    out = []
     seam = CONTEXT_CHARS // 2
+    out = []
     for lo, (s, e), enc in zip(los, spans, backend.encode_batch(windows, add_special_tokens=False)):
         ids = np.asarray(enc.ids, dtype=np.int32)
         starts = np.fromiter((o[0] for o in enc.offsets), dtype=np.int64, count=len(ids)) + lo
-
-        def near(a: int) -> list[tuple[int, int]]:
-            m = (starts >= a) & (starts < a + seam)
-            return list(zip(starts[m].tolist(), ids[m].tolist()))
-
-        out.append(_Piece(s, e, ids[(starts >= s) & (starts < e)], near(s), near(e)))
+        out.append(_Piece(s, e, ids[(starts >= s) & (starts < e)], _starting_in(starts, ids, s, s + seam),
+                          _starting_in(starts, ids, e, e + seam)))
     return out
 
 
