@@ -214,7 +214,8 @@ def test_cli_refuses_a_pool_smaller_than_a_sample_before_loading_the_model(tmp_p
                    "16384")
     assert main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "the largest --stages sample (32768 tokens) is larger than the calibration pool (16384 tokens)" in err[0]
+    assert len(err) == 1
+    assert "the largest --stages sample (32768 tokens) is larger than the calibration pool (16384 tokens)" in err[0]
     assert "--calib-tokens 131072 or more" in err[0]
 
 

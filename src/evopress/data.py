@@ -15,14 +15,15 @@ padding, which matters more on our hardware than the reference's unpacked variab
   seeded random sample of its documents of about that size, so the token ids held (4 bytes each) and the
   tokenizing time stay bounded; the text itself is read whole.
 
-Tokenizing "as a whole" is done in pieces of ``PIECE_CHARS`` characters, so the tokenizer's temporaries stay
-bounded whatever the text's length and pieces tokenize in parallel. A cut can change tokens (a blank line at the end
-of a piece becomes one token instead of two; SentencePiece tokenizers add a leading space to every
-string), so each piece is tokenized with ``CONTEXT_CHARS`` of the neighbouring text on both sides and
-keeps only the tokens that start inside it. Two neighbouring pieces must agree on the tokens around the
-cut; where they do not (a run of text longer than the context that the tokenizer splits differently
-depending on where it starts), the two pieces are tokenized as one. The result equals one-shot
-tokenization of the joined text (tested on BPE and SentencePiece-style tokenizers).
+Tokenizing "as a whole" is done in pieces of ``PIECE_CHARS`` characters, so the tokenizer's temporaries
+stay bounded whatever the text's length and pieces tokenize in parallel. A cut can change tokens (a
+blank line at the end of a piece becomes one token instead of two; SentencePiece tokenizers add a
+leading space to every string), so each piece is tokenized with ``CONTEXT_CHARS`` of the neighbouring
+text on both sides and keeps only the tokens that start inside it. Two neighbouring pieces must agree
+on the tokens around the cut; where they do not (a run of text longer than the context that the
+tokenizer splits differently depending on where it starts), the two pieces are tokenized as one. The
+result equals one-shot tokenization of the joined text (tested on BPE and SentencePiece-style
+tokenizers).
 
 Sources: ``wiki`` (default; held-out split of the embedded Wikipedia summaries), ``ptb`` (Penn
 Treebank, the standard second set) or a local UTF-8 ``.txt`` (documents separated by blank lines) or
