@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from evopress.cli import main
+from evopress.data import PROTOCOL
 
 
 def search_args(model, text, out, generations=12):
@@ -79,7 +80,8 @@ out: {tmp_path / 'from-recipe'}
 eval: {{data: [{text}], tokens: 256, seq_len: 32}}
 """)
     assert main(["run", str(recipe), "--quiet"]) == 0
-    assert (tmp_path / "from-recipe" / "eval.json").is_file()
+    protocol = json.loads((tmp_path / "from-recipe" / "eval.json").read_text())["protocol"]
+    assert protocol.startswith(PROTOCOL + "; ")  # eval.json names how its perplexity was measured
     resolved = tmp_path / "from-recipe" / "recipe.json"
     assert main(["run", str(resolved), "--out", str(tmp_path / "rerun"), "--quiet"]) == 0
     assert comparable(tmp_path / "rerun") == comparable(tmp_path / "from-recipe")

@@ -304,7 +304,8 @@ def test_cli_build_search_baselines_export_report(tiny_checkpoint, tmp_path):
     assert main(["build-db", "--space", "sparsity", "--target", "0.6", "--levels", "2", "--out", str(db), *common]) == 0
     run = ["--space", "sparsity", "--db", str(db), "--final-tokens", "64", *common]
     assert main(["search", "--target", "0.6", "--generations", "2", "--offspring", "3", "--stages", "1:32",
-                 "--init-from", "owl", "--out", str(tmp_path / "evo"), *run]) == 0
+                 "--initial-tokens", "32", "--init-from", "owl", "--out", str(tmp_path / "evo"), *run,
+                 "--calib-tokens", "4096"]) == 0  # OWL's variants compete on 4,096 tokens (baseline_tokens)
     for method in ("uniform", "owl"):
         assert main(["baseline", "--method", method, "--target", "0.6", "--tokens", "32",
                      "--out", str(tmp_path / method), *run]) == 0
@@ -329,7 +330,7 @@ def test_cli_refuses_a_foreign_or_truncated_database(tiny_checkpoint, tmp_path, 
     assert main(["build-db", "--space", "sparsity", "--levels", "1", "--out", str(db), "--model", str(model), *data]) == 0
     other, _ = write_tiny_checkpoint(tmp_path / "other", layers=4)
     run = ["search", "--space", "sparsity", "--target", "0.5", "--db", str(db), "--generations", "1",
-           "--offspring", "2", "--stages", "1:32", "--final-tokens", "32", *data]
+           "--offspring", "2", "--stages", "1:32", "--initial-tokens", "32", "--final-tokens", "32", *data]
     capsys.readouterr()
     assert main([*run, "--model", str(other), "--out", str(tmp_path / "a")]) == 2
     assert "built for another model" in capsys.readouterr().err
@@ -354,7 +355,7 @@ def test_real_model_budget_and_levels(tmp_path):
     assert manifest["layers"]["model.layers.0.self_attn.k_proj"]["zeros"] == [55_296]
     out = tmp_path / "uniform"
     assert main(["baseline", "--space", "sparsity", "--method", "uniform", "--target", "0.5", "--db", str(db),
-                 "--final-tokens", "128", "--out", str(out), *small]) == 0
+                 "--final-tokens", "128", "--tokens", "128", "--out", str(out), *small]) == 0
     result = json.loads((out / "result.json").read_text())
     assert result["budget"]["exact"] and f"{result['budget']['achieved']:.4f}" == "0.5000"
     assert result["budget"]["weights"] == 30 * (2 * 576 * 576 + 2 * 192 * 576 + 3 * 576 * 1536)

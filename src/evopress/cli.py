@@ -20,10 +20,11 @@ from .distributed import RankFailed, is_main, main_only, session
 from .errors import UserError
 from .evolution import SearchConfig
 from .fitness import METRICS, FitnessConfig
+from .data import MIN_POOL_TOKENS, STAGE_SHARE
 from .interchange import OWN, all_formats
 from .io import atomic_write
 from .models import Hardware
-from .recipe import Recipe, make_recipe
+from .recipe import IMPORTED, Recipe, make_recipe
 from .spaces import DEFAULT_SPACE, PLUGINS, SpacePlugin, baselines, get_plugin
 from .spaces.base import CliOption
 
@@ -57,13 +58,20 @@ def _hardware_args(p: argparse.ArgumentParser, placement: bool = True) -> None:
                        "'0=70GiB,1=70GiB,cpu=200GiB'; blocks past it are offloaded to CPU RAM or disk")
 
 
-def _model_args(p: argparse.ArgumentParser, calib_tokens: int = 32768, placement: bool = True) -> None:
+POOL_HELP = (f"size of the calibration pool in tokens (default: the largest of {MIN_POOL_TOKENS}, {STAGE_SHARE} x "
+             "the largest --stages sample and any other sample, or the whole text if shorter); windows are "
+             "drawn at random (fixed seed) across the whole text. A sample larger than the pool is refused; "
+             f"a stage sample over 1/{STAGE_SHARE} of it is warned about")
+
+
+def _model_args(p: argparse.ArgumentParser, calib_tokens: int | None = None, calib_help: str = POOL_HELP,
+                placement: bool = True) -> None:
     p.add_argument("--model", default=None, help="local HF model directory or .gguf file (default: "
                    "embedded SmolLM2-135M-Instruct)")
     p.add_argument("--data", default="wiki", help="calibration text: wiki, ptb, or a .txt/.jsonl file")
     _hardware_args(p, placement)
     p.add_argument("--seq-len", type=int, default=256, help="calibration window length in tokens")
-    p.add_argument("--calib-tokens", type=int, default=calib_tokens, help="size of the calibration pool")
+    p.add_argument("--calib-tokens", type=int, default=calib_tokens, help=calib_help)
 
 
 def _space_options(p: argparse.ArgumentParser, options: list[CliOption]) -> None:
@@ -178,7 +186,8 @@ def _add_build_db(sub: Any) -> None:
     buildable = [name for name, plugin in PLUGINS.items() if plugin.build is not None]
     db = sub.add_parser("build-db", help=f"build a level database ({', '.join(buildable)})")
     db.add_argument("--space", required=True, help=" or ".join(buildable))
-    _model_args(db, calib_tokens=16384, placement=False)
+    _model_args(db, 16384, "size of the calibration pool in tokens, drawn at random (fixed seed) across the whole "
+                "text (default: %(default)s)", placement=False)
     db.add_argument("--batch-size", type=int, default=8)
     _space_options(db, [o for plugin in PLUGINS.values() for o in plugin.build_options])
     db.add_argument("--out", type=Path, required=True)
@@ -272,7 +281,7 @@ def _search_or_baseline(args: argparse.Namespace, log: Log) -> dict[str, Any]:
 def _import_config(args: argparse.Namespace, log: Log) -> dict[str, Any]:
     from . import pipeline
 
-    recipe = recipe_from_args(args, "imported")
+    recipe = recipe_from_args(args, IMPORTED)
     return pipeline.import_config(args.config, recipe, args.out, log, args.format, args.restart)
 
 

@@ -1,12 +1,33 @@
 """Text sources and token pools.
 
-Calibration and evaluation text are both turned into non-overlapping fixed-length windows of the
-documents joined with blank lines, tokenized without special tokens (no BOS), remainder dropped: the
-GPTQ/SparseGPT perplexity protocol. Fixed windows batch without padding, which matters more on our
-hardware than the reference's unpacked variable-length documents.
+The perplexity protocol (GPTQ/SparseGPT, ``PROTOCOL``): a source's documents are joined with blank
+lines into one text, the text is tokenized as a whole without special tokens (no BOS), and the token
+stream is cut into non-overlapping fixed-length windows, remainder dropped. Fixed windows batch without
+padding, which matters more on our hardware than the reference's unpacked variable-length documents.
+
+- **Evaluation** takes the first windows of the held-out text, as GPTQ evaluates the first windows of the
+  joined test split: the standard protocol, and the same windows for every result.
+- **Calibration** draws its windows across the whole text: all windows of the joined text, in a seeded
+  random order (``POOL_SEED``, independent of the search seed), the pool being the first
+  ``--calib-tokens`` worth. A pool of any size is therefore a prefix of a larger one, so
+  ``TokenPool.first`` gives every method the same sample whatever pool size its run used. A text longer
+  than ``TEXT_BUDGET_CHARS`` characters (2^26, roughly 16M tokens of English) is first reduced to a
+  seeded random sample of its documents of about that size, so the token ids held (4 bytes each) and the
+  tokenizing time stay bounded; the text itself is read whole.
+
+Tokenizing "as a whole" is done in pieces of ``PIECE_CHARS`` characters, so the tokenizer's temporaries
+stay bounded whatever the text's length and pieces tokenize in parallel. A cut can change tokens (a
+blank line at the end of a piece becomes one token instead of two; SentencePiece tokenizers add a
+leading space to every string), so each piece is tokenized with ``CONTEXT_CHARS`` of the neighbouring
+text on both sides and keeps only the tokens that start inside it. Two neighbouring pieces must agree
+on the tokens around the cut; where they do not (a run of text longer than the context that the
+tokenizer splits differently depending on where it starts), the two pieces are tokenized as one. The
+result equals one-shot tokenization of the joined text (tested on BPE and SentencePiece-style
+tokenizers).
 
 Sources: ``wiki`` (default; held-out split of the embedded Wikipedia summaries), ``ptb`` (Penn
-Treebank, the standard second set) or a local ``.txt``/``.jsonl`` file.
+Treebank, the standard second set) or a local UTF-8 ``.txt`` (documents separated by blank lines) or
+``.jsonl`` (one ``{"text": ...}`` object per line) file; ``a+b`` mixes sources in equal shares.
 """
 
 from __future__ import annotations
@@ -14,6 +35,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -23,11 +45,21 @@ from .errors import UserError
 
 WIKI_SPLIT_SEED = 0
 WIKI_EVAL_ARTICLES = 2000
+SEPARATOR = "\n\n"
+PROTOCOL = "GPTQ protocol: documents joined with blank lines, tokenized as one text without BOS"
+POOL_SEED = 0
+TEXT_BUDGET_CHARS = 2**26
+PIECE_CHARS = 2**20
+CONTEXT_CHARS = 2**12
+PIECES_PER_CALL = 8  # pieces handed to the tokenizer at once: it tokenizes them in parallel
+BINARY_SHARE = 0.01  # a .txt with more undecodable or NUL characters than this is not text
+MIN_POOL_TOKENS = 32768  # the smallest default calibration pool
+STAGE_SHARE = 4  # a default pool holds at least 4x the largest stage sample (overlap 25% or less)
 
 
 def _wiki_documents(role: str) -> list[str]:
     """Disjoint by article: a seeded permutation, the last 2,000 articles held out for evaluation."""
-    data = json.loads(assets.wiki_summaries_json().read_text())
+    data = json.loads(assets.wiki_summaries_json().read_text(encoding="utf-8"))
     titles = sorted(data)
     order = np.random.default_rng(WIKI_SPLIT_SEED).permutation(len(titles))
     cut = len(titles) - WIKI_EVAL_ARTICLES
@@ -43,18 +75,36 @@ def _ptb_documents(role: str) -> list[str]:
     return [treebank.penn["train" if role == "calibration" else "test"]]
 
 
-def _file_documents(path: Path) -> list[str]:
-    if path.suffix == ".jsonl":
-        docs = []
-        for n, line in enumerate(path.read_text().splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                docs.append(json.loads(line)["text"])
-            except (json.JSONDecodeError, KeyError, TypeError) as e:
-                raise UserError(f"{path}:{n}: expected a JSON object with a 'text' field") from e
-        return docs
-    return [d for d in path.read_text(errors="replace").split("\n\n") if d.strip()]
+def _jsonl_documents(path: Path) -> list[str]:
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = raw[: e.start].count(b"\n") + 1
+        raise UserError(f"{path}:{line}: not UTF-8 (byte 0x{raw[e.start]:02x}); a .jsonl file must be "
+                        "UTF-8 encoded") from e
+    docs = []
+    for n, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            doc = json.loads(line)["text"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise UserError(f"{path}:{n}: expected a JSON object with a 'text' field") from e
+        if not isinstance(doc, str):
+            raise UserError(f"{path}:{n}: 'text' must be a string, not {type(doc).__name__}")
+        docs.append(doc)
+    return docs
+
+
+def _txt_documents(path: Path) -> list[str]:
+    """Blank-line separated documents; a file that is mostly not UTF-8 text is refused, not searched on."""
+    text = path.read_bytes().decode("utf-8", errors="replace")
+    bad = text.count("\ufffd") + text.count("\x00")
+    if bad > BINARY_SHARE * len(text):
+        raise UserError(f"{path} does not look like text: {bad} of its {len(text)} characters are not UTF-8 "
+                        "or NUL; give a UTF-8 .txt or .jsonl file")
+    return [d for d in text.split(SEPARATOR) if d.strip()]
 
 
 def documents(source: str, role: str) -> list[str]:
@@ -65,22 +115,100 @@ def documents(source: str, role: str) -> list[str]:
         return _ptb_documents(role)
     path = Path(source).expanduser()
     if path.is_file():
-        return _file_documents(path)
+        return _jsonl_documents(path) if path.suffix == ".jsonl" else _txt_documents(path)
     raise UserError(f"data '{source}' not found (use wiki, ptb, or a local .txt/.jsonl file)")
 
 
-def tokenize_windows(tokenizer, docs: list[str], seq_len: int, max_tokens: int | None) -> torch.Tensor:
-    """Join documents with blank lines and cut into [n, seq_len] windows, stopping once enough."""
-    ids: list[int] = []
-    want = None if max_tokens is None else max(seq_len, max_tokens)
-    for doc in docs:
-        ids.extend(tokenizer(doc + "\n\n", add_special_tokens=False)["input_ids"])
-        if want is not None and len(ids) >= want:
+def sample_documents(docs: list[str], budget: int = TEXT_BUDGET_CHARS) -> list[str]:
+    """All documents, or a seeded random sample of about ``budget`` characters kept in text order.
+
+    Documents are taken in a seeded random order until the budget is reached (the last one may pass
+    it; a single document longer than the budget is cut to it), so the sample is spread over the text.
+    """
+    if sum(len(d) + len(SEPARATOR) for d in docs) <= budget:
+        return docs
+    chosen, used = [], 0
+    for i in np.random.default_rng(POOL_SEED).permutation(len(docs)):
+        chosen.append(int(i))
+        used += len(docs[i]) + len(SEPARATOR)
+        if used >= budget:
             break
+    return [docs[i][:budget] for i in sorted(chosen)]
+
+
+@dataclass
+class _Piece:
+    """The tokens of ``text[start:end]``, and the window's tokens around its two cuts for the seam check."""
+
+    start: int
+    end: int
+    ids: np.ndarray
+    head: list[tuple[int, int]]  # (offset, id) of its tokens starting in [start, start + CONTEXT_CHARS / 2)
+    ahead: list[tuple[int, int]]  # (offset, id) of the window's tokens starting in [end, end + CONTEXT_CHARS / 2)
+
+
+def _starting_in(starts: np.ndarray, ids: np.ndarray, a: int, b: int) -> list[tuple[int, int]]:
+    """(offset, id) of the tokens that start in [a, b)."""
+    m = (starts >= a) & (starts < b)
+    return list(zip(starts[m].tolist(), ids[m].tolist()))
+
+
+def _pieces(backend: Any, text: str, spans: list[tuple[int, int]]) -> list[_Piece]:
+    """Tokenize each span with ``CONTEXT_CHARS`` of context on both sides; keep the tokens starting inside."""
+    los = [max(0, s - CONTEXT_CHARS) for s, _ in spans]
+    windows = [text[lo: min(len(text), e + CONTEXT_CHARS)] for lo, (_, e) in zip(los, spans)]
+    seam = CONTEXT_CHARS // 2
+    out = []
+    for lo, (s, e), enc in zip(los, spans, backend.encode_batch(windows, add_special_tokens=False)):
+        ids = np.asarray(enc.ids, dtype=np.int32)
+        starts = np.fromiter((o[0] for o in enc.offsets), dtype=np.int64, count=len(ids)) + lo
+        out.append(_Piece(s, e, ids[(starts >= s) & (starts < e)], _starting_in(starts, ids, s, s + seam),
+                          _starting_in(starts, ids, e, e + seam)))
+    return out
+
+
+def token_ids(tokenizer: Any, text: str, max_tokens: int | None = None,
+              piece_chars: int = PIECE_CHARS) -> np.ndarray:
+    """Token ids of ``text`` (no special tokens), equal to tokenizing it in one call; see the module doc.
+
+    With ``max_tokens``, tokenizing stops once at least that many tokens are known.
+    """
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:  # no offsets to stitch pieces with: one call over the whole text
+        return np.asarray(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=np.int32)
+    done: list[_Piece] = []
+    starts = list(range(0, len(text), piece_chars))
+    for b in range(0, len(starts), PIECES_PER_CALL):
+        spans = [(s, min(len(text), s + piece_chars)) for s in starts[b: b + PIECES_PER_CALL]]
+        for piece in _pieces(backend, text, spans):
+            while done and done[-1].ahead != piece.head:  # the cut changed tokens: tokenize both as one
+                piece = _pieces(backend, text, [(done.pop().start, piece.end)])[0]
+            done.append(piece)
+        if max_tokens is not None and sum(len(p.ids) for p in done) >= max_tokens:
+            break
+    return np.concatenate([p.ids for p in done]) if done else np.zeros(0, dtype=np.int32)
+
+
+def _grid(ids: np.ndarray, seq_len: int) -> torch.Tensor:
     n = len(ids) // seq_len
-    if want is not None:
-        n = min(n, -(-want // seq_len))
-    return torch.tensor(ids[: n * seq_len], dtype=torch.long).view(n, seq_len)
+    return torch.from_numpy(ids[: n * seq_len].astype(np.int64)).view(n, seq_len)
+
+
+def _windows_for(max_tokens: int | None, seq_len: int, available: int) -> int:
+    return available if max_tokens is None else min(available, -(-max(seq_len, max_tokens) // seq_len))
+
+
+def calibration_windows(tokenizer: Any, docs: list[str], seq_len: int, max_tokens: int | None) -> torch.Tensor:
+    """Windows drawn across the whole (sampled) joined text, in a seeded order; see the module doc."""
+    grid = _grid(token_ids(tokenizer, SEPARATOR.join(sample_documents(docs))), seq_len)
+    order = torch.from_numpy(np.random.default_rng(POOL_SEED).permutation(len(grid)))
+    return grid[order[: _windows_for(max_tokens, seq_len, len(grid))]]
+
+
+def evaluation_windows(tokenizer: Any, docs: list[str], seq_len: int, max_tokens: int | None) -> torch.Tensor:
+    """The first windows of the joined text (GPTQ); only as much text as they need is tokenized."""
+    grid = _grid(token_ids(tokenizer, SEPARATOR.join(docs), max_tokens), seq_len)
+    return grid[: _windows_for(max_tokens, seq_len, len(grid))]
 
 
 @dataclass
@@ -114,7 +242,7 @@ class TokenPool:
         return self.windows.numel()
 
     def sample(self, tokens: int, rng: np.random.Generator) -> Sample:
-        """Uniform windows without replacement until exactly ``tokens`` (capped at the pool)."""
+        """Uniform windows without replacement until exactly ``tokens``."""
         return self._take(rng.permutation(len(self.windows)), tokens)
 
     def first(self, tokens: int) -> Sample:
@@ -122,7 +250,9 @@ class TokenPool:
         return self._take(range(len(self.windows)), tokens)
 
     def _take(self, order, tokens: int) -> Sample:
-        tokens = min(tokens, self.tokens)
+        if tokens > self.tokens:  # never a silently smaller sample (pipeline.prepare checks the schedule)
+            raise UserError(f"a sample of {tokens} tokens does not fit the calibration pool of {self.tokens} "
+                            f"tokens of '{self.source}'; raise --calib-tokens or sample fewer tokens")
         n = -(-tokens // self.seq_len)
         lengths = [self.seq_len] * n
         lengths[-1] = tokens - self.seq_len * (n - 1)
@@ -157,7 +287,36 @@ def load_pool(tokenizer, source: str, role: str, seq_len: int, max_tokens: int |
         raise UserError("--seq-len must be at least 2")
     sources = [source] if Path(source).expanduser().is_file() else [s for s in source.split("+") if s]
     if len(sources) == 1:
-        return TokenPool(tokenize_windows(tokenizer, documents(sources[0], role), seq_len, max_tokens), source)
+        windows = calibration_windows if role == "calibration" else evaluation_windows
+        return TokenPool(windows(tokenizer, documents(sources[0], role), seq_len, max_tokens), source)
     share = None if max_tokens is None else -(-max_tokens // len(sources))
     parts = [load_pool(tokenizer, s, role, seq_len, share).windows for s in sources]
     return TokenPool(_interleave(parts), source)
+
+
+def default_pool_tokens(samples: dict[str, int], stage: int) -> int:
+    """The pool a run gets when it does not set one: ``MIN_POOL_TOKENS``, ``STAGE_SHARE`` x its largest
+    stage sample, or its largest other sample, whichever is most (the text permitting)."""
+    return max(MIN_POOL_TOKENS, STAGE_SHARE * stage, *samples.values())
+
+
+def check_samples(samples: dict[str, int], stage: int, pool_tokens: int, holder: str,
+                  log: Callable[[str], None]) -> None:
+    """Refuse a sample larger than the pool; warn loudly when the stages' samples would mostly overlap.
+
+    ``samples`` maps what sets each sample (a flag) to its tokens, ``stage`` is the largest selection
+    stage's sample (0 without a search), ``holder`` names what holds ``pool_tokens`` for the message.
+    Two independent samples of k windows out of n share k/n of their windows on average, so a stage
+    drawing more than 1/``STAGE_SHARE`` of the pool sees largely the same data every generation.
+    """
+    what, need = max(samples.items(), key=lambda kv: kv[1])
+    fix = max(need, STAGE_SHARE * stage)
+    if need > pool_tokens:
+        raise UserError(f"{what} ({need} tokens) is larger than {holder} ({pool_tokens} tokens); give "
+                        f"--calib-tokens {fix} or more (or leave it unset to size the pool from the schedule), "
+                        "or sample fewer tokens")
+    if STAGE_SHARE * stage > pool_tokens:
+        share = round(100 * stage / pool_tokens)
+        log(f"WARNING: the largest --stages sample ({stage} tokens) is {share}% of {holder} ({pool_tokens} "
+            f"tokens): two such samples share about {share}% of their windows, so every stage sees largely "
+            f"the same data; --calib-tokens {fix} or more keeps the overlap at 25% or less")

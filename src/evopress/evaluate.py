@@ -14,7 +14,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from .data import TokenPool, load_pool
+from .data import PROTOCOL, TokenPool, load_pool
 from .errors import UserError
 from .fitness import Evaluator, FitnessConfig, TeacherCache
 from .io import read_json, write_json
@@ -46,10 +46,10 @@ class EvalSettings:
 
 
 def protocol(source: str, pool: TokenPool, positions: int) -> str:
-    return (f"'{source}' evaluation split: {len(pool.windows)} non-overlapping windows of {pool.seq_len} "
-            "tokens (documents joined by blank lines, no BOS, remainder dropped); PPL = exp(mean NLL over "
-            f"{positions} predicted positions); KL = mean per-position KL(dense || compressed) over the "
-            "full vocabulary")
+    """How a number in eval.json was measured, led by the protocol's name (``data.PROTOCOL``)."""
+    return (f"{PROTOCOL}; '{source}' evaluation split: the first {len(pool.windows)} non-overlapping windows "
+            f"of {pool.seq_len} tokens, remainder dropped; PPL = exp(mean NLL over {positions} predicted "
+            "positions); KL = mean per-position KL(dense || compressed) over the full vocabulary")
 
 
 class HeldOut:

@@ -14,7 +14,7 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 
-from .data import TokenPool, load_pool
+from .data import TokenPool, check_samples, load_pool
 from .distributed import from_main, is_main, sharded
 from .evaluate import EVAL, EvalSettings, HeldOut, lm_eval_tasks, write_eval
 from .errors import UserError
@@ -46,15 +46,41 @@ class Context:
 
 
 def prepare(recipe: Recipe, log: Callable[[str], None] = print, loaded: LoadedModel | None = None) -> Context:
+    """Model, space and calibration pool of a run.
+
+    The samples are checked against the pool before the model loads (the pool size is in the recipe);
+    a text too short for it is only known once tokenized, and is refused or warned about then.
+    """
+    check_samples(recipe.samples(), recipe.largest_stage(), recipe.pool_tokens(),
+                  "the calibration pool", log)
     loaded = loaded or recipe.hardware.load(recipe.model, log)
     decoder = loaded.decoder
     space = make_space(recipe.space, decoder, recipe.target, recipe.space_options)
-    pool = load_pool(loaded.tokenizer, recipe.data, "calibration", recipe.seq_len, recipe.calib_tokens)
+    pool = _calibration_pool(recipe, loaded.tokenizer, log)
     space.check_calibration(pool)
     log(f"model {loaded.name}: {decoder.num_blocks} blocks, head on {decoder.device} ({decoder.head.weight.dtype}); "
-        "calibration "
-        f"{pool.tokens} tokens of '{recipe.data}' in {len(pool.windows)} windows of {pool.seq_len}")
+        f"calibration {pool.tokens} tokens of '{recipe.data}' in {len(pool.windows)} windows of {pool.seq_len}, "
+        "drawn across the whole text")
     return Context(recipe, loaded, decoder, pool, space, Evaluator(space, pool, recipe.fitness))
+
+
+def _calibration_pool(recipe: Recipe, tokenizer: Any, log: Callable[[str], None]) -> TokenPool:
+    """The calibration pool; refused when ``--calib-tokens`` asked for more than the text holds.
+
+    The default pool (``calib_tokens`` unset) shrinks to the whole text, as long as every sample
+    still fits. It stays unset in the recipe: it is a function of the schedule and the text, so a
+    rerun of recipe.json draws the same pool, and a resumed run's fingerprint matches its checkpoint.
+    result.json records the pool's size.
+    """
+    want = recipe.pool_tokens()
+    pool = load_pool(tokenizer, recipe.data, "calibration", recipe.seq_len, want)
+    if pool.tokens < want:
+        holder = f"all of data '{recipe.data}' in windows of {pool.seq_len}"
+        if recipe.calib_tokens is not None:
+            raise UserError(f"--calib-tokens {want} is more than {holder} ({pool.tokens} tokens); give "
+                            f"--calib-tokens {pool.tokens} or less, or more text")
+        check_samples(recipe.samples(), recipe.largest_stage(), pool.tokens, holder, log)
+    return pool
 
 
 def _final_fitness(ctx: Context, config: Config) -> dict[str, Any]:
@@ -73,6 +99,7 @@ def _result(ctx: Context, config: Config, history: list[dict], seconds: float) -
         "target": r.target,
         "model": ctx.loaded.name,
         "data": r.data,
+        "calibration_tokens": ctx.pool.tokens,
         "seed": r.search.seed,
         "space_options": ctx.space.options(),
         "units": ctx.space.model_space.units,

@@ -15,11 +15,14 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Mapping
 
+from .data import default_pool_tokens
 from .errors import UserError
 from .evolution import SearchConfig
 from .fitness import FitnessConfig
 from .models import Hardware
 from .spaces import DEFAULT_SPACE, baselines, check_space_settings
+
+IMPORTED = "imported"  # the method of a configuration found elsewhere (``import-config``)
 
 # speed knobs older recipes may still carry; they never changed results, so they are dropped on load
 _RETIRED_FITNESS_KEYS = ("logit_cache_bytes",)
@@ -39,7 +42,7 @@ class Recipe:
     device_map: str | None = None  # placement across devices / offload: never changes results
     max_memory: str | None = None
     seq_len: int = 256
-    calib_tokens: int = 32768
+    calib_tokens: int | None = None  # the calibration pool; None: sized from the schedule (``pool_tokens``)
     space_options: dict[str, Any] = field(default_factory=dict)
     search: SearchConfig = field(default_factory=SearchConfig)
     fitness: FitnessConfig = field(default_factory=FitnessConfig)
@@ -58,6 +61,28 @@ class Recipe:
     @staticmethod
     def from_json(d: Mapping[str, Any]) -> "Recipe":
         return make_recipe(d)
+
+    def largest_stage(self) -> int:
+        """Tokens of the largest selection-stage sample; 0 when the run is not a search."""
+        return max(t for _, t in self.search.stages) if self.method == "evopress" else 0
+
+    def samples(self) -> dict[str, int]:
+        """The calibration samples this run draws, keyed by the setting that sizes each (for messages)."""
+        if self.method == IMPORTED:
+            return {"--final-tokens": self.final_tokens}
+        if self.method != "evopress":
+            return {"--final-tokens": self.final_tokens, "--tokens": self.baseline_tokens}
+        sizes = {"the largest --stages sample": self.largest_stage(), "--initial-tokens": self.search.initial_tokens,
+                 "--final-tokens": self.final_tokens}
+        if self.init_from:
+            sizes["the --init-from baselines' sample (baseline_tokens)"] = self.baseline_tokens
+        return sizes
+
+    def pool_tokens(self) -> int:
+        """The calibration pool to load: ``calib_tokens``, or when unset a size that fits the schedule."""
+        if self.calib_tokens is not None:
+            return self.calib_tokens
+        return default_pool_tokens(self.samples(), self.largest_stage())
 
     def identity(self) -> dict[str, Any]:
         """The settings that determine the result: all but placement and the speed knobs."""
