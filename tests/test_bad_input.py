@@ -49,7 +49,7 @@ def _file(tmp: Path, name: str, data: bytes) -> Path:
 
 # (name, extra argv builder or full argv, expected fragment). "{out}" is the finished result directory.
 SEARCH = ["search", "--target", "0.34", "--generations", "1", "--stages", "1:32", "--seq-len", "32",
-          "--calib-tokens", "256"]
+          "--final-tokens", "64", "--initial-tokens", "32", "--calib-tokens", "256"]
 CASES = {
     "no cuda": (lambda t, m, x: [*SEARCH, "--device", "cuda"], "no usable CUDA"),
     "truncated gguf": (lambda t, m, x: [*SEARCH, *_gguf_truncated(t, m, x)], "cannot load GGUF"),

@@ -174,10 +174,10 @@ def test_the_default_pool_is_sized_from_the_schedule():
     assert make_recipe().pool_tokens() == 32768
     assert make_recipe(stages=[(2, 2048), (1, 32768)]).pool_tokens() == 4 * 32768
     assert make_recipe(stages=[(2, 2048), (1, 32768)], calib_tokens=40000).pool_tokens() == 40000
-    assert make_recipe(method="uniform", baseline_tokens=50000).pool_tokens() == 50000
+    assert make_recipe(method="shortgpt", baseline_tokens=50000).pool_tokens() == 50000
     assert make_recipe(init_from=["shortgpt"], baseline_tokens=50000).pool_tokens() == 50000
     assert make_recipe(final_tokens=40000).pool_tokens() == 40000
-    with pytest.raises(UserError, match="calib_tokens must be a positive"):
+    with pytest.raises(UserError, match="calib_tokens .--calib-tokens. must be a positive"):
         make_recipe(calib_tokens=0)
 
 

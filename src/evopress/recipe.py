@@ -132,7 +132,9 @@ def _check_types(settings: Mapping[str, Any], cls: type, section: str = "") -> N
 
 
 def _check_ranges(recipe: Recipe) -> None:
-    positive = {"seq_len": recipe.seq_len - 1, "final_tokens": recipe.final_tokens,
+    if recipe.seq_len < 2:
+        raise UserError(f"seq_len (--seq-len) must be at least 2, not {recipe.seq_len}")
+    positive = {"final_tokens": recipe.final_tokens,
                 "baseline_tokens": recipe.baseline_tokens, "random_candidates": recipe.random_candidates,
                 "fitness.batch_size": recipe.fitness.batch_size, "fitness.chunk_tokens": recipe.fitness.chunk_tokens,
                 "search.initial_candidates": recipe.search.initial_candidates,
@@ -140,13 +142,14 @@ def _check_ranges(recipe: Recipe) -> None:
     if recipe.calib_tokens is not None:
         positive["calib_tokens"] = recipe.calib_tokens
     for name, value in positive.items():
-        if value < 1:
-            limit = "2" if name == "seq_len" else "1"
-            raise UserError(f"{name} (--{name.split('.')[-1].replace('_', '-')}) must be at least {limit}")
+        if value is not None and value < 1:
+            flag = name.split(".")[-1].replace("_", "-")
+            raise UserError(f"{name} (--{flag}) must be a positive number, not {value}")
     if recipe.fitness.cache_bytes < 0:
         raise UserError("--prefix-cache-gb must be >= 0")
     if recipe.fitness.batch_tokens is not None and recipe.fitness.batch_tokens < 1:
-        raise UserError("--batch-tokens must be >= 1")
+        raise UserError(f"fitness.batch_tokens (--batch-tokens) must be a positive number, not "
+                        f"{recipe.fitness.batch_tokens}")
 
 
 def _split(settings: dict[str, Any], cls: type) -> dict[str, Any]:
