@@ -64,7 +64,7 @@ def test_ppl_fitness_is_the_candidate_nll(decoder, pool):
     ppl_ev = Evaluator(space, pool, FitnessConfig(metric="ppl"))
     m = kl_ev.measure([config], sample)[0]
     assert ppl_ev.score([config], sample)[0] == pytest.approx(m.nll)
-    assert m.nll > m.dense_nll - 1e-6 or m.kl > 0
+    assert m.kl > 1e-4 and m.nll != pytest.approx(m.dense_nll)  # dropping sub-blocks changes the model
 
 
 def decoder_kl(decoder, space, config, pool, sample):

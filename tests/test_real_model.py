@@ -42,3 +42,22 @@ def test_search_baseline_eval_report(tmp_path):
     assert main(["report", str(s), str(b), "--out", str(tmp_path / "report"), "--quiet"]) == 0
     assert (tmp_path / "report" / "profile.png").stat().st_size > 1000
     assert "shortgpt" in (tmp_path / "report" / "report.md").read_text()
+
+
+def test_known_bad_configuration_scores_worse_than_a_mild_one_and_dense_scores_zero():
+    import numpy as np
+
+    from evopress.pipeline import prepare
+    from evopress.recipe import make_recipe
+
+    ctx = prepare(make_recipe(space="drop", target=0.25, seq_len=128, calib_tokens=1024, final_tokens=256),
+                  log=lambda m: None)
+    blocks = ctx.space.num_blocks
+    keep = [0] * (2 * blocks)
+    first_mlp, late_attention = list(keep), list(keep)
+    first_mlp[blocks] = 1  # units: attention of blocks 0..L-1, then MLP of blocks 0..L-1
+    late_attention[blocks - 2] = 1
+    sample = ctx.pool.sample(512, np.random.default_rng(0))
+    dense, bad, mild = ctx.evaluator.measure([tuple(keep), tuple(first_mlp), tuple(late_attention)], sample)
+    assert abs(dense.kl) < 1e-5  # zero up to float rounding (the teacher ran in other batches, in float64)
+    assert bad.kl > 10 * mild.kl > 0

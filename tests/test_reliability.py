@@ -325,3 +325,17 @@ def test_killed_database_build_resumes_to_the_uninterrupted_database(space, tmp_
         module.build_quant_database(Decoder(tiny_model(layers=2)), pool, tmp_path / "db", (2, 4), 16, 0,
                                     batch_size=4, progress=False)
     assert len(saved) == 14
+
+
+def test_fixed_sample_track_is_recorded_reported_and_changes_nothing_else(tiny_checkpoint, tmp_path):
+    model, text = tiny_checkpoint
+    tracked = search_args(model, text, tmp_path / "tracked", 5) + ["--track-every", "2", "--track-tokens", "128"]
+    assert main(tracked) == 0
+    assert main(search_args(model, text, tmp_path / "plain", 5) + ["--track-every", "0"]) == 0
+    with_track, without = comparable(tmp_path / "tracked"), comparable(tmp_path / "plain")
+    assert [h["generation"] for h in with_track["history"] if h["track"] is not None] == [0, 2, 4, 5]
+    assert all(h["track"] is None for h in without["history"])
+    assert with_track["levels"] == without["levels"] and with_track["fitness"] == without["fitness"]
+    assert [h["fitness"] for h in with_track["history"]] == [h["fitness"] for h in without["history"]]
+    assert main(["report", str(tmp_path / "tracked"), "--out", str(tmp_path / "report"), "--quiet"]) == 0
+    assert "fixed-sample kl" in (tmp_path / "report" / "report.md").read_text()

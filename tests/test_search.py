@@ -155,3 +155,39 @@ def test_resume_gives_the_same_result_as_an_uninterrupted_run():
                      state=SearchState.from_json(saved[-1]))
     assert resumed.parent == full.parent
     assert [h.fitness for h in resumed.history] == [h.fitness for h in full.history]
+
+
+class RngEvaluator(FakeEvaluator):
+    """Samples that depend on the search's random stream: reusing one across stages would show."""
+
+    def sample(self, tokens, rng):
+        return (tokens, int(rng.integers(1 << 40)))
+
+    def sample_tokens(self, sample):
+        return sample[0]
+
+    def score(self, configs, sample):
+        self.stages.append(sample)
+        self.evaluations += len(configs)
+        return [self.f(c) for c in configs]
+
+
+def test_every_stage_of_every_generation_draws_a_fresh_sample():
+    problem = Problem((2,) * 8, ((0, 1),) * 8, 3, (tuple(range(8)),))
+    ev = RngEvaluator(lambda c: sum(i * x for i, x in enumerate(c)))
+    config = SearchConfig(generations=5, offspring=4, stages=[(2, 8), (1, 16)], initial_candidates=1)
+    evolve(problem, ev, [(1, 1, 1, 0, 0, 0, 0, 0)], config)
+    assert len(ev.stages) == 10 and [t for t, _ in ev.stages] == [8, 16] * 5
+    assert len({draw for _, draw in ev.stages}) == 10
+
+
+def test_convergence_verdict_reads_the_fixed_sample_track():
+    from evopress.report import convergence
+
+    def run(track):
+        history = [{"generation": g, "fitness": 1.0, "track": t} for g, t in enumerate(track)]
+        return {"method": "evopress", "target": 0.25, "fitness": {"metric": "kl"}, "history": history}
+
+    assert "still improving" in convergence(run([1.0, None, 0.9, None, 0.8, None, 0.7, None, 0.6]))
+    assert "flat" in convergence(run([1.0, None, 0.7, None, 0.6, None, 0.6, None, 0.599]))
+    assert convergence(run([None, None, 0.5])) is None  # one point says nothing

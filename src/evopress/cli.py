@@ -132,6 +132,10 @@ def _add_search(sub: Any) -> None:
     s.add_argument("--prefix-cache-gb", type=float, default=f.cache_bytes / 2**30,
                    help="memory for block-boundary activations reused between candidates (on the model's "
                    "device); less keeps fewer boundaries, never changes results")
+    s.add_argument("--track-every", type=int, default=5, help="every N generations and at the end, the parent's "
+                   "fitness on --track-tokens calibration tokens held aside from the pool (the report's main "
+                   "curve; 0: off)")
+    s.add_argument("--track-tokens", type=int, default=2048, help="size of the fixed held-aside sample")
     s.add_argument("--batch-tokens", type=int, default=None, help="tokens per forward batch, in whole windows "
                    "(instead of --batch-size windows): the same activation memory whatever --seq-len")
 
@@ -257,6 +261,7 @@ def recipe_from_args(args: argparse.Namespace, method: str) -> Recipe:
                         max_switches=args.max_switches, initial_candidates=args.initial_candidates,
                         initial_tokens=args.initial_tokens, prefix_reuse=not args.no_prefix_reuse,
                         cache_bytes=int(args.prefix_cache_gb * 2**30), batch_tokens=args.batch_tokens,
+                        track_every=args.track_every, track_tokens=args.track_tokens,
                         init_from=[m for m in args.init_from.split(",") if m])
     if args.command == "baseline":
         settings.update(baseline_tokens=args.tokens, random_candidates=args.candidates)

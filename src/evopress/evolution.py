@@ -57,6 +57,7 @@ class GenerationLog:
     seconds: float
     parent: Config
     children: int | None = None  # offspring actually drawn: fewer than asked when mutation found no more
+    track: float | None = None  # the parent's fitness on the fixed held-aside sample, every few generations
 
 
 @dataclass

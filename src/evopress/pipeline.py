@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import numpy as np
+import torch
 
 from .data import TokenPool, check_samples, load_pool
 from .distributed import from_main, is_main, sharded
@@ -134,8 +135,12 @@ def run_search(ctx: Context, out: Path, restart: bool = False, progress: bool = 
     ctx.evaluator.warm(progress and is_main())
     if state is None and len(initial) > 1:
         log(f"ranking {len(initial)} initial candidates on {recipe.search.initial_tokens} tokens")
+    track = _fixed_sample_track(ctx, log)
     with _SearchProgress(recipe, state, progress, log) as report:
         def on_generation(s: SearchState) -> None:
+            if track is not None and s.history and s.history[-1].track is None and \
+                    (s.generation % recipe.track_every == 0 or s.generation == recipe.search.generations):
+                s.history[-1].track = track(s.parent)
             if is_main():
                 write_json(out / CHECKPOINT, {"fingerprint": fingerprint, "state": s.to_json()})
             report(s)
@@ -149,6 +154,30 @@ def run_search(ctx: Context, out: Path, restart: bool = False, progress: bool = 
     if is_main():
         save_result(ctx.space, out, result)
     return result
+
+
+def _fixed_sample_track(ctx: Context, log: Callable[[str], None]) -> Callable[[Config], float] | None:
+    """The parent's fitness on one fixed sample of calibration windows held aside from the pool.
+
+    Why: the fitness the search reports is measured on a fresh small sample each generation, so it
+    jumps with the sample and does not show whether the search still improves. These windows come
+    after the pool in the same seeded draw over the text, so the search never samples them. Cost:
+    a teacher pass over them, then ``track_tokens`` candidate-tokens every ``track_every`` generations.
+    """
+    r = ctx.recipe
+    if not r.track_every:
+        return None
+    more = load_pool(ctx.loaded.tokenizer, r.data, "calibration", r.seq_len, ctx.pool.tokens + r.track_tokens)
+    n = len(ctx.pool.windows)
+    if len(more.windows) <= n or not torch.equal(more.windows[:n], ctx.pool.windows):
+        log("fixed-sample track: off (no calibration text left beyond the pool)")
+        return None
+    held = TokenPool(more.windows[n:], r.data)
+    evaluator = Evaluator(ctx.space, held, r.fitness)
+    sample = held.first(held.tokens)
+    log(f"fixed-sample track: the parent on {held.tokens} held-aside calibration tokens every "
+        f"{r.track_every} generations")
+    return lambda config: evaluator.score([config], sample)[0]
 
 
 def _initial_population(ctx: Context, fresh: bool, log: Callable[[str], None]) -> list[Config]:
@@ -186,6 +215,9 @@ class _SearchProgress:
             return
         last, wanted = s.history[-1], self.recipe.search.offspring
         postfix = {self.recipe.fitness.metric: f"{last.fitness:.4f}"}
+        tracked = [h.track for h in s.history if h.track is not None]
+        if tracked:
+            postfix["fixed"] = f"{tracked[-1]:.4f}"
         if last.children is not None and last.children < wanted:
             postfix["children"] = f"{last.children}/{wanted}"
             self.log(f"generation {last.generation}: only {last.children} of {wanted} offspring (mutation "

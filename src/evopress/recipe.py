@@ -50,6 +50,9 @@ class Recipe:
     baseline_tokens: int = 4096  # tokens the scoring baselines and best-of-N random look at
     random_candidates: int = 32
     init_from: list[str] = field(default_factory=list)  # baselines whose configurations join the initial population
+    # a search's progress on one fixed calibration sample held aside from the pool (0: off); reporting only
+    track_every: int = 5
+    track_tokens: int = 2048
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -87,7 +90,7 @@ class Recipe:
     def identity(self) -> dict[str, Any]:
         """The settings that determine the result: all but placement and the speed knobs."""
         d = self.to_json()
-        for k in ("device", "device_map", "max_memory"):
+        for k in ("device", "device_map", "max_memory", "track_every", "track_tokens"):
             d.pop(k)
         for k in ("batch_size", "batch_tokens", "chunk_tokens", "block_bytes", "prefix_reuse", "cache_bytes",
                   "teacher_device_bytes", "profile"):
@@ -134,7 +137,9 @@ def _check_types(settings: Mapping[str, Any], cls: type, section: str = "") -> N
 def _check_ranges(recipe: Recipe) -> None:
     if recipe.seq_len < 2:
         raise UserError(f"seq_len (--seq-len) must be at least 2, not {recipe.seq_len}")
-    positive = {"final_tokens": recipe.final_tokens,
+    if recipe.track_every < 0:
+        raise UserError(f"track_every (--track-every) must be >= 0 (0: off), not {recipe.track_every}")
+    positive = {"final_tokens": recipe.final_tokens, "track_tokens": recipe.track_tokens,
                 "baseline_tokens": recipe.baseline_tokens, "random_candidates": recipe.random_candidates,
                 "fitness.batch_size": recipe.fitness.batch_size, "fitness.chunk_tokens": recipe.fitness.chunk_tokens,
                 "search.initial_candidates": recipe.search.initial_candidates,

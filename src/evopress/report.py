@@ -104,7 +104,27 @@ def plot_profiles(runs: list[dict[str, Any]], path: Path) -> None:
     plt.close(fig)
 
 
+def _tracked(run: dict[str, Any]) -> list[tuple[int, float]]:
+    """(generation, fitness on the fixed held-aside sample) of a search, where it was measured."""
+    return [(h["generation"], h["track"]) for h in run["history"] if h.get("track") is not None]
+
+
+def convergence(run: dict[str, Any], threshold: float = 0.01) -> str | None:
+    """Whether the last quarter of a search still improved its fixed-sample fitness (users: run longer)."""
+    points = _tracked(run)
+    if len(points) < 2:
+        return None
+    last_gen, last = points[-1]
+    mark, before = next(((g, v) for g, v in reversed(points) if g <= 0.75 * last_gen), points[0])
+    gain = (before - last) / before if before else 0.0
+    verdict = "still improving: a longer search should pay" if gain > threshold else "flat: more generations " \
+        "are unlikely to help much"
+    return (f"{label(run)} {run['target']:g}: fixed-sample {run['fitness']['metric']} {before:.4f} at generation "
+            f"{mark} -> {last:.4f} at {last_gen} ({100 * gain:+.1f}% lower); {verdict}")
+
+
 def plot_search(runs: list[dict[str, Any]], path: Path) -> bool:
+    """The fixed-sample track as the main curve; the per-generation fitness (a fresh sample each time) faint."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -115,12 +135,17 @@ def plot_search(runs: list[dict[str, Any]], path: Path) -> bool:
         return False
     fig, ax = plt.subplots(figsize=(7, 4))
     for r in searched:
+        name = f"{label(r)} {r['target']:g}"
         gens = [h["generation"] for h in r["history"]]
-        ax.plot(gens, [h["fitness"] for h in r["history"]], marker=".", label=f"{label(r)} {r['target']:g}")
+        tracked = _tracked(r)
+        line, = ax.plot(gens, [h["fitness"] for h in r["history"]], lw=1, alpha=0.35,
+                        label=f"{name}, per-generation sample")
+        if tracked:
+            ax.plot(*zip(*tracked), marker="o", color=line.get_color(), label=f"{name}, fixed held-aside sample")
     ax.set_xlabel("generation")
-    ax.set_ylabel(f"parent {searched[0]['fitness']['metric']} (last-stage sample)")
+    ax.set_ylabel(f"parent {searched[0]['fitness']['metric']}")
     ax.set_yscale("log")
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
     fig.tight_layout()
     _save(fig, path)
@@ -169,8 +194,10 @@ def write_report(dirs: list[Path], out: Path) -> dict[str, Any]:
     if plot_metrics(runs, out / "metrics.png"):
         files["metrics"] = out / "metrics.png"
     protocol = next((r["eval"]["protocol"] for r in runs if r["eval"]), "not evaluated")
+    verdicts = [v for v in map(convergence, runs) if v]
     text = (f"# evopress report\n\n{table}\n\nCalibration KL: mean per-token KL(dense || compressed) on the "
             f"same calibration sample for every method. Held-out protocol: {protocol}\n\n"
+            + "".join(f"- {v}\n" for v in verdicts) + ("\n" if verdicts else "")
             + "".join(f"![{k}]({p.name})\n" for k, p in files.items()))
     atomic_write(out / "report.md", lambda tmp: tmp.write_text(text))
-    return {"markdown": table, "files": {k: str(p) for k, p in files.items()}}
+    return {"markdown": table, "convergence": verdicts, "files": {k: str(p) for k, p in files.items()}}
