@@ -339,3 +339,20 @@ def test_fixed_sample_track_is_recorded_reported_and_changes_nothing_else(tiny_c
     assert [h["fitness"] for h in with_track["history"]] == [h["fitness"] for h in without["history"]]
     assert main(["report", str(tmp_path / "tracked"), "--out", str(tmp_path / "report"), "--quiet"]) == 0
     assert "fixed-sample kl" in (tmp_path / "report" / "report.md").read_text()
+
+
+def test_a_database_is_refused_for_a_text_that_changed_under_the_same_name(tiny_checkpoint, tmp_path, capsys):
+    model, text = tiny_checkpoint
+    copy = tmp_path / "text.txt"
+    copy.write_text(text.read_text())
+    common = ["--model", str(model), "--data", str(copy), "--seq-len", "32", "--quiet"]
+    assert main(["build-db", "--space", "quant", "--bits", "2,3", "--calib-tokens", "256", "--out",
+                 str(tmp_path / "db"), *common]) == 0
+    search = ["search", "--space", "quant", "--target", "2.5", "--db", str(tmp_path / "db"), "--generations", "1",
+              "--offspring", "2", "--stages", "1:32", "--initial-tokens", "32", "--final-tokens", "64",
+              "--calib-tokens", "512", *common]
+    assert main([*search, "--out", str(tmp_path / "same")]) == 0  # a larger pool of the same text starts with it
+    copy.write_text(copy.read_text().replace("city", "river"))
+    capsys.readouterr()
+    assert main([*search, "--out", str(tmp_path / "edited")]) == 2
+    assert "built on other text" in capsys.readouterr().err

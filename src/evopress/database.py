@@ -71,8 +71,12 @@ def model_fingerprint(model: nn.Module) -> str:
     return model_fingerprints(model)[0]
 
 
+def windows_fingerprint(windows: torch.Tensor) -> str:
+    return hashlib.sha256(windows.contiguous().numpy().tobytes()).hexdigest()[:16]
+
+
 def data_fingerprint(pool: TokenPool) -> str:
-    return hashlib.sha256(pool.windows.numpy().tobytes()).hexdigest()[:16]
+    return windows_fingerprint(pool.windows)
 
 
 def layer_file(root: Path, name: str) -> Path:
@@ -110,10 +114,26 @@ class Database:
         return Database(root, manifest)
 
     def check_data(self, pool: TokenPool) -> None:
-        """Refuse a search whose calibration text differs from the text the database was built on."""
+        """Refuse a search whose calibration text differs from the text the database was built on.
+
+        The name must match, and so must the content where it can be compared: a pool is a prefix of a
+        larger pool of the same text (one seeded draw of windows), so when the search's windows have
+        the database's length and there are at least as many, the database's windows are the first
+        of them. A file edited since the build, or a database from before the current tokenization,
+        is caught; mixes (``a+b``) are compared by name only.
+        """
         if self.manifest.get("data") != pool.source:
             raise UserError(f"database {self.root} was built on data '{self.manifest.get('data')}', "
                             f"the search uses '{pool.source}'; rebuild it or pass the same --data")
+        calibration = self.manifest.get("calibration", {})
+        seq_len, tokens = calibration.get("seq_len"), calibration.get("tokens", 0)
+        n = tokens // seq_len if seq_len else 0
+        if "+" in pool.source or seq_len != pool.seq_len or not 0 < n <= len(pool.windows):
+            return
+        if windows_fingerprint(pool.windows[:n]) != self.manifest.get("data_fingerprint"):
+            raise UserError(f"database {self.root} was built on other text than the search's '{pool.source}' "
+                            "(the file changed since, or the database predates the current tokenization); "
+                            "rebuild it")
 
     def check_layer(self, name: str, keys: Sequence[str], load: Sequence[str] = ()) -> dict[str, torch.Tensor]:
         """Refuse a missing, truncated or incomplete layer file now rather than mid-search; return ``load``.
