@@ -107,6 +107,16 @@ def test_bad_input_is_one_line_exit_2_and_keeps_the_result(case, finished, tiny_
     assert snapshot(finished) == before
 
 
+def test_a_checkpoint_of_the_wrong_shape_is_one_line_and_kept(tiny_checkpoint, tmp_path, capsys):
+    model, text = tiny_checkpoint
+    out = tmp_path / "odd"
+    out.mkdir()
+    (out / "checkpoint.json").write_text("null")
+    assert main([*SEARCH, "--model", str(model), "--data", str(text), "--out", str(out), "--quiet"]) == 2
+    assert "is not an evopress checkpoint" in capsys.readouterr().err
+    assert (out / "checkpoint.json").read_text() == "null"
+
+
 def test_out_that_is_a_file_is_refused_before_loading(tiny_checkpoint, tmp_path, capsys):
     blocker = _file(tmp_path, "file", b"x")
     assert main([*SEARCH, "--model", "/does/not/exist", "--out", str(blocker)]) == 2

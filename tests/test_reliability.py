@@ -11,6 +11,8 @@ import pytest
 import torch
 
 from evopress.cli import main
+
+from .conftest import write_tiny_checkpoint
 from evopress.data import PROTOCOL
 
 
@@ -356,3 +358,30 @@ def test_a_database_is_refused_for_a_text_that_changed_under_the_same_name(tiny_
     capsys.readouterr()
     assert main([*search, "--out", str(tmp_path / "edited")]) == 2
     assert "built on other text" in capsys.readouterr().err
+
+
+def test_results_stay_labelled_eval_merges_report_groups_models_and_model_paths_are_absolute(
+        tiny_checkpoint, tmp_path, monkeypatch):
+    model, text = tiny_checkpoint
+    monkeypatch.chdir(model.parent)  # the model given relative to the working directory
+    out = tmp_path / "run"
+    assert main(search_args(model.name, text, out, 1)) == 0
+    assert json.loads((out / "result.json").read_text())["recipe"]["model"] == str(model.resolve())
+    monkeypatch.chdir(tmp_path)  # evaluating from elsewhere still finds the model
+    evaluate = ["eval", str(out), "--eval-tokens", "64", "--eval-seq-len", "32", "--quiet"]
+    assert main([*evaluate, "--eval-data", str(text)]) == 0
+    other = tmp_path / "other.txt"
+    other.write_text(text.read_text()[::-1])
+    assert main([*evaluate, "--eval-data", str(other)]) == 0
+    assert set(json.loads((out / "eval.json").read_text())["datasets"]) == {str(text), str(other)}  # merged
+    second = write_tiny_checkpoint(tmp_path / "second")[0]
+    assert main(search_args(second, text, tmp_path / "run2", 1)) == 0
+    assert main(["eval", str(tmp_path / "run2"), "--eval-tokens", "64", "--eval-seq-len", "32", "--eval-data",
+                 str(text), "--quiet"]) == 0
+    assert main(["report", str(out), str(tmp_path / "run2"), "--out", str(tmp_path / "report"), "--quiet"]) == 0
+    table = (tmp_path / "report" / "report.md").read_text()
+    assert table.count("| dense |") == 2 and str(model.resolve()) in table and str(second.resolve()) in table
+    assert main(["baseline", "--method", "shortgpt", "--target", "0.34", "--model", str(model), "--data", str(text),
+                 "--seq-len", "32", "--calib-tokens", "1024", "--tokens", "64", "--final-tokens", "128",
+                 "--out", str(out), "--restart", "--quiet"]) == 0
+    assert not (out / "eval.json").exists()  # the old search's perplexity never sits beside the baseline
