@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The main job on the embedded default model (SmolLM2-135M, CPU): EvoPress depth search at 25% of the
 # sub-blocks, the ShortGPT / angular-distance / best-of-32-random baselines at the same budget,
-# held-out evaluation of all four, and a report (table + plots). About 12 minutes on 2 CPU cores.
+# held-out evaluation of all four, and a report (table + plots). About 16 minutes on 2 CPU cores
+# including the venv (README).
 #
 #   bash benchmarks/demo.sh [OUT]        (make demo runs it inside the project's venv)
 #
