@@ -272,10 +272,7 @@ def _search_or_baseline(args: argparse.Namespace, log: Log) -> dict[str, Any]:
     from .api import run as run_recipe
     from .pipeline import RESULT
 
-    if args.command == "baseline" and args.method not in baselines(args.space):
-        raise UserError(f"unknown method '{args.method}' for space '{args.space}' "
-                        f"(choose from {', '.join(baselines(args.space))})")
-    recipe = recipe_from_args(args, "evopress" if args.command == "search" else args.method)
+    recipe = recipe_from_args(args, "evopress" if args.command == "search" else args.method)  # checks the method
     result = run_recipe(recipe, args.out, restart=args.restart, progress=not args.quiet, log=log).data
     fitness = result["fitness"]
     log(f"{result['method']}: calibration {fitness['metric']} "
