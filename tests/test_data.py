@@ -256,3 +256,22 @@ def test_cli_refuses_a_jsonl_that_is_not_utf8_in_one_line(tiny_checkpoint, tmp_p
     assert main(_search(model, bad, tmp_path / "out")) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [f"evopress: error: {bad}:2: not UTF-8 (byte 0xff); a .jsonl file must be UTF-8 encoded"]
+
+
+def test_bos_is_prepended_when_the_tokenizer_adds_it_and_never_scored(tmp_path):
+    from evopress.data import bos_token, load_pool
+
+    from .conftest import word_tokenizer
+
+    text = tmp_path / "t.txt"
+    text.write_text("\n\n".join("the city of the river was known in the world " * 20 for _ in range(8)))
+    plain, llama3 = word_tokenizer(), word_tokenizer(add_bos=True)
+    assert bos_token(plain, "auto") is None and bos_token(llama3, "auto") == llama3.bos_token_id == 1
+    assert bos_token(llama3, "never") is None and bos_token(plain, "always") == 1
+    pool = load_pool(llama3, str(text), "calibration", 16, 160, bos_token(llama3, "auto"))
+    assert pool.seq_len == 16 and (pool.windows[:, 0] == 1).all() and (pool.windows[:, 1:] != 1).all()
+    assert pool.bos == 1
+    without = load_pool(llama3, str(text), "evaluation", 16, 160, None)
+    assert without.bos is None and (without.windows[:, 0] != 1).all()
+    with pytest.raises(UserError, match="--bos"):
+        bos_token(plain, "sometimes")

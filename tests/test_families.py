@@ -182,16 +182,20 @@ def test_sublayer_depth_export_reloads_with_identical_logits(family, tmp_path):
         torch.testing.assert_close(reloaded(input_ids=ids).logits, expected, rtol=1e-5, atol=1e-5)
 
 
-def test_bos_is_added_by_the_tokenizer_but_not_to_calibration_windows(checkpoint):
-    """evopress tokenizes calibration text without special tokens: windows start mid-text, with no BOS."""
+def test_a_tokenizer_that_adds_bos_gets_it_at_the_start_of_every_window(checkpoint):
+    """--bos auto does what the tokenizer does: BOS first, then SEQ_LEN - 1 tokens of text, no other BOS."""
     from transformers import AutoTokenizer
+
+    from evopress.data import bos_token
 
     model_dir, text = checkpoint("llama3")
     tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
     bos = tokenizer.bos_token_id
     assert tokenizer("the city")["input_ids"][0] == bos
-    pool = load_pool(tokenizer, str(text), "calibration", SEQ_LEN, 256)
-    assert not (pool.windows == bos).any()
+    pool = load_pool(tokenizer, str(text), "calibration", SEQ_LEN, 256, bos_token(tokenizer, "auto"))
+    assert (pool.windows[:, 0] == bos).all() and not (pool.windows[:, 1:] == bos).any()
+    plain = load_pool(tokenizer, str(text), "calibration", SEQ_LEN, 256, bos_token(tokenizer, "never"))
+    assert not (plain.windows == bos).any()
 
 
 def test_depth_export_refuses_a_config_that_does_not_count_the_blocks(tmp_path):

@@ -20,7 +20,7 @@ from .distributed import RankFailed, is_main, main_only, session
 from .errors import UserError
 from .evolution import SearchConfig
 from .fitness import METRICS, FitnessConfig
-from .data import MIN_POOL_TOKENS, STAGE_SHARE
+from .data import BOS_POLICIES, MIN_POOL_TOKENS, STAGE_SHARE
 from .interchange import OWN, all_formats
 from .io import atomic_write
 from .models import Hardware
@@ -64,6 +64,11 @@ POOL_HELP = (f"size of the calibration pool in tokens (default: the largest of {
              f"a stage sample over 1/{STAGE_SHARE} of it is warned about")
 
 
+def _bos_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--bos", default="auto", choices=BOS_POLICIES, help="start every window with the BOS token: "
+                   "auto (if the tokenizer adds it by default, as Llama-3 and Gemma do), always, never")
+
+
 def _model_args(p: argparse.ArgumentParser, calib_tokens: int | None = None, calib_help: str = POOL_HELP,
                 placement: bool = True) -> None:
     p.add_argument("--model", default=None, help="local HF model directory or .gguf file (default: "
@@ -71,6 +76,7 @@ def _model_args(p: argparse.ArgumentParser, calib_tokens: int | None = None, cal
     p.add_argument("--data", default="wiki", help="calibration text: wiki, ptb, or a .txt/.jsonl file")
     _hardware_args(p, placement)
     p.add_argument("--seq-len", type=int, default=256, help="calibration window length in tokens")
+    _bos_arg(p)
     p.add_argument("--calib-tokens", type=int, default=calib_tokens, help=calib_help)
 
 
@@ -176,6 +182,7 @@ def _add_eval(sub: Any) -> None:
     e.add_argument("--eval-data", default="wiki,ptb", help="comma-separated: wiki, ptb, or files")
     e.add_argument("--eval-tokens", type=int, default=16384, help="tokens per evaluation set")
     e.add_argument("--eval-seq-len", type=int, default=512)
+    _bos_arg(e)
     _hardware_args(e)
     e.add_argument("--batch-size", type=int, default=4)
     e.add_argument("--lm-eval", default=None, help="comma-separated lm-evaluation-harness tasks (zero-shot), "
@@ -254,7 +261,7 @@ def recipe_from_args(args: argparse.Namespace, method: str) -> Recipe:
         options["rules"] = load_yaml(args.rules, "rules")
     settings: dict[str, Any] = dict(
         space=args.space, target=args.target, method=method, model=args.model, data=args.data, device=args.device,
-        dtype=args.dtype, device_map=args.device_map, max_memory=args.max_memory, seq_len=args.seq_len, calib_tokens=args.calib_tokens, space_options=options,
+        dtype=args.dtype, device_map=args.device_map, max_memory=args.max_memory, bos=args.bos, seq_len=args.seq_len, calib_tokens=args.calib_tokens, space_options=options,
         final_tokens=args.final_tokens, seed=args.seed, metric=args.fitness, batch_size=args.batch_size)
     if args.command == "search":
         settings.update(generations=args.generations, offspring=args.offspring, stages=parse_stages(args.stages),
@@ -315,7 +322,7 @@ def _build_db(args: argparse.Namespace, log: Log) -> dict[str, Any]:
         raise UserError(f"space '{args.space}' needs no database")
     given = _declared(args, plugin, plugin.build_options, [o for p in PLUGINS.values() for o in p.build_options])
     request = DatabaseRequest(args.space, args.out, plugin.builder_options(given), args.model, args.data,
-                              args.device, args.dtype, args.seq_len, args.calib_tokens, args.batch_size)
+                              args.device, args.dtype, args.seq_len, args.calib_tokens, args.batch_size, args.bos)
     return build_database(request, progress=not args.quiet, log=log)
 
 
@@ -331,7 +338,7 @@ def _eval(args: argparse.Namespace, log: Log) -> Any:
 
     settings = EvalSettings([d for d in args.eval_data.split(",") if d], args.eval_tokens, args.eval_seq_len,
                             args.batch_size, [t for t in args.lm_eval.split(",") if t] if args.lm_eval else None,
-                            args.lm_eval_limit, args.lm_eval_include)
+                            args.lm_eval_limit, args.lm_eval_include, args.bos)
     reports = evaluate_results(args.dirs, settings, _hardware(args), log, progress=not args.quiet)
     return reports[0] if len(reports) == 1 else reports
 

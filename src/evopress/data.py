@@ -226,12 +226,13 @@ class Sample:
 class TokenPool:
     """Calibration windows; stages draw fresh random samples from it."""
 
-    def __init__(self, windows: torch.Tensor, source: str):
+    def __init__(self, windows: torch.Tensor, source: str, bos: int | None = None):
         if windows.ndim != 2 or windows.shape[0] == 0:
             raise UserError(f"data '{source}' yields no complete window of tokens; give more text "
                             "or a smaller --seq-len")
         self.windows = windows
         self.source = source
+        self.bos = bos  # every window starts with this token (then seq_len - 1 tokens of text), or None
 
     @property
     def seq_len(self) -> int:
@@ -277,21 +278,49 @@ def _interleave(parts: list[torch.Tensor]) -> torch.Tensor:
     return torch.stack(rows)
 
 
-def load_pool(tokenizer, source: str, role: str, seq_len: int, max_tokens: int | None) -> TokenPool:
+BOS_POLICIES = ("auto", "always", "never")
+
+
+def bos_token(tokenizer: Any, policy: str = "auto") -> int | None:
+    """The token every window starts with, or None.
+
+    Families trained with BOS at the start of every sequence (Llama-3, Gemma) degrade without it, so
+    ``auto`` does what the tokenizer does by default: it adds BOS if ``tokenizer("x")`` starts with it
+    (SmolLM2's and Llama-2-style setups do not, so their windows stay plain text).
+    """
+    if policy not in BOS_POLICIES:
+        raise UserError(f"--bos {policy}: choose from {', '.join(BOS_POLICIES)}")
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if policy == "never":
+        return None
+    if policy == "always":
+        if bos is None:
+            raise UserError("--bos always: the tokenizer has no BOS token")
+        return bos
+    ids = tokenizer("x")["input_ids"]
+    return bos if bos is not None and ids and ids[0] == bos else None
+
+
+def load_pool(tokenizer, source: str, role: str, seq_len: int, max_tokens: int | None,
+              bos: int | None = None) -> TokenPool:
     """Windows of one source, or an equal-token mix of several joined by '+' (e.g. ``wiki+ptb``).
 
     Mixing matters because the search optimises the text it is shown: a profile calibrated on one
-    domain can lose to a scoring baseline on another (docs/depth.md).
+    domain can lose to a scoring baseline on another (docs/depth.md). With ``bos`` every window is
+    that token followed by ``seq_len - 1`` tokens of text (BOS is never a label, so it is never scored).
     """
-    if seq_len < 2:
-        raise UserError("--seq-len must be at least 2")
+    if seq_len < 2 + (bos is not None):
+        raise UserError(f"--seq-len must be at least {2 + (bos is not None)}")
     sources = [source] if Path(source).expanduser().is_file() else [s for s in source.split("+") if s]
     if len(sources) == 1:
         windows = calibration_windows if role == "calibration" else evaluation_windows
-        return TokenPool(windows(tokenizer, documents(sources[0], role), seq_len, max_tokens), source)
+        text = windows(tokenizer, documents(sources[0], role), seq_len - (bos is not None), max_tokens)
+        if bos is not None:
+            text = torch.cat([torch.full((len(text), 1), bos, dtype=text.dtype), text], dim=1)
+        return TokenPool(text, source, bos)
     share = None if max_tokens is None else -(-max_tokens // len(sources))
-    parts = [load_pool(tokenizer, s, role, seq_len, share).windows for s in sources]
-    return TokenPool(_interleave(parts), source)
+    parts = [load_pool(tokenizer, s, role, seq_len, share, bos).windows for s in sources]
+    return TokenPool(_interleave(parts), source, bos)
 
 
 def default_pool_tokens(samples: dict[str, int], stage: int) -> int:

@@ -14,7 +14,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from .data import PROTOCOL, TokenPool, load_pool
+from .data import bos_token, PROTOCOL, TokenPool, load_pool
 from .errors import UserError
 from .fitness import Evaluator, FitnessConfig, TeacherCache
 from .io import read_json, write_json
@@ -33,6 +33,7 @@ class EvalSettings:
     lm_eval: list[str] | None = None  # lm-evaluation-harness tasks, zero-shot
     lm_eval_limit: int | None = None  # examples per task (None: all)
     lm_eval_include: str | None = None  # directory of extra task YAMLs, e.g. tasks over local data files
+    bos: str = "auto"  # BOS at the start of every window: auto (as the tokenizer does), always, never
 
     def __post_init__(self) -> None:
         if not self.data:
@@ -47,8 +48,9 @@ class EvalSettings:
 
 def protocol(source: str, pool: TokenPool, positions: int) -> str:
     """How a number in eval.json was measured, led by the protocol's name (``data.PROTOCOL``)."""
+    bos = f" (BOS token {pool.bos} then {pool.seq_len - 1} of text)" if pool.bos is not None else ""
     return (f"{PROTOCOL}; '{source}' evaluation split: the first {len(pool.windows)} non-overlapping windows "
-            f"of {pool.seq_len} tokens, remainder dropped; PPL = exp(mean NLL over {positions} predicted "
+            f"of {pool.seq_len} tokens{bos}, remainder dropped; PPL = exp(mean NLL over {positions} predicted "
             "positions); KL = mean per-position KL(dense || compressed) over the full vocabulary")
 
 
@@ -57,7 +59,8 @@ class HeldOut:
 
     def __init__(self, loaded: LoadedModel, decoder: Decoder, settings: EvalSettings):
         self.settings = settings
-        self.pools = {s: load_pool(loaded.tokenizer, s, "evaluation", settings.seq_len, settings.tokens)
+        bos = bos_token(loaded.tokenizer, settings.bos)
+        self.pools = {s: load_pool(loaded.tokenizer, s, "evaluation", settings.seq_len, settings.tokens, bos)
                       for s in settings.data}
         self.teachers = {s: TeacherCache(decoder, pool, settings.batch_size) for s, pool in self.pools.items()}
 

@@ -15,7 +15,7 @@ from typing import Any, Callable, Iterator
 import numpy as np
 import torch
 
-from .data import TokenPool, check_samples, load_pool
+from .data import TokenPool, bos_token, check_samples, load_pool
 from .distributed import from_main, is_main, sharded
 from .evaluate import EVAL, EvalSettings, HeldOut, lm_eval_tasks, write_eval
 from .errors import UserError
@@ -61,7 +61,7 @@ def prepare(recipe: Recipe, log: Callable[[str], None] = print, loaded: LoadedMo
     space.check_calibration(pool)
     log(f"model {loaded.name}: {decoder.num_blocks} blocks, head on {decoder.device} ({decoder.head.weight.dtype}); "
         f"calibration {pool.tokens} tokens of '{recipe.data}' in {len(pool.windows)} windows of {pool.seq_len}, "
-        "drawn across the whole text")
+        "drawn across the whole text" + ("" if pool.bos is None else f", each starting with BOS ({pool.bos})"))
     return Context(recipe, loaded, decoder, pool, space, Evaluator(space, pool, recipe.fitness))
 
 
@@ -74,7 +74,7 @@ def _calibration_pool(recipe: Recipe, tokenizer: Any, log: Callable[[str], None]
     result.json records the pool's size.
     """
     want = recipe.pool_tokens()
-    pool = load_pool(tokenizer, recipe.data, "calibration", recipe.seq_len, want)
+    pool = load_pool(tokenizer, recipe.data, "calibration", recipe.seq_len, want, bos_token(tokenizer, recipe.bos))
     if pool.tokens < want:
         holder = f"all of data '{recipe.data}' in windows of {pool.seq_len}"
         if recipe.calib_tokens is not None:
@@ -167,12 +167,13 @@ def _fixed_sample_track(ctx: Context, log: Callable[[str], None]) -> Callable[[C
     r = ctx.recipe
     if not r.track_every:
         return None
-    more = load_pool(ctx.loaded.tokenizer, r.data, "calibration", r.seq_len, ctx.pool.tokens + r.track_tokens)
+    more = load_pool(ctx.loaded.tokenizer, r.data, "calibration", r.seq_len, ctx.pool.tokens + r.track_tokens,
+                     ctx.pool.bos)
     n = len(ctx.pool.windows)
     if len(more.windows) <= n or not torch.equal(more.windows[:n], ctx.pool.windows):
         log("fixed-sample track: off (no calibration text left beyond the pool)")
         return None
-    held = TokenPool(more.windows[n:], r.data)
+    held = TokenPool(more.windows[n:], r.data, more.bos)
     evaluator = Evaluator(ctx.space, held, r.fitness)
     sample = held.first(held.tokens)
     log(f"fixed-sample track: the parent on {held.tokens} held-aside calibration tokens every "
@@ -385,6 +386,7 @@ class DatabaseRequest:
     seq_len: int = 256
     calib_tokens: int = 16384
     batch_size: int = 8
+    bos: str = "auto"
 
 
 def build_database(request: DatabaseRequest, progress: bool = True,
@@ -394,7 +396,8 @@ def build_database(request: DatabaseRequest, progress: bool = True,
         raise UserError(f"space '{request.space}' needs no database")
     dev = resolve_device(request.device)
     loaded = load_model(request.model, dev, resolve_dtype(request.dtype, dev), log)
-    pool = load_pool(loaded.tokenizer, request.data, "calibration", request.seq_len, request.calib_tokens)
+    pool = load_pool(loaded.tokenizer, request.data, "calibration", request.seq_len, request.calib_tokens,
+                     bos_token(loaded.tokenizer, request.bos))
     log(f"building a '{request.space}' database for {loaded.name} on {pool.tokens} tokens of '{request.data}'")
     start = time.perf_counter()
     manifest = plugin.build(loaded.decoder, pool, request.options, Path(request.out), request.batch_size, progress)

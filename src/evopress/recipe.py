@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from .data import default_pool_tokens
+from .data import BOS_POLICIES
 from .errors import UserError
 from .evolution import SearchConfig
 from .fitness import FitnessConfig
@@ -42,6 +43,7 @@ class Recipe:
     device_map: str | None = None  # placement across devices / offload: never changes results
     max_memory: str | None = None
     seq_len: int = 256
+    bos: str = "auto"  # BOS at the start of every window: auto (as the tokenizer does), always, never
     calib_tokens: int | None = None  # the calibration pool; None: sized from the schedule (``pool_tokens``)
     space_options: dict[str, Any] = field(default_factory=dict)
     search: SearchConfig = field(default_factory=SearchConfig)
@@ -92,6 +94,8 @@ class Recipe:
         d = self.to_json()
         for k in ("device", "device_map", "max_memory", "track_every", "track_tokens"):
             d.pop(k)
+        if d["bos"] == "auto":  # the default: fingerprints of recipes from before the setting are unchanged
+            d.pop("bos")
         for k in ("batch_size", "batch_tokens", "chunk_tokens", "block_bytes", "prefix_reuse", "cache_bytes",
                   "teacher_device_bytes", "profile"):
             d["fitness"].pop(k)
@@ -137,6 +141,8 @@ def _check_types(settings: Mapping[str, Any], cls: type, section: str = "") -> N
 def _check_ranges(recipe: Recipe) -> None:
     if recipe.seq_len < 2:
         raise UserError(f"seq_len (--seq-len) must be at least 2, not {recipe.seq_len}")
+    if recipe.bos not in BOS_POLICIES:
+        raise UserError(f"bos (--bos) must be one of {', '.join(BOS_POLICIES)}, not {recipe.bos!r}")
     if recipe.track_every < 0:
         raise UserError(f"track_every (--track-every) must be >= 0 (0: off), not {recipe.track_every}")
     positive = {"final_tokens": recipe.final_tokens, "track_tokens": recipe.track_tokens,
