@@ -46,7 +46,7 @@ from .errors import UserError
 WIKI_SPLIT_SEED = 0
 WIKI_EVAL_ARTICLES = 2000
 SEPARATOR = "\n\n"
-PROTOCOL = "GPTQ protocol: documents joined with blank lines, tokenized as one text without BOS"
+PROTOCOL = "GPTQ protocol: documents joined with blank lines, tokenized as one text without special tokens"
 POOL_SEED = 0
 TEXT_BUDGET_CHARS = 2**26
 PIECE_CHARS = 2**20
