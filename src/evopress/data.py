@@ -32,6 +32,7 @@ Treebank, the standard second set) or a local UTF-8 ``.txt`` (documents separate
 
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -200,9 +201,31 @@ def _windows_for(max_tokens: int | None, seq_len: int, available: int) -> int:
 
 def calibration_windows(tokenizer: Any, docs: list[str], seq_len: int, max_tokens: int | None) -> torch.Tensor:
     """Windows drawn across the whole (sampled) joined text, in a seeded order; see the module doc."""
-    grid = _grid(token_ids(tokenizer, SEPARATOR.join(sample_documents(docs))), seq_len)
+    return _seeded_windows(token_ids(tokenizer, SEPARATOR.join(sample_documents(docs))), seq_len, max_tokens)
+
+
+def _seeded_windows(ids: np.ndarray, seq_len: int, max_tokens: int | None) -> torch.Tensor:
+    grid = _grid(ids, seq_len)
     order = torch.from_numpy(np.random.default_rng(POOL_SEED).permutation(len(grid)))
     return grid[order[: _windows_for(max_tokens, seq_len, len(grid))]]
+
+
+@functools.lru_cache(maxsize=4)
+def _calibration_ids(tokenizer: Any, source: str, stamp: tuple[int, int] | None) -> np.ndarray:
+    """A calibration text's token ids, once per process and text version (``stamp``: a file's mtime and size).
+
+    Why: a search cuts its pool and its held-aside track sample from the same text, and tokenizing a
+    whole built-in text takes seconds.
+    """
+    return token_ids(tokenizer, SEPARATOR.join(sample_documents(documents(source, "calibration"))))
+
+
+def _stamp(source: str) -> tuple[int, int] | None:
+    path = Path(source).expanduser()
+    if not path.is_file():
+        return None
+    stat = path.stat()
+    return stat.st_mtime_ns, stat.st_size
 
 
 def evaluation_windows(tokenizer: Any, docs: list[str], seq_len: int, max_tokens: int | None) -> torch.Tensor:
@@ -313,8 +336,11 @@ def load_pool(tokenizer, source: str, role: str, seq_len: int, max_tokens: int |
         raise UserError(f"--seq-len must be at least {2 + (bos is not None)}")
     sources = [source] if Path(source).expanduser().is_file() else [s for s in source.split("+") if s]
     if len(sources) == 1:
-        windows = calibration_windows if role == "calibration" else evaluation_windows
-        text = windows(tokenizer, documents(sources[0], role), seq_len - (bos is not None), max_tokens)
+        length = seq_len - (bos is not None)
+        if role == "calibration":
+            text = _seeded_windows(_calibration_ids(tokenizer, sources[0], _stamp(sources[0])), length, max_tokens)
+        else:
+            text = evaluation_windows(tokenizer, documents(sources[0], role), length, max_tokens)
         if bos is not None:
             text = torch.cat([torch.full((len(text), 1), bos, dtype=text.dtype), text], dim=1)
         return TokenPool(text, source, bos)
