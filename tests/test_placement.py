@@ -104,3 +104,20 @@ def test_a_database_built_in_bf16_serves_an_fp32_model_and_old_fingerprints_stil
     write_json(tmp_path / "db" / MANIFEST, {**manifest, "model_fingerprint": "0123456789abcdef"})
     with pytest.raises(UserError, match="built for another model"):
         QuantSpace(fp32, 2.5, db=str(tmp_path / "db"))
+
+
+def test_a_result_saved_on_a_gpu_machine_evaluates_here_with_device_cpu(tiny_checkpoint, tmp_path):
+    from evopress.recipe import make_recipe
+
+    from .test_reliability import search_args
+
+    model, text = tiny_checkpoint
+    assert main(search_args(model, text, tmp_path / "run", 1)) == 0
+    result = json.loads((tmp_path / "run" / "result.json").read_text())
+    result["recipe"]["device"] = "cuda:0"  # as written by a search on a GPU
+    (tmp_path / "run" / "result.json").write_text(json.dumps(result))
+    assert make_recipe(result["recipe"]).device == "cuda:0"  # reading it needs no GPU
+    assert main(["eval", str(tmp_path / "run"), "--device", "cpu", "--eval-data", str(text), "--eval-tokens", "64",
+                 "--eval-seq-len", "32", "--quiet"]) == 0
+    with pytest.raises(UserError, match="unknown device"):
+        make_recipe(device="warp-drive")

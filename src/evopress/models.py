@@ -77,8 +77,17 @@ class Hardware:
             (default.device, default.dtype, default.device_map, default.max_memory))))
 
     def check(self) -> None:
-        """Refuse a bad setting before anything is loaded."""
-        resolve_dtype(self.dtype, resolve_device(self.device))
+        """Refuse a malformed setting before anything is loaded.
+
+        Only the spelling: whether the device exists is checked when the model loads, so a recipe saved
+        on a GPU machine still reads (and evaluates with --device cpu) on a machine without one.
+        """
+        if self.device not in (None, "", "auto"):
+            try:
+                torch.device(self.device)
+            except RuntimeError as e:
+                raise UserError(f"unknown device '{self.device}'") from e
+        resolve_dtype(self.dtype, torch.device("cpu"))
         parse_device_map(self.device_map)
         parse_max_memory(self.max_memory)
 
