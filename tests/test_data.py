@@ -182,9 +182,15 @@ def test_the_default_pool_is_sized_from_the_schedule():
 
 
 def test_fingerprints_of_recipes_that_set_the_pool_are_unchanged():
-    """Values computed before calib_tokens could be unset: checkpoints written then still resume."""
-    assert make_recipe(calib_tokens=32768).fingerprint() == "4dabdcaf318bbd66"
-    assert make_recipe(calib_tokens=1024, seq_len=32, stages=[(1, 64)]).fingerprint() == "c0a049eafa7b0a0d"
+    """Values computed before calib_tokens could be unset: checkpoints written then still resume.
+
+    (``data="wiki"``: the default calibration was Wikipedia alone then.)"""
+    assert make_recipe(data="wiki", calib_tokens=32768).fingerprint() == "4dabdcaf318bbd66"
+    assert make_recipe(data="wiki", calib_tokens=1024, seq_len=32, stages=[(1, 64)]).fingerprint() == "c0a049eafa7b0a0d"
+
+
+def test_the_default_calibration_mixes_two_domains():
+    assert make_recipe().data == data.DEFAULT_CALIBRATION == "wiki+ptb"
 
 
 def test_check_samples_refuses_or_warns_with_the_numbers():

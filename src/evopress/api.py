@@ -108,7 +108,7 @@ def _eval_settings(section: Any) -> EvalSettings:
     if not isinstance(section, dict):
         raise UserError("the recipe's 'eval' section must be a mapping (data, tokens, seq_len, ...)")
     try:
-        return EvalSettings(**{"data": ["wiki"], **section})
+        return EvalSettings(**section)
     except TypeError as e:
         raise UserError(f"bad 'eval' section in the recipe ({e})") from e
 

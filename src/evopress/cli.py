@@ -20,7 +20,7 @@ from .distributed import RankFailed, is_main, main_only, session
 from .errors import UserError
 from .evolution import SearchConfig
 from .fitness import METRICS, FitnessConfig
-from .data import BOS_POLICIES, MIN_POOL_TOKENS, STAGE_SHARE
+from .data import BOS_POLICIES, DEFAULT_CALIBRATION, DEFAULT_EVAL, MIN_POOL_TOKENS, STAGE_SHARE
 from .interchange import OWN, all_formats
 from .io import atomic_write
 from .models import Hardware
@@ -73,7 +73,8 @@ def _model_args(p: argparse.ArgumentParser, calib_tokens: int | None = None, cal
                 placement: bool = True) -> None:
     p.add_argument("--model", default=None, help="local HF model directory or .gguf file (default: "
                    "embedded SmolLM2-135M-Instruct)")
-    p.add_argument("--data", default="wiki", help="calibration text: wiki, ptb, or a .txt/.jsonl file")
+    p.add_argument("--data", default=DEFAULT_CALIBRATION,
+                   help=f"calibration text: wiki, ptb, a .txt/.jsonl file, or a+b (equal-token mix; default {DEFAULT_CALIBRATION})")
     _hardware_args(p, placement)
     p.add_argument("--seq-len", type=int, default=256, help="calibration window length in tokens")
     _bos_arg(p)
@@ -179,7 +180,7 @@ def _add_export_config(sub: Any) -> None:
 def _add_eval(sub: Any) -> None:
     e = sub.add_parser("eval", help="held-out perplexity and KL of a saved result")
     e.add_argument("dirs", type=Path, nargs="+", help="result directories (one model's share its teacher)")
-    e.add_argument("--eval-data", default="wiki,ptb", help="comma-separated: wiki, ptb, or files")
+    e.add_argument("--eval-data", default=",".join(DEFAULT_EVAL), help="comma-separated: wiki, ptb, or files")
     e.add_argument("--eval-tokens", type=int, default=16384, help="tokens per evaluation set")
     e.add_argument("--eval-seq-len", type=int, default=512)
     _bos_arg(e)

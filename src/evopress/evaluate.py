@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 
-from .data import bos_token, PROTOCOL, TokenPool, load_pool
+from .data import DEFAULT_EVAL, PROTOCOL, TokenPool, bos_token, load_pool
 from .errors import UserError
 from .fitness import Evaluator, FitnessConfig, TeacherCache
 from .io import read_json, write_json
@@ -26,7 +26,7 @@ EVAL = "eval.json"
 
 @dataclass
 class EvalSettings:
-    data: list[str]
+    data: list[str] = field(default_factory=lambda: list(DEFAULT_EVAL))
     tokens: int = 16384
     seq_len: int = 512
     batch_size: int = 4

@@ -15,7 +15,7 @@ from typing import Any, Callable, Iterator
 import numpy as np
 import torch
 
-from .data import TokenPool, bos_token, check_samples, load_pool
+from .data import DEFAULT_CALIBRATION, TokenPool, bos_token, check_samples, load_pool
 from .distributed import from_main, is_main, sharded
 from .evaluate import EVAL, EvalSettings, HeldOut, lm_eval_tasks, write_eval
 from .errors import UserError
@@ -380,7 +380,7 @@ class DatabaseRequest:
     out: Path
     options: dict[str, Any]  # the space's builder options
     model: str | None = None
-    data: str = "wiki"
+    data: str = DEFAULT_CALIBRATION
     device: str | None = None
     dtype: str | None = None
     seq_len: int = 256

@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Mapping
 
-from .data import default_pool_tokens
+from .data import DEFAULT_CALIBRATION, default_pool_tokens
 from .data import BOS_POLICIES
 from .errors import UserError
 from .evolution import SearchConfig
@@ -37,7 +37,7 @@ class Recipe:
     target: float | None = 0.25  # None only for an imported configuration, until its file is read
     method: str = "evopress"
     model: str | None = None  # None: the embedded default
-    data: str = "wiki"
+    data: str = DEFAULT_CALIBRATION
     device: str | None = None
     dtype: str | None = None
     device_map: str | None = None  # placement across devices / offload: never changes results
