@@ -14,11 +14,13 @@ import random
 import pytest
 import torch
 
+import evopress
 from evopress.cli import main
 from evopress.data import load_pool
 from evopress.pipeline import load_result
 from evopress.spaces.drop import DropSpace
 from evopress.spaces.drop.export import export as export_depth
+from evopress.spaces.drop.space import DroppedAttention, DroppedMLP
 
 from .conftest import WORDS, word_tokenizer, write_tiny_checkpoint
 
@@ -178,8 +180,14 @@ def test_sublayer_depth_export_reloads_with_identical_logits(family, tmp_path):
         expected = model(input_ids=ids).logits
     export_depth(space, config, tmp_path, family_tokenizer(family))
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path, local_files_only=True).eval()
+    fast = evopress.load_compressed(tmp_path)  # the two lone dropped sub-blocks compute nothing
+    layers = Decoder(fast).layers
+    assert isinstance(getattr(layers[1], space.decoder.attn_attr), DroppedAttention)  # block 2 of the original
+    assert isinstance(getattr(layers[3], space.decoder.mlp_attr), DroppedMLP)  # block 5
+    assert sum(isinstance(m, (DroppedAttention, DroppedMLP)) for m in fast.modules()) == 2
     with torch.no_grad():
         torch.testing.assert_close(reloaded(input_ids=ids).logits, expected, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(fast(input_ids=ids).logits, expected, rtol=1e-5, atol=1e-5)
 
 
 def test_a_tokenizer_that_adds_bos_gets_it_at_the_start_of_every_window(checkpoint):
