@@ -15,6 +15,7 @@ The three models' logits are compared too (the export must compute the configura
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import statistics
 import tempfile
@@ -59,9 +60,9 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     rows = []
+    dense = load_model(None, torch.device("cpu"), torch.float32).model
     for target in (float(t) for t in args.targets.split(",")):
-        dense = load_model(None, torch.device("cpu"), torch.float32).model
-        exported = load_model(None, torch.device("cpu"), torch.float32).model
+        exported = copy.deepcopy(dense)
         space = DropSpace(Decoder(exported), target, "sublayer")
         config = space.random_config(np.random.default_rng(args.seed))
         masks = space.masks(config)
@@ -73,7 +74,7 @@ def main() -> None:
                       "from_pretrained": AutoModelForCausalLM.from_pretrained(tmp, attn_implementation="sdpa").eval(),
                       "load_compressed": evopress.load_compressed(tmp)}
         ids = torch.randint(0, 49152, (2, 64), generator=torch.Generator().manual_seed(1))
-        space_model = load_model(None, torch.device("cpu"), torch.float32).model
+        space_model = copy.deepcopy(dense)
         reference = DropSpace(Decoder(space_model), target, "sublayer")
         reference.apply(config)
         with torch.inference_mode():
@@ -89,6 +90,7 @@ def main() -> None:
                                                       for n, v in speed.items() if n != "dense"}}
         rows.append(row)
         print(json.dumps(row), flush=True)
+        del models, space_model, exported
     if args.out is not None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps({"threads": torch.get_num_threads(), "seq_len": args.seq_len,

@@ -1,14 +1,19 @@
 """Sparse-bitmask export on the default model: file size against the dense-zeros export, and logits.
 
-    bash benchmarks/sparse_bitmask.sh [OUT]          (builds what it needs, then runs this script)
-    python benchmarks/sparse_bitmask.py RESULT_DIR... [--ct014 DIR]
+    OMP_NUM_THREADS=1 python benchmarks/sparse_bitmask.py --sparsities 0.5,0.7 --out runs/sparse-bitmask \\
+        [--ct014 DIR]
 
-For each sparsity result: both exports (`evopress export` and `--format sparse-bitmask`), the size of
-their weight files (the rest of the directory is identical), the largest logit difference between
-the dense-zeros export loaded by plain ``from_pretrained`` and the sparse-bitmask export loaded by
-``evopress.load_compressed`` on 4 windows of 256 random tokens, and, with ``--ct014`` (a directory
-holding compressed-tensors 0.14.0.1, the last release with a sparse-bitmask decompressor:
-``pip install --no-deps --target DIR compressed-tensors==0.14.0.1``), whether that decompressor,
+The file size depends only on how many weights of each linear layer are zero, not on which (the
+bitmask is one bit per weight whatever it holds; the values are the non-zeros), and a sparsity
+search's budget fixes the total exactly. So, instead of building a level database, every linear
+layer of the default model's blocks (SmolLM2-135M, fp32) is pruned to exactly ``round(s * n)`` zeros
+by magnitude, and written both ways: ``save_pretrained`` (the default export: dense tensors with
+zeros) and ``write_bitmask`` (what ``evopress export --format sparse-bitmask`` writes). Reported:
+the weight files' sizes, the ratio over the whole file and over the pruned linear layers only,
+and the largest logit difference between the dense export loaded by plain ``from_pretrained`` and
+the bitmask export loaded by ``evopress.load_compressed``, on 4 windows of 256 random tokens. With
+``--ct014 DIR`` (compressed-tensors 0.14.0.1, the last release with a sparse-bitmask decompressor:
+``pip install --no-deps --target DIR compressed-tensors==0.14.0.1``): whether that decompressor,
 built from our config.json, returns exactly our tensors.
 """
 
@@ -23,8 +28,8 @@ from pathlib import Path
 import torch
 
 import evopress
-from evopress.pipeline import export_result
-from evopress.spaces.sparsity.bitmask import read_sparse_weights
+from evopress.models import load_model
+from evopress.spaces.sparsity.bitmask import read_sparse_weights, write_bitmask
 
 CT014_CHECK = """
 import json, sys
@@ -45,44 +50,64 @@ print(json.dumps({"tensors": len(theirs), "identical": same}))
 
 
 def ct014_check(path: Path, ct014: Path) -> dict:
-    env = {"PYTHONPATH": f"{ct014}:{Path(evopress.__file__).parents[1]}", "PATH": "/usr/bin:/bin"}
+    env = {"PYTHONPATH": f"{ct014}:{Path(evopress.__file__).parents[1]}", "PATH": "/usr/bin:/bin",
+           "OMP_NUM_THREADS": "1"}
     done = subprocess.run([sys.executable, "-c", CT014_CHECK, str(path)], env=env, capture_output=True, text=True)
     if done.returncode != 0:
         return {"error": done.stderr.strip().splitlines()[-1]}
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+def prune_by_magnitude(layers: dict[str, torch.nn.Module], sparsity: float) -> None:
+    """Exactly round(sparsity * n) zeros in every layer: its smallest-magnitude weights."""
+    with torch.no_grad():
+        for layer in layers.values():
+            flat = layer.weight.view(-1)
+            k = round(sparsity * flat.numel())
+            flat[flat.abs().argsort()[:k]] = 0
+
+
+class _NoTokenizer:
+    def save_pretrained(self, out: Path) -> None:
+        pass
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("results", nargs="+", type=Path)
+    parser.add_argument("--sparsities", default="0.5,0.7")
+    parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--ct014", type=Path, default=None)
     args = parser.parse_args()
     from transformers import AutoModelForCausalLM
 
     rows = []
-    for result in args.results:
-        dense, sparse = result / "export-dense", result / "export-bitmask"
-        summary = export_result(result, dense, log=lambda m: None)
-        export_result(result, sparse, log=lambda m: None, fmt="sparse-bitmask")
+    for s in (float(x) for x in args.sparsities.split(",")):
+        loaded = load_model(None, torch.device("cpu"), torch.float32)
+        model, layers = loaded.model, loaded.decoder.linear_layers()
+        prune_by_magnitude(layers, s)
+        dense, sparse = args.out / f"{s}-dense", args.out / f"{s}-bitmask"
+        model.save_pretrained(dense)
+        write_bitmask(model, layers, sparse, _NoTokenizer())
         dense_bytes = (dense / "model.safetensors").stat().st_size
         sparse_bytes = (sparse / "model.safetensors").stat().st_size
-        ids = torch.randint(0, 49152, (4, 256), generator=torch.Generator().manual_seed(0))
+        linear = sum(layer.weight.numel() * layer.weight.element_size() for layer in layers.values())
+        ids = torch.randint(0, model.config.vocab_size, (4, 256), generator=torch.Generator().manual_seed(0))
+        del model, loaded
         a = AutoModelForCausalLM.from_pretrained(dense, local_files_only=True).eval()
         b = evopress.load_compressed(sparse)
         with torch.inference_mode():
             diff = (a(input_ids=ids).logits - b(input_ids=ids).logits).abs().max().item()
-        targets = json.loads((sparse / "config.json").read_text())["quantization_config"]["sparsity_config"]["targets"]
-        decoded = read_sparse_weights(sparse)
-        linear = sum(decoded[f"{t}.weight"].numel() * decoded[f"{t}.weight"].element_size() for t in targets)
-        row = {"result": str(result), "achieved_sparsity": summary["achieved_sparsity"], "dtype": str(a.dtype),
-               "dense_bytes": dense_bytes, "bitmask_bytes": sparse_bytes,
-               "shrink": round(dense_bytes / sparse_bytes, 3),
-               "linear_shrink": round(linear / (linear - (dense_bytes - sparse_bytes)), 3),
+        qc = json.loads((sparse / "config.json").read_text())["quantization_config"]
+        row = {"sparsity": s, "global_sparsity": round(qc["sparsity_config"]["global_sparsity"], 6),
+               "dtype": str(a.dtype), "layers": len(layers), "dense_bytes": dense_bytes, "bitmask_bytes": sparse_bytes,
+               "shrink_file": round(dense_bytes / sparse_bytes, 3),
+               "shrink_linear": round(linear / (linear - (dense_bytes - sparse_bytes)), 3),
                "max_abs_logit_diff": diff}
         if args.ct014 is not None:
             row["compressed_tensors_0.14.0.1"] = ct014_check(sparse, args.ct014)
         rows.append(row)
         print(json.dumps(row), flush=True)
+    (args.out / "sizes.json").write_text(json.dumps(rows, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -318,11 +318,13 @@ def test_sparse_bitmask_export_reproduces_the_logits_and_is_smaller(built, tmp_p
         space.apply(config)
         weight = layer.weight.detach().clone()
         space.apply(None)
-        mask = raw[f"{name}.weight.bitmask"]
+        mask = raw[f"{name}.bitmask"]  # compressed-tensors 0.14.0.1 names the parts <module>.<part>
         assert torch.equal(mask, pack_bitmasks(weight != 0))
         assert torch.equal(unpack_bitmasks(mask, list(weight.shape)), weight != 0)
-        assert torch.equal(raw[f"{name}.weight.compressed"], weight[weight != 0])
-        assert raw[f"{name}.weight.shape"].tolist() == list(weight.shape) and f"{name}.weight" not in raw
+        assert torch.equal(raw[f"{name}.compressed"], weight[weight != 0])
+        counts = (weight != 0).sum(dim=-1)
+        assert torch.equal(raw[f"{name}.row_offsets"], torch.cumsum(counts, 0) - counts)
+        assert raw[f"{name}.shape"].tolist() == list(weight.shape) and f"{name}.weight" not in raw
     dense_bytes = (tmp_path / "dense" / "model.safetensors").stat().st_size
     assert summary["weights_bytes"] < dense_bytes
     assert json.loads((tmp_path / "bitmask" / PROFILE).read_text())["format"] == "sparse-bitmask"

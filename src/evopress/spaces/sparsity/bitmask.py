@@ -1,13 +1,14 @@
 """Sparsity export in compressed-tensors' ``sparse-bitmask`` layout: the zeros are not stored.
 
-Each sparse linear layer ``<m>`` is stored as four tensors instead of ``<m>.weight``:
-``<m>.weight.shape`` (int64 [2]), ``<m>.weight.compressed`` (the non-zero values in row-major order,
-the model's dtype), ``<m>.weight.bitmask`` (uint8 [rows, ceil(cols / 8)], one bit per weight, least
-significant bit first, set where the weight is non-zero) and ``<m>.weight.row_offsets`` (int64
-[rows], the index in ``compressed`` where each row starts). config.json's ``quantization_config``
-is ``{"quant_method": "compressed-tensors", "sparsity_config": {"format": "sparse-bitmask", "targets":
-[exact module names], ...}}``. That is, byte for byte, what compressed-tensors' ``BitmaskCompressor``
-writes (``BitmaskTensor.dict``: ``merge_names("<m>.weight", "shape")`` and so on).
+Each sparse linear layer ``<m>`` is stored as four tensors instead of ``<m>.weight``: ``<m>.shape``
+(int64 [2]), ``<m>.compressed`` (the non-zero values in row-major order, the model's dtype),
+``<m>.bitmask`` (uint8 [rows, ceil(cols / 8)], one bit per weight, least significant bit first, set
+where the weight is non-zero) and ``<m>.row_offsets`` (int64 [rows], the index in ``compressed``
+where each row starts). config.json's ``quantization_config`` is ``{"quant_method":
+"compressed-tensors", "sparsity_config": {"format": "sparse-bitmask", "targets": [exact module
+names], ...}}``. That is what compressed-tensors 0.14.0.1's ``BitmaskCompressor`` writes and reads:
+its ``compress`` strips ``.weight`` from the parameter name before appending the part, and its
+``decompress`` yields ``<m>.weight`` for the tensors nested under ``<m>``.
 
 Who reads it: compressed-tensors removed its sparse compressors after 0.14.0.1 (0.15 and later,
 including the 0.19/0.20 that transformers 5 needs, keep only the config class), so transformers 5
@@ -68,28 +69,35 @@ def sparsity_config(targets: list[str], global_sparsity: float) -> dict[str, Any
                                 "global_sparsity": global_sparsity, "sparsity_structure": "unstructured"}}
 
 
+def write_bitmask(model: torch.nn.Module, layers: dict[str, torch.nn.Module], out: Path, tokenizer: Any) -> Path:
+    """``model`` as a checkpoint with ``layers`` (module name -> linear) in sparse-bitmask form; the weights file."""
+    tensors = model_tensors(model, {f"{name}.weight" for name in layers})
+    zeros = total = 0
+    for name, layer in layers.items():
+        weight = layer.weight.detach().cpu()
+        tensors.update({f"{name}.{k}": v for k, v in to_bitmask(weight).items()})
+        zeros, total = zeros + int((weight == 0).sum()), total + weight.numel()
+    return write_checkpoint(model, tensors, sparsity_config(list(layers), zeros / total), out, tokenizer)
+
+
 def export_bitmask(space: SparsitySpace, config: Config, out: Path, tokenizer: Any) -> dict[str, Any]:
     """A sparse-bitmask checkpoint computing exactly ``config`` (see module doc); leaves the model at ``config``."""
     out = Path(out)
     space.apply(config)
-    model = space.decoder.model
-    tensors = model_tensors(model, {f"{name}.weight" for name in space.units})
-    for name, layer in zip(space.units, space.layers):
-        tensors.update({f"{name}.weight.{k}": v for k, v in to_bitmask(layer.weight.detach().cpu()).items()})
-    achieved = space.budget_report(config)["achieved"]
-    weights = write_checkpoint(model, tensors, sparsity_config(list(space.units), achieved), out, tokenizer)
+    weights = write_bitmask(space.decoder.model, dict(zip(space.units, space.layers)), out, tokenizer)
     write_json(out / PROFILE, {**profile(space, config), "format": FORMAT})
-    return {"out": str(out), "format": FORMAT, "achieved_sparsity": round(achieved, 4),
+    return {"out": str(out), "format": FORMAT, "achieved_sparsity": round(space.budget_report(config)["achieved"], 4),
             "weights_bytes": weights.stat().st_size, "profile": str(out / PROFILE)}
 
 
 def read_sparse_weights(path: Path) -> dict[str, Tensor]:
     """All tensors of a sparse-bitmask checkpoint, the sparse layers decoded to ``<module>.weight``."""
     raw = load_file(str(Path(path) / WEIGHTS))
-    out = {k: v for k, v in raw.items() if k.rsplit(".", 1)[-1] not in PARTS}
-    prefixes = {k.rsplit(".", 1)[0] for k in raw if k.endswith(".weight.bitmask")}
-    for prefix in sorted(prefixes):
-        out[prefix] = from_bitmask({p: raw[f"{prefix}.{p}"] for p in PARTS})
+    modules = sorted(k[: -len(".bitmask")] for k in raw if k.endswith(".bitmask"))
+    parts = {f"{m}.{p}" for m in modules for p in PARTS}
+    out = {k: v for k, v in raw.items() if k not in parts}
+    for m in modules:
+        out[f"{m}.weight"] = from_bitmask({p: raw[f"{m}.{p}"] for p in PARTS})
     return out
 
 
