@@ -14,11 +14,13 @@ import random
 import pytest
 import torch
 
+import evopress
 from evopress.cli import main
 from evopress.data import load_pool
 from evopress.pipeline import load_result
 from evopress.spaces.drop import DropSpace
 from evopress.spaces.drop.export import export as export_depth
+from evopress.spaces.drop.space import DroppedAttention, DroppedMLP
 
 from .conftest import WORDS, word_tokenizer, write_tiny_checkpoint
 
@@ -116,16 +118,9 @@ def _run_space(space: str, model, text, tmp_path) -> None:
         search += ["--target", "3", *db]
     assert main(search) == 0
     assert main(["export", str(tmp_path / "evo"), "--out", str(tmp_path / "export"), "--quiet"]) == 0
-
-
-def _reload(space: str, path):
-    from transformers import AutoModelForCausalLM
-
-    from evopress.spaces.quant.export import load_compressed
-
-    if space == "quant":
-        return load_compressed(path)
-    return AutoModelForCausalLM.from_pretrained(path, local_files_only=True).eval()
+    if space == "drop":  # a format of another space: one line, exit 2
+        assert main(["export", str(tmp_path / "evo"), "--out", str(tmp_path / "x"), "--format", "sparse-bitmask",
+                     "--quiet"]) == 2
 
 
 @pytest.mark.parametrize("space", SPACES)
@@ -142,7 +137,7 @@ def test_build_search_export_reload(family, space, checkpoint, tmp_path):
     decoder = loaded.decoder
     *_, h = decoder.run_blocks(ids)
     torch.testing.assert_close(decoder.logits(decoder.norm(h)), expected, rtol=1e-5, atol=1e-5)
-    reloaded = _reload(space, tmp_path / "export")
+    reloaded = evopress.load_compressed(tmp_path / "export")  # every space's export, one loader
     with torch.no_grad():
         torch.testing.assert_close(reloaded(input_ids=ids).logits.float(), expected, rtol=1e-5, atol=1e-5)
     _assert_features_kept(loaded.model.config.get_text_config(), reloaded.config.get_text_config(), space,
@@ -178,8 +173,14 @@ def test_sublayer_depth_export_reloads_with_identical_logits(family, tmp_path):
         expected = model(input_ids=ids).logits
     export_depth(space, config, tmp_path, family_tokenizer(family))
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path, local_files_only=True).eval()
+    fast = evopress.load_compressed(tmp_path)  # the two lone dropped sub-blocks compute nothing
+    layers = Decoder(fast).layers
+    assert isinstance(getattr(layers[1], space.decoder.attn_attr), DroppedAttention)  # block 2 of the original
+    assert isinstance(getattr(layers[3], space.decoder.mlp_attr), DroppedMLP)  # block 5
+    assert sum(isinstance(m, (DroppedAttention, DroppedMLP)) for m in fast.modules()) == 2
     with torch.no_grad():
         torch.testing.assert_close(reloaded(input_ids=ids).logits, expected, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(fast(input_ids=ids).logits, expected, rtol=1e-5, atol=1e-5)
 
 
 def test_a_tokenizer_that_adds_bos_gets_it_at_the_start_of_every_window(checkpoint):

@@ -21,6 +21,7 @@ from evopress.models import Decoder
 from evopress.spaces.base import BaselineInputs
 from evopress.spaces.sparsity.baselines import owl, owl_configs, owl_sparsities, uniform
 from evopress.spaces.sparsity.build import build_sparsity_database
+from evopress.spaces.sparsity.bitmask import export_bitmask
 from evopress.spaces.sparsity.export import PROFILE, export
 from evopress.spaces.sparsity.levels import default_step, level_grid, nearest_levels, sparsity_problem
 from evopress.spaces.sparsity.space import SparsitySpace
@@ -295,6 +296,40 @@ def test_export_reloads_to_the_searched_model(built, tmp_path):
     assert [profile["layers"][n]["zeros"] for n in space.units] == [z[lv] for z, lv in zip(space.zeros, config)]
 
 
+def test_sparse_bitmask_export_reproduces_the_logits_and_is_smaller(built, tmp_path):
+    import evopress
+    from compressed_tensors.utils import pack_bitmasks, unpack_bitmasks
+    from safetensors.torch import load_file
+
+    space = space_for(built, 0.5)
+    config = space.random_config(np.random.default_rng(3))
+    ids = torch.randint(0, 97, (2, 12), generator=torch.Generator().manual_seed(0))
+    space.apply(config)
+    expected = space.decoder.model(ids).logits
+    tokenizer = SimpleNamespace(save_pretrained=lambda out: None)
+    summary = export_bitmask(space, config, tmp_path / "bitmask", tokenizer)
+    export(space, config, tmp_path / "dense", tokenizer)
+    space.apply(None)
+    assert torch.equal(evopress.load_compressed(tmp_path / "bitmask")(ids).logits, expected)
+    raw = load_file(str(tmp_path / "bitmask" / "model.safetensors"))
+    qc = json.loads((tmp_path / "bitmask" / "config.json").read_text())["quantization_config"]
+    assert qc["sparsity_config"]["format"] == "sparse-bitmask" and qc["sparsity_config"]["targets"] == space.units
+    for name, layer in zip(space.units, space.layers):  # compressed-tensors' own bit packing, both ways
+        space.apply(config)
+        weight = layer.weight.detach().clone()
+        space.apply(None)
+        mask = raw[f"{name}.bitmask"]  # compressed-tensors 0.14.0.1 names the parts <module>.<part>
+        assert torch.equal(mask, pack_bitmasks(weight != 0))
+        assert torch.equal(unpack_bitmasks(mask, list(weight.shape)), weight != 0)
+        assert torch.equal(raw[f"{name}.compressed"], weight[weight != 0])
+        counts = (weight != 0).sum(dim=-1)
+        assert torch.equal(raw[f"{name}.row_offsets"], torch.cumsum(counts, 0) - counts)
+        assert raw[f"{name}.shape"].tolist() == list(weight.shape) and f"{name}.weight" not in raw
+    dense_bytes = (tmp_path / "dense" / "model.safetensors").stat().st_size
+    assert summary["weights_bytes"] < dense_bytes
+    assert json.loads((tmp_path / "bitmask" / PROFILE).read_text())["format"] == "sparse-bitmask"
+
+
 def test_cli_build_search_baselines_export_report(tiny_checkpoint, tmp_path):
     from evopress.cli import main
 
@@ -313,6 +348,10 @@ def test_cli_build_search_baselines_export_report(tiny_checkpoint, tmp_path):
     assert abs(result["budget"]["achieved"] - 0.6) < 1e-4  # nearest reachable: 0.6 * numel is not integral
     assert main(["export", str(tmp_path / "evo"), "--out", str(tmp_path / "export"), "--quiet"]) == 0
     assert (tmp_path / "export" / PROFILE).is_file()
+    assert main(["export", str(tmp_path / "evo"), "--out", str(tmp_path / "bitmask"), "--format", "sparse-bitmask",
+                 "--quiet"]) == 0
+    assert (tmp_path / "bitmask" / "model.safetensors").stat().st_size < \
+        (tmp_path / "export" / "model.safetensors").stat().st_size
     dirs = [str(tmp_path / d) for d in ("evo", "owl", "uniform")]
     assert main(["report", *dirs, "--out", str(tmp_path / "report"), "--quiet"]) == 0
     assert (tmp_path / "report" / "profile.png").stat().st_size > 1000

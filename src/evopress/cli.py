@@ -209,6 +209,11 @@ def _add_build_db(sub: Any) -> None:
 def _add_export(sub: Any) -> None:
     x = sub.add_parser("export", help="write a compressed checkpoint that transformers loads")
     x.add_argument("dir", type=Path)
+    formats = sorted({f for plugin in PLUGINS.values() for f in plugin.export_formats})
+    x.add_argument("--format", default=None, choices=formats or None,
+                   help="checkpoint layout (default: the space's plain transformers checkpoint); "
+                   + "; ".join(f"{name}: {', '.join(f for f in p.export_formats)}"
+                               for name, p in PLUGINS.items() if p.export_formats))
     x.add_argument("--out", type=Path, required=True)
     _hardware_args(x)
     _output(x)
@@ -330,7 +335,7 @@ def _build_db(args: argparse.Namespace, log: Log) -> dict[str, Any]:
 def _export(args: argparse.Namespace, log: Log) -> dict[str, Any]:
     from .pipeline import export_result
 
-    return export_result(args.dir, args.out, _hardware(args), log)
+    return export_result(args.dir, args.out, _hardware(args), log, args.format)
 
 
 def _eval(args: argparse.Namespace, log: Log) -> Any:

@@ -406,13 +406,19 @@ def build_database(request: DatabaseRequest, progress: bool = True,
 
 
 def export_result(out: Path, target: Path, hardware: Hardware = Hardware(),
-                  log: Callable[[str], None] = print) -> dict[str, Any]:
-    result, loaded, space, config = load_result(out, hardware)
-    exporter = get_plugin(result["space"]).export
+                  log: Callable[[str], None] = print, fmt: str | None = None) -> dict[str, Any]:
+    """Write a saved result as a checkpoint: the space's default layout, or its export format ``fmt``."""
+    plugin = get_plugin(read_json(Path(out) / RESULT)["space"])
+    exporter = plugin.export if fmt is None else plugin.export_formats.get(fmt)
     if exporter is None:
-        raise UserError(f"export is not supported for space '{result['space']}'")
+        if plugin.export is None:
+            raise UserError(f"export is not supported for space '{plugin.name}'")
+        raise UserError(f"space '{plugin.name}' has no export format '{fmt}' "
+                        f"(its formats: {', '.join(plugin.export_formats) or 'only the default'})")
+    result, loaded, space, config = load_result(out, hardware)
     summary = exporter(space.model_space, space.to_model_levels(config), Path(target), loaded.tokenizer)
-    log(f"exported {result['method']} {result['space']} {result['target']:g} to {target}")
+    log(f"exported {result['method']} {result['space']} {result['target']:g} to {target}"
+        + (f" as {fmt}" if fmt else ""))
     return summary
 
 

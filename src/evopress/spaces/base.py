@@ -220,6 +220,8 @@ Baseline = Callable[[BaselineInputs], Config]
 Builder = Callable[[Any, Any, dict[str, Any], Path, int, bool], dict[str, Any]]
 # (space without rules, its configuration, out, tokenizer) -> summary
 Exporter = Callable[[Space, Config, Path, Any], dict[str, Any]]
+# (checkpoint directory, its config.json, dtype) -> the model, or None: not a checkpoint this space reads
+Loader = Callable[[Path, dict[str, Any], Any], Any]
 
 
 @dataclass(frozen=True)
@@ -234,7 +236,9 @@ class SpacePlugin:
     baselines: Mapping[str, Baseline] = field(default_factory=dict)  # best-of-N random is added for all
     build: Builder | None = None  # level database builder, for spaces that need one
     build_options: tuple[CliOption, ...] = ()
-    export: Exporter | None = None
+    export: Exporter | None = None  # the default checkpoint layout of ``evopress export``
+    export_formats: Mapping[str, Exporter] = field(default_factory=dict)  # others, by ``--format`` name
+    load: Loader | None = None  # reads exports plain ``from_pretrained`` cannot (``evopress.load_compressed``)
     config_formats: Mapping[str, ConfigFormat] = field(default_factory=dict)  # besides our own (interchange)
 
     def space_options(self, given: Mapping[str, Any]) -> dict[str, Any]:

@@ -13,6 +13,7 @@ PLUGIN = SpacePlugin(
                        "the paper) or block (whole blocks)", default="sublayer"),),
     baselines={"shortgpt": baselines.shortgpt, "angular": baselines.angular},
     export=export.export,
+    load=export.load,
     config_formats={"reference-drop": formats.REFERENCE},
 )
 

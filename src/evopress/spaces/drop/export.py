@@ -1,16 +1,31 @@
-"""Depth export: a plain transformers checkpoint that computes exactly the searched configuration."""
+"""Depth export: a plain transformers checkpoint that computes exactly the searched configuration.
+
+Whole dropped blocks are removed (``num_hidden_layers`` shrinks, per-layer attention types follow),
+which transformers rebuilds natively. A lone dropped attention or MLP sub-block has no standard
+expression in Llama/Mistral/Qwen/Phi/Gemma configs (transformers 5.24 has no per-layer "no-op"
+field, and no DeciLM / Nemotron-NAS class: those load only with ``trust_remote_code`` from the
+Hub). So its output projection is zeroed: plain ``from_pretrained`` then computes the exact
+configuration, at dense cost for that sub-block. config.json records the dropped sub-blocks as
+``evopress_dropped: {"attention": [...], "mlp": [...]}`` (indices of the exported blocks);
+``evopress.load_compressed`` replaces them with modules that compute nothing (the sub-block's
+pre-norm and residual add remain), which is where the speed comes from.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
 from ...errors import UserError
 from ...io import write_json
+from ...models import Decoder
 from ..base import Config
-from .space import DropSpace
+from .space import DropSpace, DroppedAttention, DroppedMLP
+
+DROPPED = "evopress_dropped"  # config.json key: {"attention": [block, ...], "mlp": [block, ...]}
 
 
 def _output_projection(module: nn.Module) -> nn.Linear:
@@ -36,22 +51,16 @@ def _shrink_config(config: Any, keep: list[int], blocks: int) -> None:
 
 
 def export(space: DropSpace, config: Config, out: Path, tokenizer: Any) -> dict[str, Any]:
-    """A plain transformers checkpoint computing exactly the configuration; modifies the model in place.
-
-    Whole dropped blocks are removed (``num_hidden_layers`` shrinks, so the model is smaller and
-    faster). A lone dropped sub-block cannot be expressed in a standard architecture, so its output
-    projection (attention ``o_proj``-like last linear, MLP ``down_proj``-like last linear) is zeroed:
-    the sub-block then adds exactly zero to the residual stream, with identical logits. The profile,
-    including DeciLM/Nemotron-NAS style ``block_configs`` (no-op attention/FFN) for runtimes that can
-    skip them, goes to ``evopress_profile.json``.
-    """
+    """The checkpoint described in the module doc; modifies the model in place."""
     space.apply(None)
     masks = space.masks(config)
     keep = [b for b, (attn, mlp) in enumerate(masks) if not (attn and mlp)]
     _shrink_config(space.decoder.text_config, keep, space.num_blocks)  # first: it may refuse
-    for b, (attn, mlp) in enumerate(masks):
-        for dropped, module in ((attn, space.decoder.attn(b)), (mlp, space.decoder.mlp(b))):
-            if dropped and not (attn and mlp):
+    kept = [masks[b] for b in keep]
+    dropped = {"attention": [i for i, (a, _) in enumerate(kept) if a], "mlp": [i for i, (_, m) in enumerate(kept) if m]}
+    for b in keep:
+        for gone, module in ((masks[b][0], space.decoder.attn(b)), (masks[b][1], space.decoder.mlp(b))):
+            if gone:
                 proj = _output_projection(module)
                 proj.weight.data.zero_()
                 if proj.bias is not None:
@@ -65,16 +74,33 @@ def export(space: DropSpace, config: Config, out: Path, tokenizer: Any) -> dict[
         for m in layer.modules():
             if hasattr(m, "layer_idx"):
                 m.layer_idx = i
+    setattr(model.config, DROPPED, dropped)
     out = Path(out)
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     profile = {
         "space": space.name, "target": space.target,
         "removed_blocks": [b for b in range(space.num_blocks) if b not in keep],
-        "block_configs": [{"attention": {"no_op": a}, "ffn": {"no_op": m}} for a, m in masks if not (a and m)],
-        "original_num_hidden_layers": space.num_blocks,
+        DROPPED: dropped, "original_num_hidden_layers": space.num_blocks,
     }
     write_json(out / "evopress_profile.json", profile)
-    return {"out": str(out), "num_hidden_layers": len(keep),
+    return {"out": str(out), "num_hidden_layers": len(keep), DROPPED: dropped,
             "parameters": sum(p.numel() for p in model.parameters())}
 
+
+def load(path: Path, config: dict[str, Any], dtype: torch.dtype) -> nn.Module | None:
+    """A depth export with its dropped sub-blocks computing nothing (``SpacePlugin.load``); None without any."""
+    dropped = config.get(DROPPED)
+    if not dropped or not (dropped.get("attention") or dropped.get("mlp")):
+        return None
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True)
+    decoder = Decoder(model)
+    for kind, attr, module in (("attention", decoder.attn_attr, DroppedAttention),
+                               ("mlp", decoder.mlp_attr, DroppedMLP)):
+        for b in dropped.get(kind, []):
+            if not 0 <= b < decoder.num_blocks:
+                raise UserError(f"{path}/config.json: {DROPPED} names block {b} of {decoder.num_blocks}")
+            setattr(decoder.layers[b], attr, module())
+    return model.eval().requires_grad_(False)

@@ -26,6 +26,7 @@ PLUGIN = SpacePlugin(
                   f"(default {build.DEFAULT_CALIB_BITS}; 0: dense inputs)", type=int),
     ),
     export=export.export_quantized,
+    load=export.load,
     config_formats={"reference-quant": formats.REFERENCE},
 )
 

@@ -26,12 +26,12 @@ transformers and decodes the layers with our own reader; the tests cross-check t
 against compressed-tensors' decompressor. vLLM's compressed-tensors kernels cover 4- and 8-bit
 weights and need fused projections (q/k/v, gate/up) to share a scheme, so a mixed 2-6 bit profile
 is a storage/interchange artifact there, not a fast-kernel one. 3/5/6-bit packing follows
-compressed-tensors >= 0.20 (dense across words); older versions packed 32 // bits codes per word.
+compressed-tensors >= 0.18 (dense across words; 0.19 and 0.20 identical); 0.16 and older padded each
+int32 word to 32 // bits codes.
 """
 
 from __future__ import annotations
 
-import copy
 import re
 from collections import Counter
 from pathlib import Path
@@ -39,17 +39,16 @@ from typing import Any
 
 import torch
 import yaml
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import Tensor
 
 from ...compressors.gptq import QuantGrid, QuantizedWeight
 from ...compressors.packing import pack_codes, unpack_codes
-from ...errors import UserError
 from ...io import atomic_write, write_json
 from ..base import Config
+from ..checkpoint import WEIGHTS, load_decoded, model_tensors, write_checkpoint
 from .space import QuantSpace
 
-WEIGHTS = "model.safetensors"
 GPTQMODEL = "gptqmodel_quantize_config.json"
 RECIPE = "llmcompressor_recipe.yaml"
 PROFILE = "evopress_profile.json"
@@ -132,35 +131,16 @@ def llmcompressor_recipe(layer_bits: dict[str, int], group_size: int, damp: floa
         "config_groups": config_groups(layer_bits, group_size)}}}}
 
 
-def _dense_tensors(model: torch.nn.Module, skip: set[str]) -> dict[str, Tensor]:
-    """The model's own tensors except ``skip``; tied tensors are written once (first name wins)."""
-    out: dict[str, Tensor] = {}
-    seen: set[int] = set()
-    for key, value in model.state_dict().items():
-        if key in skip or value.data_ptr() in seen:
-            continue
-        seen.add(value.data_ptr())
-        out[key] = value.detach().cpu().contiguous()
-    return out
-
-
 def export_quantized(space: QuantSpace, config: Config, out: Path, tokenizer: Any) -> dict[str, Any]:
     """Write the checkpoint and configs for ``config`` (see module doc); leaves the model dense."""
     space.apply(None)
     model = space.decoder.model
     layer_bits = space.layer_bits(config)
-    tensors = _dense_tensors(model, {f"{name}.weight" for name in space.units})
+    tensors = model_tensors(model, {f"{name}.weight" for name in space.units})
     for u, name in enumerate(space.units):
         for key, value in to_compressed_tensors(space.quantized(u, layer_bits[name])).items():
             tensors[f"{name}.{key}"] = value.cpu()
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write(out / WEIGHTS, lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt"}))
-    hf_config = copy.deepcopy(model.config)
-    hf_config.quantization_config = quantization_config(layer_bits, space.group_size)
-    hf_config.save_pretrained(out)
-    if getattr(model, "generation_config", None) is not None:
-        model.generation_config.save_pretrained(out)
-    tokenizer.save_pretrained(out)
+    write_checkpoint(model, tensors, quantization_config(layer_bits, space.group_size), out, tokenizer)
     damp = space.db.manifest["damp"]
     write_json(out / GPTQMODEL, gptqmodel_config(layer_bits, space.group_size, damp))
     recipe = yaml.safe_dump(llmcompressor_recipe(layer_bits, space.group_size, damp), sort_keys=False)
@@ -196,16 +176,10 @@ def read_compressed_weights(path: Path) -> dict[str, Tensor]:
 
 def load_compressed(path: str | Path, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
     """An exported checkpoint as a plain transformers model (architecture from its config.json)."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    return load_decoded(Path(path), read_compressed_weights, dtype)
 
-    config = AutoConfig.from_pretrained(path, local_files_only=True)
-    del config.quantization_config
-    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    state = read_compressed_weights(Path(path))
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    params = dict(model.named_parameters(remove_duplicate=False))
-    loaded = {params[k].data_ptr() for k in state if k in params}
-    untied = [k for k in missing if k not in params or params[k].data_ptr() not in loaded]  # tied: shared storage
-    if unexpected or untied:
-        raise UserError(f"{path} does not match its config: missing {untied[:3]}, unexpected {unexpected[:3]}")
-    return model.eval().requires_grad_(False)
+
+def load(path: Path, config: dict[str, Any], dtype: torch.dtype) -> torch.nn.Module | None:
+    """``load_compressed`` for a pack-quantized checkpoint (``SpacePlugin.load``); None for any other."""
+    qc = config.get("quantization_config") or {}
+    return load_compressed(path, dtype) if qc.get("format") == "pack-quantized" else None

@@ -2,7 +2,7 @@
 
 from ..base import CliOption, SpacePlugin
 from ..layerwise import DB_OPTION, group_rule_option
-from . import baselines, build, export, formats
+from . import baselines, bitmask, build, export, formats
 from .space import SparsitySpace, check_target
 
 PLUGIN = SpacePlugin(
@@ -25,6 +25,8 @@ PLUGIN = SpacePlugin(
         CliOption(("--method",), "method", "sparsity: sparsegpt (default), wanda, magnitude", default="sparsegpt"),
     ),
     export=export.export,
+    export_formats={bitmask.FORMAT: bitmask.export_bitmask},
+    load=bitmask.load,
     config_formats={"reference-sparsity": formats.REFERENCE},
 )
 

@@ -12,6 +12,17 @@ from .space import SparsitySpace
 PROFILE = "sparsity_profile.json"
 
 
+def profile(space: SparsitySpace, config: Config) -> dict[str, Any]:
+    """The per-layer profile written beside every sparsity export."""
+    return {
+        "space": space.name, "target": space.target, "achieved": space.budget_report(config)["achieved"],
+        "method": space.db.manifest["method"], "step": space.step,
+        "layers": {name: {"sparsity": s, "zeros": space.zeros[u][config[u]], "weights": space.numels[u],
+                          "level": space.level_labels(u)[config[u]]}
+                   for u, (name, s) in enumerate(zip(space.units, space.layer_sparsity(config)))},
+    }
+
+
 def export(space: SparsitySpace, config: Config, out: Path, tokenizer: Any) -> dict[str, Any]:
     """A plain transformers checkpoint computing exactly ``config``: dense tensors with exact zeros.
 
@@ -22,13 +33,6 @@ def export(space: SparsitySpace, config: Config, out: Path, tokenizer: Any) -> d
     space.decoder.model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     report = space.budget_report(config)
-    profile = {
-        "space": space.name, "target": space.target, "achieved": report["achieved"],
-        "method": space.db.manifest["method"], "step": space.step,
-        "layers": {name: {"sparsity": s, "zeros": space.zeros[u][config[u]], "weights": space.numels[u],
-                          "level": space.level_labels(u)[config[u]]}
-                   for u, (name, s) in enumerate(zip(space.units, space.layer_sparsity(config)))},
-    }
-    write_json(out / PROFILE, profile)
+    write_json(out / PROFILE, profile(space, config))
     return {"out": str(out), "achieved_sparsity": round(report["achieved"], 4), "zeros": report["zeros"],
             "profile": str(out / PROFILE)}
