@@ -5,6 +5,7 @@ import json
 import numpy as np
 import pytest
 
+import evopress
 from evopress import pipeline
 from evopress.cli import main
 from evopress.pareto import project
@@ -62,7 +63,8 @@ def test_pareto_writes_one_result_per_budget_and_the_front(tiny_checkpoint, tmp_
         result, held = (json.loads((d / f).read_text()) for f in ("result.json", "eval.json"))
         assert result["target"] == t and held["kl"] == p["kl"] and (d / "config.txt").is_file()
         assert result["budget"]["dropped_attention"] == result["budget"]["dropped_mlp"]
-        assert result["warm_start"]["from_target"] == (None if t == 0.17 else front["targets"][front["targets"].index(t) - 1])
+        neighbour = front["targets"].index(t) - 1
+        assert result["warm_start"]["from_target"] == (front["targets"][neighbour] if neighbour >= 0 else None)
         assert (out / "baselines" / "shortgpt" / f"target-{t:g}" / "eval.json").is_file()
     assert all(r["warm_start"]["projected"] for r in
                (json.loads((out / f"target-{t:g}" / "result.json").read_text()) for t in (0.34, 0.5)))
@@ -108,11 +110,15 @@ def test_killed_pareto_resumes_to_the_uninterrupted_front(tiny_checkpoint, tmp_p
     assert comparable(killed) == comparable(tmp_path / "straight")
 
 
-def test_a_budget_started_from_another_neighbour_is_refused(tiny_checkpoint, tmp_path, capsys, monkeypatch):
+def test_python_api_and_a_budget_begun_from_another_neighbour(tiny_checkpoint, tmp_path, capsys, monkeypatch):
     model, text = tiny_checkpoint
     no_plot(monkeypatch)
     out = tmp_path / "front"
-    assert main(pareto_args(model, text, out, "0.17,0.5", generations=1) + ["--baselines", ""]) == 0
+    front = evopress.pareto(out, targets=[0.17, 0.5], baselines=[], model=str(model), data=str(text), seq_len=32,
+                            calib_tokens=1024, final_tokens=128, generations=1, offspring=4, stages=[(2, 32), (1, 64)],
+                            initial_candidates=4, initial_tokens=64, track_every=0, eval_data=[str(text)],
+                            eval_tokens=128, eval_seq_len=32, progress=False, log=lambda msg: None)
+    assert [p["target"] for p in front["methods"]["evopress"]] == [0.17, 0.5] and front["skipped"] == {}
     assert main(pareto_args(model, text, out, "0.17,0.34,0.5", generations=1) + ["--baselines", ""]) == 2
     assert "started from another neighbour" in capsys.readouterr().err
 

@@ -126,8 +126,9 @@ def baseline(out: str | Path, method: str, space: str = DEFAULT_SPACE, target: f
     return run(make_recipe(space=space, target=target, method=method, **settings), out, log=log)
 
 
-def pareto(out: str | Path, targets: Sequence[float], space: str = DEFAULT_SPACE, baselines: Sequence[str] | None = None,
-           eval_data: Sequence[str] = ("wiki", "ptb"), eval_tokens: int = 16384, eval_seq_len: int = 512,
+def pareto(out: str | Path, targets: Sequence[float], space: str = DEFAULT_SPACE,
+           baselines: Sequence[str] | None = None, eval_data: Sequence[str] = ("wiki", "ptb"),
+           eval_tokens: int = 16384, eval_seq_len: int = 512,
            restart: bool = False, progress: bool = True, log: Callable[[str], None] = print,
            **settings: Any) -> dict[str, Any]:
     """Search every target (ascending) and run ``baselines`` (default: the space's own) there, in one process;

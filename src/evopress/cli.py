@@ -261,8 +261,8 @@ def _add_report(sub: Any) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="evopress", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
-    for add in (_add_search, _add_baseline, _add_pareto, _add_import_config, _add_export_config, _add_eval, _add_build_db,
-                _add_export, _add_run, _add_report):
+    for add in (_add_search, _add_baseline, _add_pareto, _add_import_config, _add_export_config, _add_eval,
+                _add_build_db, _add_export, _add_run, _add_report):
         add(sub)
     return parser
 
@@ -291,8 +291,9 @@ def recipe_from_args(args: argparse.Namespace, method: str, target: float | None
 
         options["rules"] = load_yaml(args.rules, "rules")
     settings: dict[str, Any] = dict(
-        space=args.space, target=args.target if target is None else target, method=method, model=args.model, data=args.data, device=args.device,
-        dtype=args.dtype, device_map=args.device_map, max_memory=args.max_memory, bos=args.bos, seq_len=args.seq_len, calib_tokens=args.calib_tokens, space_options=options,
+        space=args.space, target=args.target if target is None else target, method=method, model=args.model,
+        data=args.data, device=args.device, dtype=args.dtype, device_map=args.device_map, max_memory=args.max_memory,
+        bos=args.bos, seq_len=args.seq_len, calib_tokens=args.calib_tokens, space_options=options,
         final_tokens=args.final_tokens, seed=args.seed, metric=args.fitness, batch_size=args.batch_size)
     if args.command in ("search", "pareto"):
         settings.update(generations=args.generations, offspring=args.offspring, stages=parse_stages(args.stages),

@@ -210,6 +210,9 @@ def run_pareto(base: Recipe, settings: ParetoSettings, out: Path, restart: bool 
         previous = None
         for i, recipe in enumerate(recipes):
             ctx = prepare(recipe, log) if ctx is None else retarget(ctx, recipe)
+            if methods and recipe.baseline_tokens > ctx.pool.tokens:
+                raise UserError(f"--tokens {recipe.baseline_tokens} (the baselines' sample) is more than the "
+                                f"calibration pool of {ctx.pool.tokens} tokens; give fewer or a larger --calib-tokens")
             front = front or _Front(ctx, evaluation)
             log(f"budget {i + 1}/{len(recipes)}: target {recipe.target:g}")
             previous = _search(ctx, target_dir(out, recipe.target), previous, i, restart, progress, log)
