@@ -8,7 +8,7 @@ import pytest
 import evopress
 from evopress import pipeline
 from evopress.cli import main
-from evopress.pareto import project
+from evopress.front import project
 from evopress.spaces import make_space
 from evopress.spaces.base import Problem
 

@@ -134,7 +134,7 @@ def pareto(out: str | Path, targets: Sequence[float], space: str = DEFAULT_SPACE
     """Search every target (ascending) and run ``baselines`` (default: the space's own) there, in one process;
     returns front.json's content. ``settings`` are those of ``search``; the same files as ``evopress pareto``."""
     from .evaluate import EvalSettings
-    from .pareto import ParetoSettings, check_targets, run_pareto
+    from .front import ParetoSettings, check_targets, run_pareto
 
     check_targets(list(targets))
     recipe = make_recipe(space=space, target=targets[0], method="evopress", **settings)

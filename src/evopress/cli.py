@@ -320,7 +320,7 @@ def _search_or_baseline(args: argparse.Namespace, log: Log) -> dict[str, Any]:
 
 
 def _pareto(args: argparse.Namespace, log: Log) -> dict[str, Any]:
-    from .pareto import ParetoSettings, parse_targets, run_pareto
+    from .front import ParetoSettings, parse_targets, run_pareto
 
     targets = parse_targets(args.targets, args.space)
     recipe = recipe_from_args(args, "evopress", target=targets[0])

@@ -112,17 +112,12 @@ def _warm_start(ctx: Context, previous: dict[str, Any] | None, index: int) -> Wa
         if config else "the space's initial configurations (no single-level walk reaches this budget)"})
 
 
-def _claim_warm(out: Path, warm: WarmStart, restart: bool) -> None:
-    """A budget resumed from another neighbour would mix two runs: refused unless ``restart``."""
-    path = out / WARM
-    if path.is_file() and not restart and read_json(path) != warm.record:
-        raise UserError(f"{out} was started from another neighbour ({read_json(path)['from_target']}); "
-                        "use the same --targets or --restart")
-    write_json(path, warm.record)
-
-
 def _check_neighbours(out: Path, targets: list[float], restart: bool) -> None:
-    """Before the model loads: every budget begun earlier had the neighbour it has in ``targets``."""
+    """Before the model loads: every budget begun earlier had the neighbour it has in ``targets``.
+
+    Why: a budget's initial population holds its neighbour's result, so resuming one begun from
+    another neighbour would mix two runs (``warm_start.json`` records where each began).
+    """
     for previous, target in zip([None, *targets], targets):
         path = target_dir(out, target) / WARM
         if not restart and path.is_file() and read_json(path).get("from_target") != previous:
@@ -141,7 +136,9 @@ class _Front:
 
     def __init__(self, ctx: Context, settings: EvalSettings):
         self.settings, self.held = settings, None
-        ctx.space.apply(None)
+        space = ctx.space
+        space.model_space.size_bytes(space.to_model_levels(space.random_config(np.random.default_rng(0))))  # fail now
+        space.apply(None)
         model = ctx.decoder.model
         self.units = ctx.space.model_space.units
         self.parameters = sum(p.numel() for u in self.units for p in model.get_submodule(u).parameters())
@@ -251,7 +248,7 @@ def _search(ctx: Context, out: Path, previous: dict[str, Any] | None, index: int
             log: Log) -> dict[str, Any]:
     warm = _warm_start(ctx, previous, index)
     with claim_output(out, ctx.recipe, restart):
-        _claim_warm(out, warm, restart)
+        write_json(out / WARM, warm.record)
         done = _finished(out, restart)
         if done is not None:
             log(f"target {ctx.recipe.target:g}: finished before, kept ({out / RESULT})")
