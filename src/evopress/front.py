@@ -2,8 +2,8 @@
 
 The model, the calibration pool and its dense teacher are loaded once and shared by every budget
 (``pipeline.retarget``); each budget builds its own space (a database-backed space reopens its
-database's manifest, a few milliseconds; its layer variants are read again on demand). Budgets run in
-the order given (ascending targets). Each budget's search starts from the space's own initial
+database's manifest and checks its layer files; its layer variants are read again on demand). Budgets
+run in the order given (ascending targets). Each budget's search starts from the space's own initial
 configurations plus its neighbour's result projected onto the new budget (``project``), when a
 projection exists; result.json says which (``warm_start``).
 
