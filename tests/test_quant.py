@@ -295,3 +295,12 @@ def test_prefix_reuse_equals_full_forward(built, cache_bytes):
     configs += [mutate(configs[0], space.problem, np.random.default_rng(s), 3) for s in range(4)]
     assert_prefix_reuse_matches_full_forward(space, built[2], configs, cache_bytes)
     space.apply(None)
+
+
+def test_size_in_bytes_counts_codes_scales_and_zero_points(built):
+    space = space_for(built, 3.0)  # weight-bit accounting: the size is the true one all the same
+    config = space.initial_configs(np.random.default_rng(0), 1)[0]
+    assert space.dense_bytes() == sum(m.weight.numel() * m.weight.element_size() for m in space.layers)
+    true_bits = space.budget_report(config)["true_bits_per_weight"] * space.numel
+    assert space.size_bytes(config) == -(-round(true_bits) // 8)
+    assert space.size_bytes((0,) * len(config)) < space.size_bytes(config) < space.size_bytes((4,) * len(config))

@@ -409,3 +409,11 @@ def test_prefix_reuse_equals_full_forward(built, cache_bytes):
     configs += [mutate(configs[0], space.problem, np.random.default_rng(s), 3) for s in range(4)]
     assert_prefix_reuse_matches_full_forward(space, _pool(), configs, cache_bytes)
     space.apply(None)
+
+
+def test_size_in_bytes_counts_non_zeros_and_the_mask(built):
+    space = space_for(built, 0.5)
+    start = space.uniform_config()
+    report = space.budget_report(start)
+    assert space.dense_bytes() == 4 * space.weights  # fp32, no biases
+    assert space.size_bytes(start) == (32 * report["non_zeros"] + space.weights) // 8

@@ -1,4 +1,5 @@
-"""Python API mirroring the CLI: ``evopress.search(...)``, ``evopress.baseline(...)``, ``evopress.run(recipe)``.
+"""Python API mirroring the CLI: ``evopress.search(...)``, ``evopress.baseline(...)``, ``evopress.pareto(...)``,
+``evopress.run(recipe)``.
 
     import evopress
     result = evopress.search(space="drop", target=0.25, out="runs/api", generations=10)
@@ -11,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 from .errors import UserError
 from .recipe import Recipe, make_recipe
@@ -123,6 +124,23 @@ def search(out: str | Path, space: str = DEFAULT_SPACE, target: float = 0.25, pr
 def baseline(out: str | Path, method: str, space: str = DEFAULT_SPACE, target: float = 0.25,
              log: Callable[[str], None] = print, **settings: Any) -> Result:
     return run(make_recipe(space=space, target=target, method=method, **settings), out, log=log)
+
+
+def pareto(out: str | Path, targets: Sequence[float], space: str = DEFAULT_SPACE,
+           baselines: Sequence[str] | None = None, eval_data: Sequence[str] = ("wiki", "ptb"),
+           eval_tokens: int = 16384, eval_seq_len: int = 512,
+           restart: bool = False, progress: bool = True, log: Callable[[str], None] = print,
+           **settings: Any) -> dict[str, Any]:
+    """Search every target (ascending) and run ``baselines`` (default: the space's own) there, in one process;
+    returns front.json's content. ``settings`` are those of ``search``; the same files as ``evopress pareto``."""
+    from .evaluate import EvalSettings
+    from .front import ParetoSettings, check_targets, run_pareto
+
+    check_targets(list(targets))
+    recipe = make_recipe(space=space, target=targets[0], method="evopress", **settings)
+    evaluation = EvalSettings(list(eval_data), eval_tokens, eval_seq_len, bos=recipe.bos)
+    return run_pareto(recipe, ParetoSettings(list(targets), None if baselines is None else list(baselines), evaluation),
+                      Path(out), restart=restart, progress=progress, log=log)
 
 
 def load_yaml(path: Path, what: str) -> Any:

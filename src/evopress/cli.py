@@ -1,5 +1,5 @@
-"""Command line: ``evopress search | baseline | import-config | export-config | eval | build-db | export | run |
-report``.
+"""Command line: ``evopress search | baseline | pareto | import-config | export-config | eval | build-db | export |
+run | report``.
 
 Space-specific options come from the registered spaces (``SpacePlugin.options``); this module names none.
 
@@ -95,12 +95,17 @@ def _space_options(p: argparse.ArgumentParser, options: list[CliOption]) -> None
             p.add_argument(*first.flags, type=first.type, default=None, help=help_text)
 
 
-def _common(p: argparse.ArgumentParser, target_required: bool = True) -> None:
+def _target_help() -> str:
+    return "; ".join(plugin.target_help for plugin in PLUGINS.values())
+
+
+def _common(p: argparse.ArgumentParser, target: str = "required") -> None:
+    """The options of every command that makes a result; ``target``: required, optional or none (pareto)."""
     f = FitnessConfig()
     p.add_argument("--space", default=DEFAULT_SPACE, help=f"compression space ({', '.join(PLUGINS)})")
-    p.add_argument("--target", type=float, required=target_required,
-                   help="; ".join(plugin.target_help for plugin in PLUGINS.values())
-                   + ("" if target_required else " (default: the one the file meets)"))
+    if target != "none":
+        p.add_argument("--target", type=float, required=target == "required", help=_target_help()
+                       + ("" if target == "required" else " (default: the one the file meets)"))
     _space_options(p, [o for plugin in PLUGINS.values() for o in plugin.options])
     p.add_argument("--rules", type=Path, default=None, help="YAML list of constraints: {match: 're:...', "
                    "pin | min | max: level, tie: true} (see docs/constraints.md)")
@@ -123,9 +128,13 @@ def _output(p: argparse.ArgumentParser, json_flag: bool = True) -> None:
 
 
 def _add_search(sub: Any) -> None:
-    d, f = SearchConfig(), FitnessConfig()
     s = sub.add_parser("search", help="EvoPress evolutionary search")
     _common(s)
+    _search_args(s)
+
+
+def _search_args(s: argparse.ArgumentParser) -> None:
+    d, f = SearchConfig(), FitnessConfig()
     s.add_argument("--generations", type=int, default=d.generations)
     s.add_argument("--offspring", type=int, default=d.offspring, help="children per generation (lambda)")
     s.add_argument("--stages", default=",".join(f"{a}:{b}" for a, b in d.stages),
@@ -152,8 +161,25 @@ def _add_baseline(sub: Any) -> None:
     _common(b)
     b.add_argument("--method", required=True, help="; ".join(
         f"{name}: {', '.join(baselines(name))}" for name in PLUGINS))
+    _baseline_args(b)
+
+
+def _baseline_args(b: argparse.ArgumentParser) -> None:
     b.add_argument("--tokens", type=int, default=4096, help="calibration tokens the baseline looks at")
     b.add_argument("--candidates", type=int, default=32, help="random: N of best-of-N")
+
+
+def _add_pareto(sub: Any) -> None:
+    p = sub.add_parser("pareto", help="search several budgets in one run and write the front with the baselines'")
+    _common(p, target="none")
+    p.add_argument("--targets", required=True, help="comma-separated ascending targets, e.g. 2.5,3,4 (" +
+                   _target_help() + ")")
+    p.add_argument("--baselines", default=None, help="comma-separated baselines run at every target (default: "
+                   "the space's own; " + "; ".join(f"{name}: {', '.join(PLUGINS[name].baselines)}"
+                                                   for name in PLUGINS) + "; '' for none)")
+    _search_args(p)
+    _baseline_args(p)
+    _eval_args(p)
 
 
 def _format_help(what: str) -> str:
@@ -165,7 +191,7 @@ def _add_import_config(sub: Any) -> None:
     im.add_argument("config", type=Path)
     im.add_argument("--format", default=None, choices=list(all_formats()),
                     help=_format_help("layout of the file (default: recognised from the text)"))
-    _common(im, target_required=False)
+    _common(im, target="optional")
 
 
 def _add_export_config(sub: Any) -> None:
@@ -180,9 +206,7 @@ def _add_export_config(sub: Any) -> None:
 def _add_eval(sub: Any) -> None:
     e = sub.add_parser("eval", help="held-out perplexity and KL of a saved result")
     e.add_argument("dirs", type=Path, nargs="+", help="result directories (one model's share its teacher)")
-    e.add_argument("--eval-data", default=",".join(DEFAULT_EVAL), help="comma-separated: wiki, ptb, or files")
-    e.add_argument("--eval-tokens", type=int, default=16384, help="tokens per evaluation set")
-    e.add_argument("--eval-seq-len", type=int, default=512)
+    _eval_args(e)
     _bos_arg(e)
     _hardware_args(e)
     e.add_argument("--batch-size", type=int, default=4)
@@ -192,6 +216,12 @@ def _add_eval(sub: Any) -> None:
     e.add_argument("--lm-eval-include", default=None, help="directory of extra lm-eval task YAMLs (e.g. tasks "
                    "over local data files: dataset_path: json, dataset_kwargs.data_files)")
     _output(e)
+
+
+def _eval_args(e: argparse.ArgumentParser) -> None:
+    e.add_argument("--eval-data", default=",".join(DEFAULT_EVAL), help="held-out evaluation, comma-separated: wiki, ptb, or files")
+    e.add_argument("--eval-tokens", type=int, default=16384, help="tokens per evaluation set")
+    e.add_argument("--eval-seq-len", type=int, default=512)
 
 
 def _add_build_db(sub: Any) -> None:
@@ -237,8 +267,8 @@ def _add_report(sub: Any) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="evopress", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
-    for add in (_add_search, _add_baseline, _add_import_config, _add_export_config, _add_eval, _add_build_db,
-                _add_export, _add_run, _add_report):
+    for add in (_add_search, _add_baseline, _add_pareto, _add_import_config, _add_export_config, _add_eval,
+                _add_build_db, _add_export, _add_run, _add_report):
         add(sub)
     return parser
 
@@ -257,7 +287,8 @@ def _declared(args: argparse.Namespace, plugin: SpacePlugin, options: tuple[CliO
     return {o.dest: getattr(args, o.dest, None) for o in options}
 
 
-def recipe_from_args(args: argparse.Namespace, method: str) -> Recipe:
+def recipe_from_args(args: argparse.Namespace, method: str, target: float | None = None) -> Recipe:
+    """The recipe of the command line; ``target`` replaces ``--target`` (pareto has none)."""
     plugin = get_plugin(args.space)
     given = _declared(args, plugin, plugin.options, [o for p in PLUGINS.values() for o in p.options])
     options = plugin.space_options(given)
@@ -266,17 +297,18 @@ def recipe_from_args(args: argparse.Namespace, method: str) -> Recipe:
 
         options["rules"] = load_yaml(args.rules, "rules")
     settings: dict[str, Any] = dict(
-        space=args.space, target=args.target, method=method, model=args.model, data=args.data, device=args.device,
-        dtype=args.dtype, device_map=args.device_map, max_memory=args.max_memory, bos=args.bos, seq_len=args.seq_len, calib_tokens=args.calib_tokens, space_options=options,
+        space=args.space, target=args.target if target is None else target, method=method, model=args.model,
+        data=args.data, device=args.device, dtype=args.dtype, device_map=args.device_map, max_memory=args.max_memory,
+        bos=args.bos, seq_len=args.seq_len, calib_tokens=args.calib_tokens, space_options=options,
         final_tokens=args.final_tokens, seed=args.seed, metric=args.fitness, batch_size=args.batch_size)
-    if args.command == "search":
+    if args.command in ("search", "pareto"):
         settings.update(generations=args.generations, offspring=args.offspring, stages=parse_stages(args.stages),
                         max_switches=args.max_switches, initial_candidates=args.initial_candidates,
                         initial_tokens=args.initial_tokens, prefix_reuse=not args.no_prefix_reuse,
                         cache_bytes=int(args.prefix_cache_gb * 2**30), batch_tokens=args.batch_tokens,
                         track_every=args.track_every, track_tokens=args.track_tokens,
                         init_from=[m for m in args.init_from.split(",") if m])
-    if args.command == "baseline":
+    if args.command in ("baseline", "pareto"):
         settings.update(baseline_tokens=args.tokens, random_candidates=args.candidates)
     return make_recipe(settings)
 
@@ -291,6 +323,16 @@ def _search_or_baseline(args: argparse.Namespace, log: Log) -> dict[str, Any]:
     log(f"{result['method']}: calibration {fitness['metric']} "
         f"{fitness['kl' if fitness['metric'] == 'kl' else 'nll']:.4f}; wrote {args.out / RESULT}")
     return result
+
+
+def _pareto(args: argparse.Namespace, log: Log) -> dict[str, Any]:
+    from .front import ParetoSettings, parse_targets, run_pareto
+
+    targets = parse_targets(args.targets, args.space)
+    recipe = recipe_from_args(args, "evopress", target=targets[0])
+    methods = None if args.baselines is None else [m for m in args.baselines.split(",") if m]
+    settings = ParetoSettings(targets, methods, _eval_settings(args))
+    return run_pareto(recipe, settings, args.out, restart=args.restart, progress=not args.quiet, log=log)
 
 
 def _import_config(args: argparse.Namespace, log: Log) -> dict[str, Any]:
@@ -338,13 +380,21 @@ def _export(args: argparse.Namespace, log: Log) -> dict[str, Any]:
     return export_result(args.dir, args.out, _hardware(args), log, args.format)
 
 
-def _eval(args: argparse.Namespace, log: Log) -> Any:
+def _eval_settings(args: argparse.Namespace) -> Any:
+    """Held-out evaluation settings; ``evopress eval`` adds its batch size and lm-eval tasks."""
     from .evaluate import EvalSettings
+
+    extra = {} if args.command != "eval" else dict(
+        batch_size=args.batch_size, lm_eval=[t for t in args.lm_eval.split(",") if t] if args.lm_eval else None,
+        lm_eval_limit=args.lm_eval_limit, lm_eval_include=args.lm_eval_include)
+    return EvalSettings([d for d in args.eval_data.split(",") if d], args.eval_tokens, args.eval_seq_len,
+                        bos=args.bos, **extra)
+
+
+def _eval(args: argparse.Namespace, log: Log) -> Any:
     from .pipeline import evaluate_results
 
-    settings = EvalSettings([d for d in args.eval_data.split(",") if d], args.eval_tokens, args.eval_seq_len,
-                            args.batch_size, [t for t in args.lm_eval.split(",") if t] if args.lm_eval else None,
-                            args.lm_eval_limit, args.lm_eval_include, args.bos)
+    settings = _eval_settings(args)
     reports = evaluate_results(args.dirs, settings, _hardware(args), log, progress=not args.quiet)
     return reports[0] if len(reports) == 1 else reports
 
@@ -358,7 +408,8 @@ def _report(args: argparse.Namespace, log: Log) -> dict[str, Any]:
 
 
 COMMANDS: dict[str, Callable[[argparse.Namespace, Log], Any]] = {
-    "search": _search_or_baseline, "baseline": _search_or_baseline, "import-config": _import_config,
+    "search": _search_or_baseline, "baseline": _search_or_baseline, "pareto": _pareto,
+    "import-config": _import_config,
     "export-config": _export_config,
     "run": _run_recipe, "build-db": _build_db, "export": _export, "eval": _eval, "report": _report,
 }

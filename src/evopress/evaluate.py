@@ -70,9 +70,8 @@ class HeldOut:
         try:
             for source, pool in self.pools.items():
                 log(f"  held-out '{source}': {pool.tokens} tokens")
-                evaluator = Evaluator(space, pool, FitnessConfig(batch_size=self.settings.batch_size,
-                                                                 prefix_reuse=False))
-                evaluator.teacher = self.teachers[source]
+                fitness = FitnessConfig(batch_size=self.settings.batch_size, prefix_reuse=False)
+                evaluator = Evaluator(space, pool, fitness, teacher=self.teachers[source])
                 m = evaluator.measure([config], pool.first(pool.tokens))[0]
                 out[source] = {"ppl": float(np.exp(m.nll)), "kl": m.kl, "dense_ppl": float(np.exp(m.dense_nll)),
                                "tokens": pool.tokens, "protocol": protocol(source, pool, m.positions)}

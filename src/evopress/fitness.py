@@ -235,7 +235,10 @@ def compare(decoder: Decoder, student: torch.Tensor, targets: dict[str, torch.Te
 class Evaluator:
     """Scores configurations of one space on samples of one token pool."""
 
-    def __init__(self, space: Space, pool: TokenPool, config: FitnessConfig | None = None):
+    def __init__(self, space: Space, pool: TokenPool, config: FitnessConfig | None = None,
+                 teacher: TeacherCache | None = None):
+        """``teacher``: another evaluator's cache for the same decoder and pool (its entries do not
+        depend on the space), so several spaces on one model share one dense pass."""
         self.space = space
         self.decoder: Decoder = space.decoder  # type: ignore[attr-defined]
         self.pool = pool
@@ -245,8 +248,8 @@ class Evaluator:
 
             raise UserError(f"unknown fitness '{self.config.metric}' (choose from {', '.join(METRICS)})")
         self.batch_size = self.config.windows_per_batch(pool.seq_len)
-        self.teacher = TeacherCache(self.decoder, pool, self.batch_size, self.config.chunk_tokens,
-                                    self.config.block_bytes)
+        self.teacher = teacher or TeacherCache(self.decoder, pool, self.batch_size, self.config.chunk_tokens,
+                                               self.config.block_bytes)
         self.stats = EvalStats()
         self._teacher_per_candidate = not linear_head(self.decoder)  # non-linear heads recompute teacher logits
 

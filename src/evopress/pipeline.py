@@ -65,6 +65,21 @@ def prepare(recipe: Recipe, log: Callable[[str], None] = print, loaded: LoadedMo
     return Context(recipe, loaded, decoder, pool, space, Evaluator(space, pool, recipe.fitness))
 
 
+def retarget(ctx: Context, recipe: Recipe) -> Context:
+    """The context of another recipe on the same model and calibration pool (another target, method).
+
+    The model is restored to dense first: a space reads the dense weights it will restore when built.
+    The new evaluator shares the teacher cache, whose entries depend only on the model and the pool.
+    """
+    if recipe.pool_tokens() != ctx.recipe.pool_tokens() or recipe.data != ctx.recipe.data:
+        raise ValueError("retarget keeps the calibration pool: the recipes must draw the same one")
+    ctx.space.apply(None)
+    space = make_space(recipe.space, ctx.decoder, recipe.target, recipe.space_options)
+    space.check_calibration(ctx.pool)
+    return Context(recipe, ctx.loaded, ctx.decoder, ctx.pool, space,
+                   Evaluator(space, ctx.pool, recipe.fitness, teacher=ctx.evaluator.teacher))
+
+
 def _calibration_pool(recipe: Recipe, tokenizer: Any, log: Callable[[str], None]) -> TokenPool:
     """The calibration pool; refused when ``--calib-tokens`` asked for more than the text holds.
 
@@ -113,8 +128,16 @@ def _result(ctx: Context, config: Config, history: list[dict], seconds: float) -
     }
 
 
+@dataclass
+class WarmStart:
+    """Configurations a search adds to its initial population, and what result.json says about them."""
+
+    configs: list[Config]
+    record: dict[str, Any]
+
+
 def run_search(ctx: Context, out: Path, restart: bool = False, progress: bool = True,
-               log: Callable[[str], None] = print) -> dict[str, Any]:
+               log: Callable[[str], None] = print, warm: WarmStart | None = None) -> dict[str, Any]:
     """EvoPress search with a checkpoint after every generation; rerunning resumes it.
 
     Under torchrun rank 0 reads the checkpoint and every rank resumes from its copy: ranks reading
@@ -128,6 +151,8 @@ def run_search(ctx: Context, out: Path, restart: bool = False, progress: bool = 
     if state is not None:
         log(f"resuming from generation {state.generation}")
     initial = _initial_population(ctx, state is None, log)
+    if warm is not None and state is None:
+        initial = list(dict.fromkeys(initial + warm.configs))
     if is_main():
         write_json(out / RECIPE, recipe.to_json())
     start = time.perf_counter()
@@ -151,6 +176,8 @@ def run_search(ctx: Context, out: Path, restart: bool = False, progress: bool = 
             raise UserError(f"target {recipe.target} leaves nothing to search: {e}") from e
     history = [{k: v for k, v in asdict(h).items() if k != "parent"} for h in state.history]
     result = _result(ctx, state.parent, history, time.perf_counter() - start)
+    if warm is not None:
+        result["warm_start"] = warm.record
     if is_main():
         save_result(ctx.space, out, result)
     return result

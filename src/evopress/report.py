@@ -201,3 +201,35 @@ def write_report(dirs: list[Path], out: Path) -> dict[str, Any]:
             + "".join(f"![{k}]({p.name})\n" for k, p in files.items()))
     atomic_write(out / "report.md", lambda tmp: tmp.write_text(text))
     return {"markdown": table, "convergence": verdicts, "files": {k: str(p) for k, p in files.items()}}
+
+
+def plot_front(front: dict[str, Any], path: Path) -> None:
+    """Held-out KL and PPL (first evaluation set) against the whole model's size, one line per method.
+
+    The top axis gives the same sizes as average bits per parameter of the compressible modules.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    dense, source = front["dense"], front["eval"]["data"][0]
+    rest = front["model_bytes_dense"] - dense["size_bytes"]  # the modules no level touches
+    per_gb = 8e9 / front["parameters"]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for ax, key in zip(axes, ("kl", "ppl")):
+        for method, points in front["methods"].items():
+            ax.plot([p["model_gb"] for p in points], [p["held_out"][source][key] for p in points], "o-",
+                    label=method, lw=2 if method == "evopress" else 1)
+        ax.plot([dense["model_gb"]], [dense["held_out"][source][key]], "k*", ms=10, label="dense")
+        ax.set_xlabel("model size (GB)")
+        ax.set_ylabel(f"held-out {key.upper()} ({source})")
+        top = ax.secondary_xaxis("top", functions=(lambda gb: (gb - rest / 1e9) * per_gb,
+                                                    lambda bits: bits / per_gb + rest / 1e9))
+        top.set_xlabel("bits per parameter (compressible modules)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(f"{front['space']} front, {front['model']}")
+    fig.tight_layout()
+    _save(fig, path)
+    plt.close(fig)

@@ -141,6 +141,25 @@ class Space(ABC):
     def profile(self, config: Config) -> dict[str, int]:
         return dict(zip(self.units, config))
 
+    def dense_bytes(self) -> int:
+        """Bytes of the compressible modules (``model_space.units``) as the dense model stores them."""
+        model = self.decoder.model  # type: ignore[attr-defined]
+        return sum(module_bytes(model.get_submodule(u)) for u in self.model_space.units)
+
+    def size_bytes(self, config: Config) -> int:
+        """Bytes the compressible modules take under ``config`` (levels of ``model_space``).
+
+        Why no generic answer: a budget counts what its space trades (dropped sub-blocks, non-zeros,
+        bits), and only the space knows how that becomes bytes; a space that can say overrides this.
+        """
+        raise UserError(f"space '{self.name}' does not say how many bytes a configuration takes "
+                        "(Space.size_bytes)")
+
+
+def module_bytes(module: Any) -> int:
+    """Bytes of a module's parameters at their stored dtype (shared parameters once)."""
+    return sum(p.numel() * p.element_size() for p in module.parameters())
+
 
 # ----------------------------------------------------------------------------------------------
 # What a space declares besides the search interface (read by the CLI, pipeline and report)

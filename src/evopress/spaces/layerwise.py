@@ -129,6 +129,16 @@ class LayerwiseSpace(Space):
     def check_calibration(self, pool: Any) -> None:
         self.db.check_data(pool)
 
+    def level_bits(self, u: int, level: int) -> int:
+        """Bits unit ``u``'s weight takes stored at ``level``; a subclass that can say overrides this."""
+        raise UserError(f"space '{self.name}' does not say how many bits a stored level takes (level_bits)")
+
+    def size_bytes(self, config: Config) -> int:
+        """Every weight at its level's stored size; the rest of the layers (biases) stays dense."""
+        weights = sum(m.weight.numel() * m.weight.element_size() for m in self.layers)
+        bits = sum(self.level_bits(u, level) for u, level in enumerate(config))
+        return self.dense_bytes() - weights + -(-bits // 8)
+
 
 LayerSolver = Callable[[str, nn.Linear, HessianAccumulator], dict[str, torch.Tensor]]
 LayerHook = Callable[[str, nn.Linear, dict[str, torch.Tensor]], None]

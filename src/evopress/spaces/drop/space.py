@@ -19,7 +19,7 @@ from torch import nn
 
 from ...errors import UserError
 from ...models import Decoder
-from ..base import Config, Problem, Space
+from ..base import Config, Problem, Space, module_bytes
 
 GRANULARITIES = ("sublayer", "block")
 
@@ -67,6 +67,17 @@ class DropSpace(Space):
                                budget=self.k * len(kinds), groups=groups)
         self._originals = [(decoder.attn(b), decoder.mlp(b)) for b in range(L)]
         self._dropped = [(False, False)] * L
+        # from the original modules: a dropped one is swapped for a parameterless stand-in
+        parts = [[module_bytes(a) for a, _ in self._originals], [module_bytes(m) for _, m in self._originals]]
+        self.unit_bytes = parts[0] + parts[1] if granularity == "sublayer" else \
+            [module_bytes(decoder.layers[b]) for b in range(L)]
+
+    def dense_bytes(self) -> int:
+        return sum(self.unit_bytes)
+
+    def size_bytes(self, config: Config) -> int:
+        """The kept units' parameters at the model's dtype (a dropped sub-block stores nothing)."""
+        return sum(b for b, level in zip(self.unit_bytes, config) if level == 0)
 
     def options(self) -> dict[str, Any]:
         return {"granularity": self.granularity}

@@ -201,6 +201,11 @@ class QuantSpace(LayerwiseSpace):
             raise UserError(f"no decimal target gives exactly {cost} bits over {self.numel} weights; give --target")
         return target
 
+    def level_bits(self, u: int, level: int) -> int:
+        """True bits, whatever the budget's accounting: packed codes plus each group's fp16 scale and zero."""
+        bits = self.bits[level]
+        return level_cost(bits, self.shapes[u], self.grid(bits), True)
+
     def layer_bits(self, config: Config) -> dict[str, int]:
         return {name: self.bits[level] for name, level in zip(self.units, config)}
 

@@ -143,6 +143,11 @@ class SparsitySpace(LayerwiseSpace):
         assert target is not None  # the exact average itself fits
         return target
 
+    def level_bits(self, u: int, level: int) -> int:
+        """As the database stores a level: the non-zero values at the model's dtype plus a 1-bit mask."""
+        non_zeros = self.numels[u] - self.zeros[u][level]
+        return non_zeros * 8 * self.layers[u].weight.element_size() + self.numels[u]
+
     def layer_sparsity(self, config: Config) -> list[float]:
         return [z[lv] / n for z, lv, n in zip(self.zeros, config, self.numels)]
 

@@ -1,0 +1,167 @@
+"""``evopress pareto``: several budgets in one run, the front file, resume after a kill, bad --targets."""
+
+import json
+
+import numpy as np
+import pytest
+
+import evopress
+from evopress import pipeline
+from evopress.cli import main
+from evopress.front import project
+from evopress.spaces import make_space
+from evopress.spaces.base import Problem
+
+from .conftest import tiny_model
+
+TARGETS = "0.17,0.34,0.5"
+
+
+def pareto_args(model, text, out, targets=TARGETS, generations=4):
+    return ["pareto", "--targets", targets, "--model", str(model), "--data", str(text), "--seq-len", "32",
+            "--calib-tokens", "1024", "--final-tokens", "128", "--generations", str(generations),
+            "--offspring", "4", "--stages", "2:32,1:64", "--initial-candidates", "4", "--initial-tokens", "64",
+            "--tokens", "128", "--track-every", "0", "--eval-data", str(text), "--eval-tokens", "128",
+            "--eval-seq-len", "32", "--out", str(out), "--quiet"]
+
+
+def comparable(out):
+    """front.json and every result, without wall times and paths."""
+    front = json.loads((out / "front.json").read_text())
+    for points in front["methods"].values():
+        for p in points:
+            p.pop("dir")
+    results = {}
+    for path in sorted(out.rglob("result.json")):
+        r = json.loads(path.read_text())
+        r.pop("seconds")
+        for h in r["history"]:
+            h.pop("seconds")
+        results[str(path.relative_to(out))] = r
+    return front, results
+
+
+def test_pareto_writes_one_result_per_budget_and_the_front(tiny_checkpoint, tmp_path):
+    model, text = tiny_checkpoint
+    out = tmp_path / "front"
+    assert main(pareto_args(model, text, out)) == 0
+    front = json.loads((out / "front.json").read_text())
+    assert (out / "front.png").stat().st_size > 0
+    assert front["targets"] == [0.17, 0.34, 0.5]
+    assert set(front["methods"]) == {"evopress", "shortgpt", "angular"}
+    for method, points in front["methods"].items():
+        assert [p["target"] for p in points] == front["targets"], method
+        sizes = [p["size_bytes"] for p in points]
+        assert sizes == sorted(sizes, reverse=True) and len(set(sizes)) == 3  # more dropped, fewer bytes
+        for p in points:
+            assert {"model_bytes", "model_gb", "bits_per_param", "kl", "ppl", "calibration_kl", "held_out"} <= set(p)
+            assert p["model_bytes"] < front["model_bytes_dense"] and p["kl"] > 0
+            assert p["bits_per_param"] < front["dense"]["bits_per_param"]
+    # the search's points equal what each budget's own files say
+    for t, p in zip(front["targets"], front["methods"]["evopress"]):
+        d = out / f"target-{t:g}"
+        result, held = (json.loads((d / f).read_text()) for f in ("result.json", "eval.json"))
+        assert result["target"] == t and held["kl"] == p["kl"] and (d / "config.txt").is_file()
+        assert result["budget"]["dropped_attention"] == result["budget"]["dropped_mlp"]
+        neighbour = front["targets"].index(t) - 1
+        assert result["warm_start"]["from_target"] == (front["targets"][neighbour] if neighbour >= 0 else None)
+        assert (out / "baselines" / "shortgpt" / f"target-{t:g}" / "eval.json").is_file()
+    assert all(r["warm_start"]["projected"] for r in
+               (json.loads((out / f"target-{t:g}" / "result.json").read_text()) for t in (0.34, 0.5)))
+    # a finished run rerun with the same command changes nothing
+    before = comparable(out)
+    assert main(pareto_args(model, text, out)) == 0
+    assert comparable(out) == before
+
+
+def no_plot(monkeypatch):
+    """front.png is checked once (above); elsewhere matplotlib would take most of a test's time."""
+    from evopress import report
+
+    monkeypatch.setattr(report, "plot_front", lambda front, path: None)
+
+
+def test_killed_pareto_resumes_to_the_uninterrupted_front(tiny_checkpoint, tmp_path, monkeypatch):
+    model, text = tiny_checkpoint
+    no_plot(monkeypatch)
+    args = lambda out: pareto_args(model, text, out, "0.17,0.34") + ["--baselines", "shortgpt"]  # noqa: E731
+    assert main(args(tmp_path / "straight")) == 0
+    real_evolve, calls = pipeline.evolve, []
+
+    def evolve_then_die(problem, evaluator, initial, config, state, on_generation):
+        calls.append(1)
+
+        def die_after_two(s):
+            on_generation(s)  # the checkpoint is written first, as a kill between generations leaves it
+            if len(calls) == 2 and s.generation == 2:
+                raise KeyboardInterrupt
+
+        return real_evolve(problem, evaluator, initial, config, state, die_after_two)
+
+    monkeypatch.setattr(pipeline, "evolve", evolve_then_die)
+    killed = tmp_path / "killed"
+    assert main(args(killed)) == 130  # as the CLI ends on Ctrl-C
+    assert (killed / "target-0.17" / "result.json").is_file()
+    checkpoint = json.loads((killed / "target-0.34" / "checkpoint.json").read_text())
+    assert checkpoint["state"]["generation"] == 2 and not (killed / "target-0.34" / "result.json").exists()
+    assert not (killed / "front.json").exists()
+    monkeypatch.setattr(pipeline, "evolve", real_evolve)
+    assert main(args(killed)) == 0
+    assert comparable(killed) == comparable(tmp_path / "straight")
+
+
+def test_python_api_and_a_budget_begun_from_another_neighbour(tiny_checkpoint, tmp_path, capsys, monkeypatch):
+    model, text = tiny_checkpoint
+    no_plot(monkeypatch)
+    out = tmp_path / "front"
+    front = evopress.pareto(out, targets=[0.17, 0.5], baselines=[], model=str(model), data=str(text), seq_len=32,
+                            calib_tokens=1024, final_tokens=128, generations=1, offspring=4, stages=[(2, 32), (1, 64)],
+                            initial_candidates=4, initial_tokens=64, track_every=0, eval_data=[str(text)],
+                            eval_tokens=128, eval_seq_len=32, progress=False, log=lambda msg: None)
+    assert [p["target"] for p in front["methods"]["evopress"]] == [0.17, 0.5] and front["skipped"] == {}
+    assert main(pareto_args(model, text, out, "0.17,0.34,0.5", generations=1) + ["--baselines", ""]) == 2
+    assert "started from another neighbour" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("targets, message", [
+    ("0.5,0.25", "must be ascending"),
+    ("0.25,0.25", "repeats 0.25"),
+    ("0.25,1.5", "--targets 1.5: --target 1.5 out of range"),
+    ("0.25,x", "comma-separated numbers"),
+])
+def test_bad_targets_are_one_line_exit_2(targets, message, tmp_path, capsys):
+    assert main(["pareto", "--targets", targets, "--out", str(tmp_path / "o"), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1
+    assert not (tmp_path / "o").exists()
+
+
+def test_projection_reaches_the_new_budget_by_feasible_steps():
+    from evopress.models import Decoder
+
+    decoder = Decoder(tiny_model())
+    low, high = (make_space("drop", decoder, t, {}) for t in (0.34, 0.67))
+    start = low.random_config(np.random.default_rng(0))
+    for a, b in ((low, high), (high, low)):
+        config = project(start if a is low else high.random_config(np.random.default_rng(1)), b.problem,
+                         np.random.default_rng(2))
+        assert b.problem.feasible(config)
+        report = b.budget_report(config)
+        assert report["dropped_attention"] == report["dropped_mlp"] == b.k
+    # unequal costs that no single-level walk can close: None, never an infeasible configuration
+    problem = Problem((2, 2), ((0, 3), (0, 3)), 4, ((0, 1),))
+    assert project((0, 0), problem, np.random.default_rng(0)) is None
+
+
+def test_space_sizes_in_bytes():
+    from evopress.models import Decoder
+
+    decoder = Decoder(tiny_model())
+    space = make_space("drop", decoder, 0.34, {})
+    attn = sum(p.numel() * p.element_size() for p in decoder.attn(0).parameters())
+    mlp = sum(p.numel() * p.element_size() for p in decoder.mlp(0).parameters())
+    assert space.dense_bytes() == 6 * (attn + mlp)
+    config = space.random_config(np.random.default_rng(0))
+    assert space.size_bytes(config) == 4 * (attn + mlp)
+    space.apply(config)  # dropped modules are gone from the model; the sizes do not change
+    assert space.dense_bytes() == 6 * (attn + mlp) and space.size_bytes(config) == 4 * (attn + mlp)
