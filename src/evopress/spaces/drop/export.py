@@ -35,18 +35,14 @@ def _shrink_config(config: Any, keep: list[int], blocks: int) -> None:
     config.num_hidden_layers = len(keep)
 
 
-def export(space: DropSpace, config: Config, out: Path, tokenizer: Any) -> dict[str, Any]:
-    """A plain transformers checkpoint computing exactly the configuration; modifies the model in place.
+def remove_blocks(space: DropSpace, masks: list[tuple[bool, bool]]) -> list[int]:
+    """Make the (dense) model compute the sub-block ``masks`` with standard modules; returns the kept blocks.
 
     Whole dropped blocks are removed (``num_hidden_layers`` shrinks, so the model is smaller and
     faster). A lone dropped sub-block cannot be expressed in a standard architecture, so its output
     projection (attention ``o_proj``-like last linear, MLP ``down_proj``-like last linear) is zeroed:
-    the sub-block then adds exactly zero to the residual stream, with identical logits. The profile,
-    including DeciLM/Nemotron-NAS style ``block_configs`` (no-op attention/FFN) for runtimes that can
-    skip them, goes to ``evopress_profile.json``.
+    the sub-block then adds exactly zero to the residual stream, with identical logits.
     """
-    space.apply(None)
-    masks = space.masks(config)
     keep = [b for b, (attn, mlp) in enumerate(masks) if not (attn and mlp)]
     _shrink_config(space.decoder.text_config, keep, space.num_blocks)  # first: it may refuse
     for b, (attn, mlp) in enumerate(masks):
@@ -56,7 +52,6 @@ def export(space: DropSpace, config: Config, out: Path, tokenizer: Any) -> dict[
                 proj.weight.data.zero_()
                 if proj.bias is not None:
                     proj.bias.data.zero_()
-    model = space.decoder.model
     layers = space.decoder.layers
     for b in reversed(range(space.num_blocks)):
         if b not in keep:
@@ -65,16 +60,33 @@ def export(space: DropSpace, config: Config, out: Path, tokenizer: Any) -> dict[
         for m in layer.modules():
             if hasattr(m, "layer_idx"):
                 m.layer_idx = i
+    return keep
+
+
+def block_configs(masks: list[tuple[bool, bool]]) -> list[dict[str, Any]]:
+    """DeciLM/Nemotron-NAS style ``block_configs`` (no-op attention/FFN) of the kept blocks."""
+    return [{"attention": {"no_op": a}, "ffn": {"no_op": m}} for a, m in masks if not (a and m)]
+
+
+def export(space: DropSpace, config: Config, out: Path, tokenizer: Any) -> dict[str, Any]:
+    """A plain transformers checkpoint computing exactly the configuration; modifies the model in place.
+
+    See ``remove_blocks``. The profile, including DeciLM/Nemotron-NAS style ``block_configs`` for
+    runtimes that can skip no-op sub-blocks, goes to ``evopress_profile.json``.
+    """
+    space.apply(None)
+    masks = space.masks(config)
+    keep = remove_blocks(space, masks)
+    model = space.decoder.model
     out = Path(out)
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     profile = {
         "space": space.name, "target": space.target,
         "removed_blocks": [b for b in range(space.num_blocks) if b not in keep],
-        "block_configs": [{"attention": {"no_op": a}, "ffn": {"no_op": m}} for a, m in masks if not (a and m)],
+        "block_configs": block_configs(masks),
         "original_num_hidden_layers": space.num_blocks,
     }
     write_json(out / "evopress_profile.json", profile)
     return {"out": str(out), "num_hidden_layers": len(keep),
             "parameters": sum(p.numel() for p in model.parameters())}
-

@@ -34,6 +34,11 @@ class DroppedMLP(nn.Module):
         return torch.zeros_like(hidden_states)
 
 
+def linear_bytes(module: nn.Module) -> int:
+    """Bytes of the weights of every linear layer inside ``module``."""
+    return sum(m.weight.numel() * m.weight.element_size() for m in module.modules() if isinstance(m, nn.Linear))
+
+
 def check_target(target: float) -> None:
     if not 0.0 < target < 1.0:
         raise UserError(f"--target {target} out of range: depth targets are fractions in (0, 1)")
@@ -113,6 +118,18 @@ class DropSpace(Space):
             for u in rng.choice(len(group), size=self.k, replace=False):
                 config[group[u]] = 1
         return tuple(config)
+
+    def sub_block_bytes(self, b: int) -> tuple[int, int]:
+        """Bytes of the linear weights of block ``b``'s attention and MLP, in the model's dtype."""
+        return (linear_bytes(self.decoder.attn(b)), linear_bytes(self.decoder.mlp(b)))
+
+    def size_bytes(self, config: Config) -> int:
+        dropped = sum(n for b, mask in enumerate(self.masks(config))
+                      for gone, n in zip(mask, self.sub_block_bytes(b)) if gone)
+        return self.dense_bytes() - dropped
+
+    def dense_bytes(self) -> int:
+        return sum(linear_bytes(layer) for layer in self.decoder.layers)
 
     def budget_report(self, config: Config) -> dict[str, Any]:
         masks = self.masks(config)

@@ -44,7 +44,7 @@ from ...models import Decoder
 from ..base import Config, Problem, shortest_decimal
 from ..layerwise import LayerwiseSpace
 from .build import packed_keys
-from .levels import MAX_BITS, default_levels, exact_knapsack, level_cost, max_reachable
+from .levels import MAX_BITS, default_levels, exact_knapsack, level_cost, max_reachable, packed_bytes
 
 GROUP_RULES = ("size", "name")
 
@@ -200,6 +200,12 @@ class QuantSpace(LayerwiseSpace):
         if target is None:
             raise UserError(f"no decimal target gives exactly {cost} bits over {self.numel} weights; give --target")
         return target
+
+    def size_bytes(self, config: Config) -> int:
+        return sum(packed_bytes(self.bits[lv], s, self.grid(self.bits[lv])) for lv, s in zip(config, self.shapes))
+
+    def dense_bytes(self) -> int:
+        return sum(layer.weight.numel() * layer.weight.element_size() for layer in self.layers)
 
     def layer_bits(self, config: Config) -> dict[str, int]:
         return {name: self.bits[level] for name, level in zip(self.units, config)}
