@@ -1,7 +1,7 @@
 """What a compression space is, as the search, the fitness and the command line see it.
 
 The search only needs a ``Problem``: how many levels each unit has, what each level costs and the
-exact budget, plus which units may trade levels with each other (``switch``). The fitness
+budget (exact, or a window below it), plus which units may trade levels with each other (``switch``). The fitness
 additionally needs to put a configuration into the model (``apply``) and to know which block each
 unit lives in, so that candidates sharing a prefix of blocks can share its activations. Everything
 else a space brings (its command-line options, baselines, database builder and exporter) it
@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
+from functools import cached_property
 from fractions import Fraction
 from pathlib import Path
 from typing import Any, Callable, ClassVar, Mapping, Sequence
@@ -30,18 +31,75 @@ class NoMoveError(RuntimeError):
 
 @dataclass(frozen=True)
 class Problem:
-    """A discrete configuration problem: ``config[u]`` in ``range(num_levels[u])``, exact budget."""
+    """A discrete configuration problem: ``config[u]`` in ``range(num_levels[u])`` and a budget rule.
+
+    The budget rule: the total cost must lie in ``[budget - slack, budget]``. ``slack`` 0 (the default)
+    is the exact rule of the paper's spaces, whose switch groups hold units with equal cost steps. A
+    positive slack is for spaces whose units cost unequal amounts (the joint space's byte budget): no
+    single up/down pair keeps the total, so ``switch`` repairs it into the window (see ``settle``).
+
+    ``masks`` make a level switch a set of units off: ``(unit, level, members)`` means that while
+    ``unit`` is at ``level`` the ``members`` cost nothing and their levels do not matter (a dropped
+    sub-block's linear layers). Members of different masks must not overlap. With masks the total
+    cost is no longer a plain sum, so ``cost`` and ``delta`` are the only ways to read it.
+    """
 
     num_levels: tuple[int, ...]
     costs: tuple[tuple[int, ...], ...]  # costs[u][level], integers so the budget is exact
     budget: int
     groups: tuple[tuple[int, ...], ...]  # level switches happen inside one group
+    slack: int = 0  # feasible totals: [budget - slack, budget]
+    masks: tuple[tuple[int, int, tuple[int, ...]], ...] = ()  # (unit, level, members switched off)
+
+    @cached_property
+    def _masked_by(self) -> dict[int, int]:
+        """Member unit -> index of the mask that can switch it off."""
+        return {m: i for i, (_, _, members) in enumerate(self.masks) for m in members}
+
+    @cached_property
+    def controllers(self) -> dict[int, list[int]]:
+        """Controlling unit -> indices of its masks."""
+        out: dict[int, list[int]] = {}
+        for i, (unit, _, _) in enumerate(self.masks):
+            out.setdefault(unit, []).append(i)
+        return out
+
+    def _on(self, config: Sequence[int], mask: int) -> bool:
+        unit, level, _ = self.masks[mask]
+        return config[unit] == level
+
+    def _members_cost(self, config: Sequence[int], mask: int) -> int:
+        return sum(self.costs[m][config[m]] for m in self.masks[mask][2])
 
     def cost(self, config: Sequence[int]) -> int:
-        return sum(self.costs[u][level] for u, level in enumerate(config))
+        total = sum(self.costs[u][level] for u, level in enumerate(config))
+        return total - sum(self._members_cost(config, i) for i in range(len(self.masks)) if self._on(config, i))
+
+    def active(self, config: Sequence[int], u: int) -> bool:
+        """Whether unit ``u``'s level matters (no mask switches it off)."""
+        i = self._masked_by.get(u)
+        return i is None or not self._on(config, i)
+
+    def delta(self, config: Sequence[int], u: int, level: int) -> int:
+        """The change of ``cost(config)`` if unit ``u`` alone moves to ``level``."""
+        if not self.active(config, u):
+            return 0
+        change = self.costs[u][level] - self.costs[u][config[u]]
+        for i in self.controllers.get(u, ()):
+            on_level = self.masks[i][1]
+            if (config[u] == on_level) != (level == on_level):
+                change += self._members_cost(config, i) * (1 if config[u] == on_level else -1)
+        return change
+
+    def cheapest(self) -> int:
+        """A lower bound of the total cost (exact without masks): every mask on, every other unit lowest."""
+        off = set(self._masked_by)
+        return sum(min(c) for u, c in enumerate(self.costs) if u not in off)
 
     def feasible(self, config: Sequence[int]) -> bool:
-        return all(0 <= lv < n for lv, n in zip(config, self.num_levels)) and self.cost(config) == self.budget
+        if not all(0 <= lv < n for lv, n in zip(config, self.num_levels)):
+            return False
+        return self.budget - self.slack <= self.cost(config) <= self.budget
 
 
 def switch(config: list[int], problem: Problem, rng: np.random.Generator) -> None:
@@ -49,7 +107,11 @@ def switch(config: list[int], problem: Problem, rng: np.random.Generator) -> Non
 
     The paper's level-switch move. It lives with ``Problem`` because spaces use it too (a random walk
     from a canonical configuration is the only cheap way to sample an exact-budget configuration).
+    A problem with a budget window or masks takes ``window_switch`` instead.
     """
+    if problem.slack or problem.masks:
+        window_switch(config, problem, rng)
+        return
     movable = []
     for group in problem.groups:
         ups = [u for u in group if config[u] < problem.num_levels[u] - 1]
@@ -66,6 +128,63 @@ def switch(config: list[int], problem: Problem, rng: np.random.Generator) -> Non
             break
     config[up] += 1
     config[down] -= 1
+
+
+def _steps(config: Sequence[int], problem: Problem, u: int) -> list[int]:
+    return [lv for lv in (config[u] - 1, config[u] + 1) if 0 <= lv < problem.num_levels[u]]
+
+
+def window_switch(config: list[int], problem: Problem, rng: np.random.Generator) -> None:
+    """The level switch for unequal costs: one random move, then ``settle`` back into the budget window.
+
+    A group is drawn with probability proportional to its size among those with a unit that can move
+    (a unit a mask switches off cannot); one of its movable units moves one level up or down (a
+    mask's controlling unit thereby switches its members off or back on); the other units of the
+    group then settle the total into ``[budget - slack, budget]``. If they cannot, ``config`` is left
+    outside the window and the caller's feasibility check rejects it.
+    """
+    movable = []
+    for group in problem.groups:
+        units = [u for u in group if problem.active(config, u) and _steps(config, problem, u)]
+        if len(units) > 1:
+            movable.append(units)
+    if not movable:
+        raise NoMoveError("no unit can move a level: the budget leaves nothing to search")
+    weights = np.array([len(g) for g in movable], dtype=float)
+    units = movable[rng.choice(len(movable), p=weights / weights.sum())]
+    u = units[rng.integers(len(units))]
+    steps = _steps(config, problem, u)
+    config[u] = steps[rng.integers(len(steps))]
+    settle(config, problem, rng, [v for v in units if v != u])
+
+
+def settle(config: list[int], problem: Problem, rng: np.random.Generator, units: Sequence[int],
+           max_moves: int | None = None, masks: bool = False) -> bool:
+    """Move ``units`` one level at a time until the total cost is in the window; True if it got there.
+
+    Each move is drawn at random among the single-level moves of ``units`` that go the right way: one
+    landing in the window if any; else one that does not overshoot it; else the smallest overshoot,
+    to come back from the other side. Random choice keeps the repairs, and so the children, diverse.
+    A mask's controlling unit moves only with ``masks`` (a mutation's repair changes bits, not which
+    sub-blocks exist; building a configuration under rules may need to drop some).
+    """
+    units = [u for u in units if masks or u not in problem.controllers]
+    low, high = problem.budget - problem.slack, problem.budget
+    cost = problem.cost(config)
+    for _ in range(max_moves if max_moves is not None else 4 * len(units) + 16):
+        if low <= cost <= high:
+            return True
+        need_down = cost > high
+        moves = [(u, lv, d) for u in units if problem.active(config, u) for lv in _steps(config, problem, u)
+                 for d in (problem.delta(config, u, lv),) if (d < 0 if need_down else d > 0)]
+        if not moves:
+            return False
+        landing = [m for m in moves if low <= cost + m[2] <= high]
+        short = [m for m in moves if (cost + m[2] > high if need_down else cost + m[2] < low)]
+        pool = landing or short or [min(moves, key=lambda m: abs(m[2]))]
+        u, lv, d = pool[rng.integers(len(pool))]
+        config[u], cost = lv, cost + d
+    return low <= cost <= high
 
 
 class Space(ABC):

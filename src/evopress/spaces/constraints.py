@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import UserError
-from .base import Config, Problem, Space
+from .base import Config, Problem, Space, settle
 
 
 @dataclass(frozen=True)
@@ -73,8 +73,8 @@ class ConstrainedSpace(Space):
         costs = tuple(tuple(sum(p.costs[u][lv] for u in m) for lv in range(lo, hi + 1))
                       for m, (lo, hi) in zip(self.members, self.ranges))
         self.problem = Problem(tuple(hi - lo + 1 for lo, hi in self.ranges), costs, p.budget,
-                               self._groups(costs))
-        if not sum(min(c) for c in costs) <= p.budget <= sum(max(c) for c in costs):
+                               self._groups(costs), p.slack, self._masks())
+        if not self.problem.cheapest() <= p.budget or sum(max(c) for c in costs) < p.budget - p.slack:
             raise UserError("the rules make the budget impossible to meet; relax pins or bounds")
 
     # --- structure -------------------------------------------------------------------------------
@@ -116,12 +116,32 @@ class ConstrainedSpace(Space):
             raise UserError(f"rules leave no level for {'+'.join(self.base.units[u] for u in members)}")
         return lo, hi
 
+    def _masks(self) -> tuple[tuple[int, int, tuple[int, ...]], ...]:
+        """The base problem's masks in super-units; a mask whose level the rules forbid is never on."""
+        where = {u: s for s, m in enumerate(self.members) for u in m}
+        out = []
+        for unit, level, members in self.base.problem.masks:
+            s = where[unit]
+            lo, hi = self.ranges[s]
+            supers = sorted({where[m] for m in members})
+            if any(not set(self.members[t]) <= set(members) for t in supers):
+                raise UserError("a tie joins layers that are switched off separately (e.g. across an attention and "
+                                "an MLP sub-block that may be dropped); tie layers of one sub-block only")
+            if lo <= level <= hi:
+                out.append((s, level - lo, tuple(supers)))
+        return tuple(out)
+
     def _groups(self, costs: tuple[tuple[int, ...], ...]) -> tuple[tuple[int, ...], ...]:
-        """Super-units trade levels when their members come from one original group and steps cost alike."""
-        group_of = {u: g for g, members in enumerate(self.base.problem.groups) for u in members}
+        """Super-units trade levels when their members come from one original group and steps cost alike.
+
+        Under a budget window (or masks) the switch repairs unequal steps itself (``base.window_switch``),
+        so there only the original groups count.
+        """
+        p = self.base.problem
+        group_of = {u: g for g, members in enumerate(p.groups) for u in members}
         keyed: dict[tuple, list[int]] = {}
         for s, (m, c) in enumerate(zip(self.members, costs)):
-            steps = tuple(b - a for a, b in zip(c, c[1:]))
+            steps = () if p.slack or p.masks else tuple(b - a for a, b in zip(c, c[1:]))
             keyed.setdefault((tuple(sorted({group_of[u] for u in m})), steps), []).append(s)
         return tuple(tuple(v) for v in keyed.values())
 
@@ -165,8 +185,13 @@ class ConstrainedSpace(Space):
                 for m, (lo, hi) in zip(self.members, self.ranges)]
 
     def repair(self, config: list[int], rng: np.random.Generator, tries: int = 20000) -> Config:
-        """Random single-unit moves towards the budget until it holds exactly."""
+        """Random single-unit moves towards the budget until it holds exactly (or lies in its window)."""
         p = self.problem
+        if p.slack or p.masks:
+            units = range(len(config))
+            if settle(config, p, rng, units) or settle(config, p, rng, units, masks=True):
+                return tuple(config)
+            raise UserError("the rules make the budget window impossible to reach; relax pins or bounds")
         cost = p.cost(config)
         for _ in range(tries):
             gap = p.budget - cost
@@ -187,6 +212,12 @@ class ConstrainedSpace(Space):
 
     def budget_report(self, config: Config) -> dict[str, Any]:
         return self.base.budget_report(self._expand(config))
+
+    def size_bytes(self, config: Config) -> int:
+        return self.base.size_bytes(self._expand(config))
+
+    def dense_bytes(self) -> int:
+        return self.base.dense_bytes()
 
     def level_labels(self, u: int) -> list[Any]:
         lo, hi = self.ranges[u]

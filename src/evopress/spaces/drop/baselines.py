@@ -41,8 +41,17 @@ def block_similarity(space: DropSpace, pool: TokenPool, sample: Sample, span: in
     return sums / count
 
 
-def _similarity(inputs: BaselineInputs, span: int) -> torch.Tensor:
-    return block_similarity(_drop(inputs), inputs.pool, inputs.pool.first(inputs.tokens), span, inputs.batch_size)
+def shortgpt_order(space: DropSpace, pool: TokenPool, sample: Sample, batch_size: int = 8) -> list[int]:
+    """Blocks from least to most influential by ShortGPT's block influence 1 - cos(h_in, h_out)."""
+    influence = 1 - block_similarity(space, pool, sample, 1, batch_size)
+    return torch.argsort(influence, stable=True).tolist()
+
+
+def angular_run(space: DropSpace, pool: TokenPool, sample: Sample, k: int, batch_size: int = 8) -> range:
+    """The ``k`` consecutive blocks whose input and output are closest in angle."""
+    cos = block_similarity(space, pool, sample, k, batch_size).clamp(-1, 1)
+    start = int(torch.argmin(torch.arccos(cos)))
+    return range(start, start + k)
 
 
 def _drop(inputs: BaselineInputs) -> DropSpace:
@@ -54,16 +63,11 @@ def _drop(inputs: BaselineInputs) -> DropSpace:
 
 def shortgpt(inputs: BaselineInputs) -> Config:
     space = _drop(inputs)
-    influence = 1 - _similarity(inputs, 1)
-    drop = set(torch.argsort(influence, stable=True)[: space.k].tolist())
+    drop = set(shortgpt_order(space, inputs.pool, inputs.pool.first(inputs.tokens), inputs.batch_size)[: space.k])
     return space.config_from_masks([(b in drop, b in drop) for b in range(space.num_blocks)])
 
 
 def angular(inputs: BaselineInputs) -> Config:
     space = _drop(inputs)
-    cos = _similarity(inputs, space.k).clamp(-1, 1)
-    start = int(torch.argmin(torch.arccos(cos)))
-    drop = range(start, start + space.k)
+    drop = angular_run(space, inputs.pool, inputs.pool.first(inputs.tokens), space.k, inputs.batch_size)
     return space.config_from_masks([(b in drop, b in drop) for b in range(space.num_blocks)])
-
-

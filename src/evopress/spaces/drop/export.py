@@ -50,10 +50,11 @@ def _shrink_config(config: Any, keep: list[int], blocks: int) -> None:
     config.num_hidden_layers = len(keep)
 
 
-def export(space: DropSpace, config: Config, out: Path, tokenizer: Any) -> dict[str, Any]:
-    """The checkpoint described in the module doc; modifies the model in place."""
-    space.apply(None)
-    masks = space.masks(config)
+def remove_blocks(space: DropSpace, masks: list[tuple[bool, bool]]) -> tuple[list[int], dict[str, list[int]]]:
+    """Make the (dense) model compute the sub-block ``masks`` with standard modules, as the module doc says.
+
+    Returns the kept blocks and the dropped sub-blocks by index among them.
+    """
     keep = [b for b, (attn, mlp) in enumerate(masks) if not (attn and mlp)]
     _shrink_config(space.decoder.text_config, keep, space.num_blocks)  # first: it may refuse
     kept = [masks[b] for b in keep]
@@ -65,7 +66,6 @@ def export(space: DropSpace, config: Config, out: Path, tokenizer: Any) -> dict[
                 proj.weight.data.zero_()
                 if proj.bias is not None:
                     proj.bias.data.zero_()
-    model = space.decoder.model
     layers = space.decoder.layers
     for b in reversed(range(space.num_blocks)):
         if b not in keep:
@@ -74,7 +74,15 @@ def export(space: DropSpace, config: Config, out: Path, tokenizer: Any) -> dict[
         for m in layer.modules():
             if hasattr(m, "layer_idx"):
                 m.layer_idx = i
-    setattr(model.config, DROPPED, dropped)
+    return keep, dropped
+
+
+def export(space: DropSpace, config: Config, out: Path, tokenizer: Any) -> dict[str, Any]:
+    """The checkpoint described in the module doc; modifies the model in place."""
+    space.apply(None)
+    keep, dropped = remove_blocks(space, space.masks(config))
+    model = space.decoder.model
+    setattr(model.config, DROPPED, dropped)  # load_compressed makes them compute nothing
     out = Path(out)
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)

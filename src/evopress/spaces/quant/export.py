@@ -131,26 +131,36 @@ def llmcompressor_recipe(layer_bits: dict[str, int], group_size: int, damp: floa
         "config_groups": config_groups(layer_bits, group_size)}}}}
 
 
-def export_quantized(space: QuantSpace, config: Config, out: Path, tokenizer: Any) -> dict[str, Any]:
-    """Write the checkpoint and configs for ``config`` (see module doc); leaves the model dense."""
-    space.apply(None)
-    model = space.decoder.model
-    layer_bits = space.layer_bits(config)
-    tensors = model_tensors(model, {f"{name}.weight" for name in space.units})
-    for u, name in enumerate(space.units):
-        for key, value in to_compressed_tensors(space.quantized(u, layer_bits[name])).items():
+def write_quantized(model: torch.nn.Module, quantized: dict[str, QuantizedWeight], out: Path, tokenizer: Any,
+                    group_size: int, damp: float, profile: dict[str, Any]) -> dict[str, int]:
+    """The checkpoint and configs with ``quantized`` layers (by module name) packed, the rest dense.
+
+    ``profile`` goes to ``evopress_profile.json`` with the layer bits and the formats' notes added.
+    Returns the layer bits.
+    """
+    layer_bits = {name: q.grid.bits for name, q in quantized.items()}
+    tensors = model_tensors(model, {f"{name}.weight" for name in quantized})
+    for name, q in quantized.items():
+        for key, value in to_compressed_tensors(q).items():
             tensors[f"{name}.{key}"] = value.cpu()
-    write_checkpoint(model, tensors, quantization_config(layer_bits, space.group_size), out, tokenizer)
-    damp = space.db.manifest["damp"]
-    write_json(out / GPTQMODEL, gptqmodel_config(layer_bits, space.group_size, damp))
-    recipe = yaml.safe_dump(llmcompressor_recipe(layer_bits, space.group_size, damp), sort_keys=False)
+    write_checkpoint(model, tensors, quantization_config(layer_bits, group_size), out, tokenizer)
+    write_json(out / GPTQMODEL, gptqmodel_config(layer_bits, group_size, damp))
+    recipe = yaml.safe_dump(llmcompressor_recipe(layer_bits, group_size, damp), sort_keys=False)
     atomic_write(out / RECIPE, lambda tmp: tmp.write_text(recipe))
-    budget = space.budget_report(config)
-    write_json(out / PROFILE, {"space": space.name, "target": space.target, "group_size": space.group_size,
-                               "symmetric": False, "layer_bits": layer_bits, "budget": budget,
+    write_json(out / PROFILE, {**profile, "group_size": group_size, "symmetric": False, "layer_bits": layer_bits,
                                "formats": {WEIGHTS: "compressed-tensors pack-quantized (see evopress.export_quant)",
                                            GPTQMODEL: "GPTQModel QuantizeConfig with per-module dynamic bits",
                                            RECIPE: "llm-compressor GPTQModifier recipe"}})
+    return layer_bits
+
+
+def export_quantized(space: QuantSpace, config: Config, out: Path, tokenizer: Any) -> dict[str, Any]:
+    """Write the checkpoint and configs for ``config`` (see module doc); leaves the model dense."""
+    space.apply(None)
+    quantized = {name: space.quantized(u, bits) for u, (name, bits) in enumerate(space.layer_bits(config).items())}
+    budget = space.budget_report(config)
+    write_quantized(space.decoder.model, quantized, out, tokenizer, space.group_size, space.db.manifest["damp"],
+                    {"space": space.name, "target": space.target, "budget": budget})
     return {"out": str(out), "weights_bytes": (out / WEIGHTS).stat().st_size,
             "layers_per_bitwidth": budget["layers_per_bitwidth"], "accounting": budget["accounting"],
             "achieved_bits": budget["achieved"], "files": [WEIGHTS, "config.json", GPTQMODEL, RECIPE, PROFILE]}

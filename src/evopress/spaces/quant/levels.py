@@ -64,6 +64,18 @@ def level_cost(bits: int, shape: tuple[int, int], grid: QuantGrid, overhead: boo
     return cost
 
 
+def packed_bytes(bits: int, shape: tuple[int, int], grid: QuantGrid) -> int:
+    """Bytes one layer takes in the compressed-tensors export at ``bits`` (``export.to_compressed_tensors``).
+
+    Codes and zero points are int32 words densely packed per row (codes along the input dimension,
+    zero points along the output dimension, one row per group), scales fp16, plus the int64 shape.
+    """
+    out, n = shape
+    groups = n // grid.group_len(n)
+    words = -(-n * bits // 32) * out + -(-out * bits // 32) * groups
+    return 4 * words + 2 * out * groups + 16
+
+
 # ----------------------------------------------------------------------------------------------
 # Exact-budget dynamic programs (multiple-choice knapsack with an equality constraint)
 

@@ -44,7 +44,7 @@ from ...models import Decoder
 from ..base import Config, Problem, shortest_decimal
 from ..layerwise import LayerwiseSpace
 from .build import packed_keys
-from .levels import MAX_BITS, default_levels, exact_knapsack, level_cost, max_reachable
+from .levels import MAX_BITS, default_levels, exact_knapsack, level_cost, max_reachable, packed_bytes
 
 GROUP_RULES = ("size", "name")
 
@@ -202,9 +202,10 @@ class QuantSpace(LayerwiseSpace):
         return target
 
     def level_bits(self, u: int, level: int) -> int:
-        """True bits, whatever the budget's accounting: packed codes plus each group's fp16 scale and zero."""
+        """What the export writes for the layer (packed codes and zero points, fp16 scales, shape), in bits:
+        the true size whatever the budget's accounting, and the joint space's byte cost."""
         bits = self.bits[level]
-        return level_cost(bits, self.shapes[u], self.grid(bits), True)
+        return 8 * packed_bytes(bits, self.shapes[u], self.grid(bits))
 
     def layer_bits(self, config: Config) -> dict[str, int]:
         return {name: self.bits[level] for name, level in zip(self.units, config)}

@@ -1,0 +1,175 @@
+"""Joint space: drop attention/MLP sub-blocks and choose every remaining linear layer's bitwidth, in bytes.
+
+Composition, not a fork: a ``QuantSpace`` (built without a target) supplies the layers, their levels
+and decoded weights from a quant database; a ``DropSpace`` (sub-block granularity, no target)
+supplies the dropping, the same module swap the depth space makes. Units are the quant space's
+linear layers, then one unit per attention and per MLP sub-block (level 1: dropped).
+
+Budget: true bytes, exactly what the export writes for a layer (``quant.levels.packed_bytes``:
+int32-packed codes and zero points, fp16 scales, the shape), zero for a dropped sub-block. A
+dropped sub-block is a ``Problem`` mask: while its unit is at level 1 its layers cost nothing and
+their levels do not matter. ``--target`` is average bits per compressible weight counting scales
+and zero points (``--target-bits``), or with ``--target-bytes`` a byte count. The search keeps the
+achieved bytes in ``[budget - slack, budget]`` with ``slack = floor(budget * tolerance)`` (default
+0.1%, ``--byte-tolerance``; a tiny model's layer steps need more): never above the target. Layer
+steps cost unequal bytes, so no single up/down pair keeps a total; ``base.window_switch`` makes one random move (a layer a bit up or down, or a sub-block dropped or
+restored) and then moves other layers one level at a time until the total is back in the window.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Sequence
+
+import numpy as np
+
+from ...errors import UserError
+from ...models import Decoder
+from ..base import Config, Problem, Space, settle
+from ..drop.space import DropSpace
+from ..quant.levels import packed_bytes
+from ..quant.space import QuantSpace
+
+TOLERANCE = 0.001  # default: achieved bytes stay within 0.1% below the target
+KEPT, DROPPED = "keep", "drop"
+
+
+def check_target(target: float) -> None:
+    if not target > 0:
+        raise UserError(f"--target {target}: joint targets are average bits per weight (e.g. 3) or, with "
+                        "--target-bytes, a byte count; both positive")
+
+
+class JointSpace(Space):
+    name = "joint"
+
+    def __init__(self, decoder: Decoder, target: float | None, db: str | None = None, target_bytes: bool = False,
+                 tolerance: float = TOLERANCE, bits: Sequence[int] | None = None):
+        if not 0 <= tolerance < 1:
+            raise UserError(f"--byte-tolerance {tolerance}: a fraction in [0, 1), e.g. 0.001")
+        self.quant = QuantSpace(decoder, None, db=db, bits=bits)
+        self.drop = DropSpace(decoder, None)
+        self._dense_bytes = self.quant.dense_bytes()  # now: a dropped sub-block's modules are swapped out later
+        self.decoder, self.target, self.target_bytes, self.tolerance = decoder, target, target_bytes, tolerance
+        self.num_blocks = decoder.num_blocks
+        q = self.layers = len(self.quant.units)
+        self.units = self.quant.units + self.drop.units
+        self.unit_block = self.quant.unit_block + self.drop.unit_block
+        costs = tuple(tuple(packed_bytes(b, s, self.quant.grid(b)) for b in self.quant.bits) for s in self.quant.shapes)
+        self.numel = self.quant.numel
+        masks = tuple((q + i, 1, self._members(sub)) for i, sub in enumerate(self.drop.units))
+        top = sum(c[-1] for c in costs)
+        budget = self._budget(target) if target is not None else top
+        if budget > top:
+            raise UserError(f"--target {target:g} is above the most expensive configuration: {top:,} bytes "
+                            f"({8 * top / self.numel:.4f} bits per weight) with every layer at "
+                            f"{self.quant.bits[-1]} bits; database {self.quant.db.root}")
+        self.problem = Problem(num_levels=(len(self.quant.bits),) * q + (2,) * len(self.drop.units),
+                               costs=costs + ((0, 0),) * len(self.drop.units), budget=budget,
+                               groups=(tuple(range(len(self.units))),), slack=math.floor(budget * tolerance),
+                               masks=masks)
+
+    def _budget(self, target: float) -> int:
+        check_target(target)
+        return math.floor(target) if self.target_bytes else math.floor(target * self.numel / 8)
+
+    def _members(self, sub_block: str) -> tuple[int, ...]:
+        members = tuple(u for u, name in enumerate(self.quant.units) if name.startswith(sub_block + "."))
+        if not members:
+            raise UserError(f"cannot drop {sub_block}: it holds none of the database's linear layers")
+        return members
+
+    # -- the two composed spaces -------------------------------------------------------------------
+
+    def split(self, config: Config) -> tuple[Config, Config]:
+        """(quant levels of the layers, depth levels of the sub-blocks)."""
+        return tuple(config[: self.layers]), tuple(config[self.layers:])
+
+    def apply(self, config: Config | None) -> None:
+        layers, subs = (None, None) if config is None else self.split(config)
+        self.quant.apply(layers)
+        self.drop.apply(subs)
+
+    def dropped(self, config: Config) -> list[tuple[bool, bool]]:
+        return self.drop.masks(self.split(config)[1])
+
+    def kept_layers(self, config: Config) -> list[int]:
+        """Layer units whose sub-block is kept."""
+        return [u for u in range(self.layers) if self.problem.active(config, u)]
+
+    def compose(self, layer_levels: Sequence[int], masks: Sequence[tuple[bool, bool]]) -> Config:
+        return tuple(layer_levels) + self.drop.config_from_masks(list(masks))
+
+    # -- configurations ------------------------------------------------------------------------------
+
+    def random_config(self, rng: np.random.Generator) -> Config:
+        """The lowest uniform bitwidth above the window (sub-blocks dropped at random while even the lowest
+        is above), then random single-level moves down into the window (``base.settle``)."""
+        p, n, subs = self.problem, self.layers, len(self.drop.units)
+        start = next((lv for lv in range(len(self.quant.bits)) if p.cost((lv,) * n + (0,) * subs) > p.budget),
+                     len(self.quant.bits) - 1)
+        config = [start] * n + [0] * subs
+        for s in rng.permutation(subs):
+            if p.cost([0] * n + config[n:]) <= p.budget:
+                break
+            config[n + int(s)] = 1
+        if settle(config, p, rng, range(len(config))):
+            return tuple(config)
+        raise UserError(f"--target {self.target:g}: no configuration found within {self.tolerance:.2%} below "
+                        f"{p.budget:,} bytes; the layer steps are too coarse for the window (raise --byte-tolerance)")
+
+    def options(self) -> dict[str, Any]:
+        return {"db": str(self.quant.db.root.resolve()), "bits": list(self.quant.bits),
+                "target_bytes": self.target_bytes, "tolerance": self.tolerance}
+
+    def check_calibration(self, pool: Any) -> None:
+        self.quant.check_calibration(pool)
+
+    def level_labels(self, u: int) -> list[Any]:
+        return list(self.quant.bits) if u < self.layers else [KEPT, DROPPED]
+
+    def layer_bits(self, config: Config) -> dict[str, int]:
+        """Bits of every layer whose sub-block is kept."""
+        return {self.units[u]: self.quant.bits[config[u]] for u in self.kept_layers(config)}
+
+    # -- size -----------------------------------------------------------------------------------------
+
+    def size_bytes(self, config: Config) -> int:
+        return self.problem.cost(config)
+
+    def dense_bytes(self) -> int:
+        return self._dense_bytes
+
+    def budget_report(self, config: Config) -> dict[str, Any]:
+        p = self.problem
+        size = p.cost(config)
+        masks = self.dropped(config)
+        histogram: dict[str, int] = {}
+        for b in sorted(self.layer_bits(config).values()):
+            histogram[str(b)] = histogram.get(str(b), 0) + 1
+        values = [float(self.quant.bits[lv]) if p.active(config, u) else 0.0
+                  for u, lv in enumerate(config[: self.layers])]
+        for i, (b, kind) in enumerate((b, k) for k in range(2) for b in range(self.num_blocks)):
+            members = p.masks[i][2]
+            values.append(0.0 if masks[b][kind] else sum(values[m] for m in members) / len(members))
+        return {
+            "target": self.target,
+            "target_unit": "bytes" if self.target_bytes else "average bits per weight (scales and zero points counted)",
+            "rule": f"true bytes in [budget - {self.tolerance:.2%}, budget]: packed codes, fp16 scales and packed zero "
+                    "points per group as the export stores them; 0 for a dropped sub-block",
+            "budget_bytes": p.budget,
+            "lowest_bytes": p.budget - p.slack,
+            "bytes": size,
+            "achieved": 8 * size / self.numel,
+            "bits_per_weight": 8 * size / self.numel,
+            "dense_bytes": self.dense_bytes(),
+            "weights": self.numel,
+            "dropped_attention": [b for b, (a, _) in enumerate(masks) if a],
+            "dropped_mlp": [b for b, (_, m) in enumerate(masks) if m],
+            "removed_blocks": [b for b, (a, m) in enumerate(masks) if a and m],
+            "layers_per_bitwidth": histogram,
+            "group_size": self.quant.group_size,
+            "unit_values": values,
+            "value_label": "bits (0: dropped)",
+        }
+
