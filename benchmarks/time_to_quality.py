@@ -184,6 +184,22 @@ def summarise(runs: dict[str, dict[int, dict]], seeds: list[int]) -> dict:
     return out
 
 
+def markdown(summary: dict) -> str:
+    """The per-seed table of docs/speed.md, from a summary."""
+    lines = [f"target: naive median final held-out KL {summary['target_kl']:.4f}", "",
+             "| mode | seed | naive: wall / CPU s | naive KL / PPL | reached at gen | wall / CPU s to target "
+             "| ratio wall / CPU | same wall: gen, KL / PPL |", "|---|---|---|---|---|---|---|---|"]
+    for mode, d in summary["modes"].items():
+        for r in d["per_seed"]:
+            hit = (f"{r['reached_generation']} | {r['wall_to_quality']:.0f} / {r['cpu_to_quality']:.0f} | "
+                   f"{r['wall_ratio']:.2f}x / {r['cpu_ratio']:.2f}x") if r["wall_to_quality"] else "not reached | - | -"
+            lines.append(f"| {mode} | {r['seed']} | {r['naive_wall']:.0f} / {r['naive_cpu']:.0f} | "
+                         f"{r['naive_kl']:.3f} / {r['naive_ppl']:.1f} | {hit} | {r['same_wall_generation']}, "
+                         f"{r['same_wall_kl']:.3f} / {r['same_wall_ppl']:.1f} |")
+        lines.append(f"| {mode} | median | | | | | {d['median_wall_ratio']:.2f}x / {d['median_cpu_ratio']:.2f}x | |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--seeds", default="0,1,2")
@@ -207,6 +223,7 @@ def main() -> None:
     summary = summarise(runs, seeds)
     text = json.dumps(summary, indent=2)
     print(text)
+    print(markdown(summary), file=sys.stderr)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(text + "\n")
