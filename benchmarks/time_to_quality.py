@@ -117,6 +117,7 @@ def run_mode(args: argparse.Namespace) -> dict:
         if mode != "naive":
             row.update(clock.paused(held_out, state.parent))
         trace.append(row)
+        print(json.dumps({"mode": mode, "seed": seed, **row}), file=sys.stderr, flush=True)  # progress
         if args.budget and wall >= args.budget:
             raise _OutOfTime
 
