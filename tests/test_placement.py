@@ -49,6 +49,27 @@ def test_offloaded_search_equals_resident_search(space, build, target, tiny_chec
     assert offloaded["recipe"]["max_memory"] == "cpu=30KB"  # recorded, but not part of the fingerprint
 
 
+@pytest.mark.parametrize("space, build", [("sparsity", ["--levels", "3"]), ("quant", ["--bits", "2,3"])])
+def test_a_database_built_offloaded_equals_the_resident_build(space, build, tiny_checkpoint, tmp_path):
+    """build-db with every block offloaded (one made resident at a time) writes the same levels."""
+    from safetensors.torch import load_file
+
+    model, text = tiny_checkpoint
+    common = ["--space", space, *build, "--model", str(model), "--data", str(text), "--seq-len", "32",
+              "--calib-tokens", "256", "--quiet"]
+    assert main(["build-db", *common, "--out", str(tmp_path / "resident")]) == 0
+    assert main(["build-db", *common, *OFFLOAD, "--out", str(tmp_path / "offloaded")]) == 0
+    files = sorted(p.name for p in (tmp_path / "resident" / "layers").iterdir())
+    assert files and files == sorted(p.name for p in (tmp_path / "offloaded" / "layers").iterdir())
+    for name in files:
+        resident, offloaded = (load_file(str(tmp_path / d / "layers" / name)) for d in ("resident", "offloaded"))
+        assert resident.keys() == offloaded.keys()
+        assert all(torch.equal(resident[k], offloaded[k]) for k in resident), name
+    manifests = [json.loads((tmp_path / d / "manifest.json").read_text()) for d in ("resident", "offloaded")]
+    assert [{k: v for k, v in m.items() if k != "seconds"} for m in manifests] == [
+        {k: v for k, v in manifests[0].items() if k != "seconds"}] * 2
+
+
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_dense_weights_come_back_from_the_checkpoint_bit_for_bit(dtype, tiny_checkpoint, tmp_path):
     from evopress.data import TokenPool

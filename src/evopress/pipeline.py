@@ -23,7 +23,7 @@ from .fitness import Evaluator
 from .interchange import (choose_format, format_config, get_format, implied_target, parse_config, read_text,
                           write_config)
 from .io import locked_dir, read_json, write_json
-from .models import Decoder, Hardware, LoadedModel, load_model, resolve_device, resolve_dtype
+from .models import Decoder, Hardware, LoadedModel
 from .evolution import SearchState, evolve
 from .recipe import Recipe, make_recipe
 from .spaces import Space, baselines, get_plugin, make_space
@@ -387,6 +387,8 @@ class DatabaseRequest:
     calib_tokens: int = 16384
     batch_size: int = 8
     bos: str = "auto"
+    device_map: str | None = None  # blocks spread or offloaded as in a search (placement.py)
+    max_memory: str | None = None
 
 
 def build_database(request: DatabaseRequest, progress: bool = True,
@@ -394,8 +396,7 @@ def build_database(request: DatabaseRequest, progress: bool = True,
     plugin = get_plugin(request.space)
     if plugin.build is None:
         raise UserError(f"space '{request.space}' needs no database")
-    dev = resolve_device(request.device)
-    loaded = load_model(request.model, dev, resolve_dtype(request.dtype, dev), log)
+    loaded = Hardware(request.device, request.dtype, request.device_map, request.max_memory).load(request.model, log)
     pool = load_pool(loaded.tokenizer, request.data, "calibration", request.seq_len, request.calib_tokens,
                      bos_token(loaded.tokenizer, request.bos))
     log(f"building a '{request.space}' database for {loaded.name} on {pool.tokens} tokens of '{request.data}'")

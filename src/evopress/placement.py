@@ -14,6 +14,7 @@ demand (accelerate's hooks move each block's inputs to its execution device).
 from __future__ import annotations
 
 import json
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
@@ -52,6 +53,37 @@ def named_parameters(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
                 yield full, hook.weights_map[name].to(param.dtype)
             else:
                 yield full, param
+
+
+@contextmanager
+def resident(module: nn.Module) -> Iterator[None]:
+    """``module``'s offloaded weights on their execution device for a while, its offload hooks paused.
+
+    Why: building a database reads and rewrites a block's weights between forwards (Hessians live on
+    the weight's device, solvers read the weight, a calibration level is installed before the next
+    block's inputs are computed), and an offloaded layer holds only meta tensors between forwards.
+    A build makes one block resident at a time, so it needs one block's memory beyond the placement.
+    Nothing it does to the weights outlives the block: they go back to the meta device on exit.
+    """
+    from accelerate.utils import set_module_tensor_to_device
+
+    paused = []
+    try:
+        for m in module.modules():
+            hook = offload_hook(m)
+            if hook is None:
+                continue
+            names = [n for n, p in m.named_parameters(recurse=False) if p.device.type == "meta"]
+            for n in names:  # cast to the model's dtype, as the hook casts at every forward
+                set_module_tensor_to_device(m, n, hook.execution_device, value=hook.weights_map[n])
+            hook.offload = False
+            paused.append((m, hook, names))
+        yield
+    finally:
+        for m, hook, names in paused:
+            for n in names:
+                set_module_tensor_to_device(m, n, "meta")
+            hook.offload = True
 
 
 class WeightOverride(Mapping[str, torch.Tensor]):
