@@ -142,3 +142,25 @@ def test_a_result_saved_on_a_gpu_machine_evaluates_here_with_device_cpu(tiny_che
                  "--eval-seq-len", "32", "--quiet"]) == 0
     with pytest.raises(UserError, match="unknown device"):
         make_recipe(device="warp-drive")
+
+
+def test_torchrun_ranks_place_their_replicas_over_disjoint_gpu_shares():
+    """N ranks with --device-map on G GPUs: rank r gets GPUs r·G/N ..; indices in the flags count within it."""
+    from evopress.distributed import _first_gpu
+    from evopress.placement import for_share, gpu_share
+
+    assert [gpu_share(r, 4, 8) for r in range(4)] == [[0, 1], [2, 3], [4, 5], [6, 7]]
+    assert gpu_share(1, 2, 8) == [4, 5, 6, 7] and gpu_share(0, 1, 2) == [0, 1]
+    assert [_first_gpu(r, 4, 8) for r in range(4)] == [0, 2, 4, 6]
+    assert [_first_gpu(r, 2, 2) for r in range(2)] == [0, 1] and _first_gpu(2, 3, 8) == 2  # uneven: own index
+    for ranks, gpus in ((3, 8), (4, 2)):
+        with pytest.raises(UserError, match="cannot split"):
+            gpu_share(0, ranks, gpus)
+    available = {g: 80 << 30 for g in range(8)} | {"cpu": 500 << 30}
+    placed, memory = for_share("auto", parse_max_memory("0=70GiB,1=60GiB,cpu=100GiB"), [2, 3], available)
+    assert placed == "auto" and memory == {2: "70GiB", 3: "60GiB", "cpu": "100GiB"}
+    assert for_share("balanced", None, [4, 5], available)[1] == {4: 80 << 30, 5: 80 << 30, "cpu": 500 << 30}
+    placed, _ = for_share({"model.layers.0": 1, "model.layers.1": "disk", "lm_head": 0}, None, [6, 7], available)
+    assert placed == {"model.layers.0": 7, "model.layers.1": "disk", "lm_head": 6}
+    with pytest.raises(UserError, match="each rank places its replica over 2 GPU"):
+        for_share("auto", parse_max_memory("2=70GiB"), [2, 3], available)
