@@ -164,3 +164,19 @@ def test_torchrun_ranks_place_their_replicas_over_disjoint_gpu_shares():
     assert placed == {"model.layers.0": 7, "model.layers.1": "disk", "lm_head": 6}
     with pytest.raises(UserError, match="each rank places its replica over 2 GPU"):
         for_share("auto", parse_max_memory("2=70GiB"), [2, 3], available)
+
+
+def test_released_checkpoint_pages_read_back_the_same_values(tiny_checkpoint):
+    """A CPU model views its safetensors file; releasing a weight's pages frees RSS, never changes values."""
+    from evopress.hostmem import release_file_pages
+
+    model, _ = tiny_checkpoint
+    loaded = Hardware("cpu").load(str(model))
+    weights = [m.weight for m in loaded.decoder.linear_layers().values()]
+    before = [w.detach().clone() for w in weights]
+    released = [release_file_pages(w.data) for w in weights]
+    assert any(released)  # the tiny layers are smaller than a page or two: the larger ones span whole pages
+    assert all(torch.equal(w, b) for w, b in zip(weights, before))
+    anonymous = torch.randn(1 << 16)
+    copy = anonymous.clone()
+    assert not release_file_pages(anonymous) and torch.equal(anonymous, copy)  # anonymous memory is left alone

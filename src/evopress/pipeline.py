@@ -20,6 +20,7 @@ from .distributed import from_main, is_main, sharded
 from .evaluate import EVAL, EvalSettings, HeldOut, lm_eval_tasks, write_eval
 from .errors import UserError
 from .fitness import Evaluator
+from .hostmem import trim_heap
 from .interchange import (choose_format, format_config, get_format, implied_target, parse_config, read_text,
                           write_config)
 from .io import locked_dir, read_json, write_json
@@ -56,8 +57,11 @@ def prepare(recipe: Recipe, log: Callable[[str], None] = print, loaded: LoadedMo
                   "the calibration pool", log)
     loaded = loaded or recipe.hardware.load(recipe.model, log)
     decoder = loaded.decoder
-    space = make_space(recipe.space, decoder, recipe.target, recipe.space_options)
+    # the pool before the space: tokenizing's temporaries (a few hundred MB of heap, handed back after)
+    # then add to a model not yet fully paged in and no database cache (benchmarks/memory_phases.py)
     pool = _calibration_pool(recipe, loaded.tokenizer, log)
+    trim_heap()
+    space = make_space(recipe.space, decoder, recipe.target, recipe.space_options)
     space.check_calibration(pool)
     log(f"model {loaded.name}: {decoder.num_blocks} blocks, head on {decoder.device} ({decoder.head.weight.dtype}); "
         f"calibration {pool.tokens} tokens of '{recipe.data}' in {len(pool.windows)} windows of {pool.seq_len}, "
