@@ -23,8 +23,8 @@ from ..database import (DECODED_CACHE_ENV, DEFAULT_DECODED_CACHE_GB, BuildLog, B
                         cache_budget, calibrate_blocks, data_fingerprint, layer_file, linear_units, model_fingerprint,
                         save_layer, tensor_bytes)
 from ..errors import UserError
-from ..models import Decoder
 from ..hostmem import release_file_pages
+from ..models import Decoder
 from ..placement import WeightOverride, offload_hook
 from .base import CliOption, Config, Space
 
