@@ -4,8 +4,9 @@
     python benchmarks/host_memory.py --out runs/memory --src OLD/src --label before   # another checkout
 
 Builds small level databases with the measured checkout once (sparsity ±2 levels around 50%, quant
-2,3,4 bits; reused by later runs with the same label), then runs a short search per space in a fresh process that reports its own peak RSS
-(``ru_maxrss``) at exit. The bound is model bytes + database cache + teacher cache + 25%, where the
+2,3,4 bits; reused by later runs with the same label), then runs a short search per space in a fresh
+process (``memory_phases.py``) that logs its RSS after every phase to ``OUT/LABEL-SPACE.phases`` and
+its peak RSS (VmHWM) at exit. The bound is model bytes + database cache + teacher cache + 25%, where the
 database cache is what the search can hold (min of ``$EVOPRESS_DB_CACHE_GB`` and the database on disk)
 and the teacher cache is ``pool tokens x (hidden + 2) x 4`` bytes. Results append to
 ``OUT/memory.tsv``.
@@ -24,13 +25,12 @@ CALIB = ["--seq-len", "256", "--calib-tokens", "8192"]
 SEARCH = ["--generations", "2", "--offspring", "8", "--stages", "2:256,1:1024", "--final-tokens", "1024", "--quiet"]
 # --target is build-db's older name for --center, so older checkouts run the same command
 SPACES = {"sparsity": (["--target", "0.5", "--levels", "2"], "0.5"), "quant": (["--bits", "2,3,4"], "3")}
-CHILD = ("import resource, sys; from evopress.cli import main; rc = main(sys.argv[1:]); "
-         "print('peak_rss_kib', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr); sys.exit(rc)")
+PHASES = str(Path(__file__).resolve().parent / "memory_phases.py")  # runs evopress, logs RSS per phase and the peak
 
 
 def evopress(args: list[str], src: str) -> tuple[int, str]:
     env = {**os.environ, "PYTHONPATH": src}
-    proc = subprocess.run([sys.executable, "-c", CHILD, *args], env=env, capture_output=True, text=True)
+    proc = subprocess.run([sys.executable, PHASES, *args], env=env, capture_output=True, text=True)
     if proc.returncode != 0:
         raise SystemExit(proc.stderr)
     return proc.returncode, proc.stderr
@@ -52,12 +52,14 @@ def main() -> None:
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--src", default=str(Path(__file__).resolve().parents[1] / "src"))
     p.add_argument("--label", default="after")
+    p.add_argument("--spaces", default=",".join(SPACES), help="which of %(default)s to measure")
     args = p.parse_args()
     here = str(Path(__file__).resolve().parents[1] / "src")
     weights, hidden, imports = model_bytes(here)
     cache_gb = float(os.environ.get("EVOPRESS_DB_CACHE_GB", "8"))
     rows = []
-    for space, (build, target) in SPACES.items():
+    for space in args.spaces.split(","):
+        build, target = SPACES[space]
         db = args.out / f"db-{args.label}-{space}"
         if not (db / "manifest.json").is_file():
             evopress(["build-db", "--space", space, *build, *CALIB, "--out", str(db), "--quiet"], args.src)
@@ -65,6 +67,7 @@ def main() -> None:
         run = args.out / f"{args.label}-{space}"
         _, err = evopress(["search", "--space", space, "--target", target, "--db", str(db), *CALIB, *SEARCH,
                            "--out", str(run), "--restart"], args.src)
+        (args.out / f"{args.label}-{space}.phases").write_text(err)
         peak = int(err.split("peak_rss_kib")[-1].split()[0]) * 1024
         teacher = 8192 * (hidden + 2) * 4
         bound = 1.25 * (weights + min(db_bytes, cache_gb * 2**30) + teacher)

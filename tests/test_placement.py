@@ -49,6 +49,27 @@ def test_offloaded_search_equals_resident_search(space, build, target, tiny_chec
     assert offloaded["recipe"]["max_memory"] == "cpu=30KB"  # recorded, but not part of the fingerprint
 
 
+@pytest.mark.parametrize("space, build", [("sparsity", ["--levels", "3"]), ("quant", ["--bits", "2,3"])])
+def test_a_database_built_offloaded_equals_the_resident_build(space, build, tiny_checkpoint, tmp_path):
+    """build-db with every block offloaded (one made resident at a time) writes the same levels."""
+    from safetensors.torch import load_file
+
+    model, text = tiny_checkpoint
+    common = ["--space", space, *build, "--model", str(model), "--data", str(text), "--seq-len", "32",
+              "--calib-tokens", "256", "--quiet"]
+    assert main(["build-db", *common, "--out", str(tmp_path / "resident")]) == 0
+    assert main(["build-db", *common, *OFFLOAD, "--out", str(tmp_path / "offloaded")]) == 0
+    files = sorted(p.name for p in (tmp_path / "resident" / "layers").iterdir())
+    assert files and files == sorted(p.name for p in (tmp_path / "offloaded" / "layers").iterdir())
+    for name in files:
+        resident, offloaded = (load_file(str(tmp_path / d / "layers" / name)) for d in ("resident", "offloaded"))
+        assert resident.keys() == offloaded.keys()
+        assert all(torch.equal(resident[k], offloaded[k]) for k in resident), name
+    manifests = [json.loads((tmp_path / d / "manifest.json").read_text()) for d in ("resident", "offloaded")]
+    assert [{k: v for k, v in m.items() if k != "seconds"} for m in manifests] == [
+        {k: v for k, v in manifests[0].items() if k != "seconds"}] * 2
+
+
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_dense_weights_come_back_from_the_checkpoint_bit_for_bit(dtype, tiny_checkpoint, tmp_path):
     from evopress.data import TokenPool
@@ -121,3 +142,41 @@ def test_a_result_saved_on_a_gpu_machine_evaluates_here_with_device_cpu(tiny_che
                  "--eval-seq-len", "32", "--quiet"]) == 0
     with pytest.raises(UserError, match="unknown device"):
         make_recipe(device="warp-drive")
+
+
+def test_torchrun_ranks_place_their_replicas_over_disjoint_gpu_shares():
+    """N ranks with --device-map on G GPUs: rank r gets GPUs r·G/N ..; indices in the flags count within it."""
+    from evopress.distributed import _first_gpu
+    from evopress.placement import for_share, gpu_share
+
+    assert [gpu_share(r, 4, 8) for r in range(4)] == [[0, 1], [2, 3], [4, 5], [6, 7]]
+    assert gpu_share(1, 2, 8) == [4, 5, 6, 7] and gpu_share(0, 1, 2) == [0, 1]
+    assert [_first_gpu(r, 4, 8) for r in range(4)] == [0, 2, 4, 6]
+    assert [_first_gpu(r, 2, 2) for r in range(2)] == [0, 1] and _first_gpu(2, 3, 8) == 2  # uneven: own index
+    for ranks, gpus in ((3, 8), (4, 2)):
+        with pytest.raises(UserError, match="cannot split"):
+            gpu_share(0, ranks, gpus)
+    available = {g: 80 << 30 for g in range(8)} | {"cpu": 500 << 30}
+    placed, memory = for_share("auto", parse_max_memory("0=70GiB,1=60GiB,cpu=100GiB"), [2, 3], available)
+    assert placed == "auto" and memory == {2: "70GiB", 3: "60GiB", "cpu": "100GiB"}
+    assert for_share("balanced", None, [4, 5], available)[1] == {4: 80 << 30, 5: 80 << 30, "cpu": 500 << 30}
+    placed, _ = for_share({"model.layers.0": 1, "model.layers.1": "disk", "lm_head": 0}, None, [6, 7], available)
+    assert placed == {"model.layers.0": 7, "model.layers.1": "disk", "lm_head": 6}
+    with pytest.raises(UserError, match="each rank places its replica over 2 GPU"):
+        for_share("auto", parse_max_memory("2=70GiB"), [2, 3], available)
+
+
+def test_released_checkpoint_pages_read_back_the_same_values(tiny_checkpoint):
+    """A CPU model views its safetensors file; releasing a weight's pages frees RSS, never changes values."""
+    from evopress.hostmem import release_file_pages
+
+    model, _ = tiny_checkpoint
+    loaded = Hardware("cpu").load(str(model))
+    weights = [m.weight for m in loaded.decoder.linear_layers().values()]
+    before = [w.detach().clone() for w in weights]
+    released = [release_file_pages(w.data) for w in weights]
+    assert any(released)  # the tiny layers are smaller than a page or two: the larger ones span whole pages
+    assert all(torch.equal(w, b) for w, b in zip(weights, before))
+    anonymous = torch.randn(1 << 16)
+    copy = anonymous.clone()
+    assert not release_file_pages(anonymous) and torch.equal(anonymous, copy)  # anonymous memory is left alone

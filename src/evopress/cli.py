@@ -47,15 +47,14 @@ def parse_stages(text: str) -> list[tuple[int, int]]:
     return stages  # type: ignore[return-value]
 
 
-def _hardware_args(p: argparse.ArgumentParser, placement: bool = True) -> None:
+def _hardware_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None, help="cuda, cuda:1, cpu, ... (default: CUDA when present); with "
                    "--device-map, where the embeddings and LM head live")
     p.add_argument("--dtype", default=None, help="float32, bfloat16, float16 (default: fp32 on CPU, bf16 on GPU)")
-    if placement:
-        p.add_argument("--device-map", default=None, help="spread the decoder blocks: auto, balanced, or JSON "
-                       "{module: device} (devices: GPU index, cpu, disk); see docs/scaling.md")
-        p.add_argument("--max-memory", default=None, help="memory per device for --device-map, e.g. "
-                       "'0=70GiB,1=70GiB,cpu=200GiB'; blocks past it are offloaded to CPU RAM or disk")
+    p.add_argument("--device-map", default=None, help="spread the decoder blocks: auto, balanced, or JSON "
+                   "{module: device} (devices: GPU index, cpu, disk); see docs/scaling.md")
+    p.add_argument("--max-memory", default=None, help="memory per device for --device-map, e.g. "
+                   "'0=70GiB,1=70GiB,cpu=200GiB'; blocks past it are offloaded to CPU RAM or disk")
 
 
 POOL_HELP = (f"size of the calibration pool in tokens (default: the largest of {MIN_POOL_TOKENS}, {STAGE_SHARE} x "
@@ -69,13 +68,12 @@ def _bos_arg(p: argparse.ArgumentParser) -> None:
                    "auto (if the tokenizer adds it by default, as Llama-3 and Gemma do), always, never")
 
 
-def _model_args(p: argparse.ArgumentParser, calib_tokens: int | None = None, calib_help: str = POOL_HELP,
-                placement: bool = True) -> None:
+def _model_args(p: argparse.ArgumentParser, calib_tokens: int | None = None, calib_help: str = POOL_HELP) -> None:
     p.add_argument("--model", default=None, help="local HF model directory or .gguf file (default: "
                    "embedded SmolLM2-135M-Instruct)")
-    p.add_argument("--data", default=DEFAULT_CALIBRATION,
-                   help=f"calibration text: wiki, ptb, a .txt/.jsonl file, or a+b (equal-token mix; default {DEFAULT_CALIBRATION})")
-    _hardware_args(p, placement)
+    p.add_argument("--data", default=DEFAULT_CALIBRATION, help="calibration text: wiki, ptb, a .txt/.jsonl "
+                   f"file, or a+b (equal-token mix; default {DEFAULT_CALIBRATION})")
+    _hardware_args(p)
     p.add_argument("--seq-len", type=int, default=256, help="calibration window length in tokens")
     _bos_arg(p)
     p.add_argument("--calib-tokens", type=int, default=calib_tokens, help=calib_help)
@@ -229,7 +227,7 @@ def _add_build_db(sub: Any) -> None:
     db = sub.add_parser("build-db", help=f"build a level database ({', '.join(buildable)})")
     db.add_argument("--space", required=True, help=" or ".join(buildable))
     _model_args(db, 16384, "size of the calibration pool in tokens, drawn at random (fixed seed) across the whole "
-                "text (default: %(default)s)", placement=False)
+                "text (default: %(default)s)")
     db.add_argument("--batch-size", type=int, default=8)
     _space_options(db, [o for plugin in PLUGINS.values() for o in plugin.build_options])
     db.add_argument("--out", type=Path, required=True)
@@ -370,7 +368,8 @@ def _build_db(args: argparse.Namespace, log: Log) -> dict[str, Any]:
         raise UserError(f"space '{args.space}' needs no database")
     given = _declared(args, plugin, plugin.build_options, [o for p in PLUGINS.values() for o in p.build_options])
     request = DatabaseRequest(args.space, args.out, plugin.builder_options(given), args.model, args.data,
-                              args.device, args.dtype, args.seq_len, args.calib_tokens, args.batch_size, args.bos)
+                              args.device, args.dtype, args.seq_len, args.calib_tokens, args.batch_size, args.bos,
+                              args.device_map, args.max_memory)
     return build_database(request, progress=not args.quiet, log=log)
 
 

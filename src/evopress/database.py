@@ -31,7 +31,7 @@ from .data import TokenPool
 from .errors import UserError
 from .io import atomic_write, read_json, write_json
 from .models import Decoder
-from .placement import named_parameters
+from .placement import named_parameters, resident
 
 MANIFEST = "manifest.json"
 BUILD = "build.json"  # settings of a build in progress (see BuildLog)
@@ -320,15 +320,22 @@ def calibrate_blocks(decoder: Decoder, pool: TokenPool, batch_size: int, compres
     inputs = [decoder.enter(ids) for ids in batches]
     states = [inp.hidden for inp in inputs]
     for b in tqdm(range(decoder.num_blocks), desc="database", unit="block", disable=not progress):
-        layers = block_linears(decoder, b)
-        hessians = {n: HessianAccumulator(m.in_features, device=m.weight.device) for n, m in layers.items()}
-        hooks = [m.register_forward_pre_hook(lambda mod, args, acc=hessians[n]: acc.add(args[0]))
-                 for n, m in layers.items()]
-        try:
-            for h, inp in zip(states, inputs):
-                decoder.run_block(b, h, inp)
-        finally:
-            for hook in hooks:
-                hook.remove()
-        compress(b, layers, hessians)
-        states = [decoder.run_block(b, h, inp) for h, inp in zip(states, inputs)]
+        with resident(decoder.layers[b]):  # an offloaded block's weights, for this block's work only
+            states = _calibrate_block(decoder, b, states, inputs, compress)
+
+
+def _calibrate_block(decoder: Decoder, b: int, states: list[torch.Tensor], inputs: list[Any],
+                     compress: CompressBlock) -> list[torch.Tensor]:
+    """Block ``b``'s Hessians, ``compress``, and the next block's inputs."""
+    layers = block_linears(decoder, b)
+    hessians = {n: HessianAccumulator(m.in_features, device=m.weight.device) for n, m in layers.items()}
+    hooks = [m.register_forward_pre_hook(lambda mod, args, acc=hessians[n]: acc.add(args[0]))
+             for n, m in layers.items()]
+    try:
+        for h, inp in zip(states, inputs):
+            decoder.run_block(b, h, inp)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    compress(b, layers, hessians)
+    return [decoder.run_block(b, h, inp) for h, inp in zip(states, inputs)]

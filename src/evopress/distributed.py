@@ -80,7 +80,8 @@ def _join() -> bool:
         return False
     store, me, world = _rendezvous()
     if torch.cuda.is_available():
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(_first_gpu(int(os.environ.get("LOCAL_RANK", "0")),
+                                         int(os.environ.get("LOCAL_WORLD_SIZE", "1")), torch.cuda.device_count()))
         backend = "nccl"
     else:
         backend = "gloo"
@@ -88,6 +89,12 @@ def _join() -> bool:
     dist.init_process_group(backend, store=dist.PrefixStore(f"evopress/{next(_GROUPS)}", store), rank=me,
                             world_size=world, timeout=_timeout())
     return True
+
+
+def _first_gpu(local_rank: int, local_world: int, gpus: int) -> int:
+    """A rank's own GPU: the first of its ``placement.gpu_share`` (where a --device-map replica starts),
+    or GPU ``local_rank`` when the ranks do not split the GPUs evenly."""
+    return local_rank * (gpus // local_world) if gpus >= local_world and gpus % local_world == 0 else local_rank
 
 
 def local_device() -> str | None:

@@ -13,8 +13,9 @@ lives in CPU RAM; a stage moves only its sample's entries to the model's device.
 Precision: in a bf16/fp16 model the LM head, logsumexp and hidden-space products are computed in
 float32 (``Decoder.logits``), the teacher's softmax in float64, so the identity is as exact as in a
 float32 model and the dense model scores 0. Every vocabulary-sized temporary is bounded by
-``FitnessConfig.block_bytes``: positions are chunked so a [positions, vocab] block fits it, and a
-half-precision head weight is upcast in blocks of vocabulary rows that fit it.
+``FitnessConfig.block_bytes`` (default ``block_bytes_for`` the device): positions are chunked so a
+[positions, vocab] block fits it, and a half-precision head weight is upcast in blocks of vocabulary
+rows that fit it.
 
 Host syncs: a stage's labels and teacher entries go to the device once (or stream per batch from
 pinned host memory when they exceed ``teacher_device_bytes``), KL sums stay on the device, and all
@@ -40,6 +41,7 @@ import torch.nn.functional as F
 
 from .data import Sample, TokenPool
 from .database import tensor_bytes
+from .hostmem import trim_heap
 from .models import HEAD_BLOCK_BYTES, Decoder, head_rows
 from .spaces.base import Config, Space
 
@@ -52,7 +54,8 @@ class FitnessConfig:
     batch_size: int = 8  # windows per forward batch, unless batch_tokens is set
     batch_tokens: int | None = None  # tokens per forward batch (whole windows, at least one)
     chunk_tokens: int = 1024  # positions per LM-head chunk, at most (block_bytes may allow fewer)
-    block_bytes: int = HEAD_BLOCK_BYTES  # bound on each vocab-sized temporary: logit block, fp32 head rows
+    block_bytes: int | None = None  # bound on each vocab-sized temporary (logit block, fp32 head rows);
+    # None: HEAD_BLOCK_BYTES on an accelerator, HOST_BLOCK_BYTES on the CPU (``block_bytes_for``)
     prefix_reuse: bool = True
     cache_bytes: int = 1 << 30  # memory for cached block-boundary activations
     teacher_device_bytes: int = 4 << 30  # a stage's teacher entries stay on the device when they fit
@@ -104,6 +107,16 @@ def _fp32_product(p: torch.Tensor, weight: torch.Tensor, rows: int) -> torch.Ten
     for i in range(rows, weight.shape[0], rows):
         out += p[:, i: i + rows] @ weight[i: i + rows].float()
     return out
+
+
+HOST_BLOCK_BYTES = 64 << 20  # LM-head temporaries of a CPU model: host RAM, next to the database cache
+
+
+def block_bytes_for(device: torch.device) -> int:
+    """The default bound on LM-head temporaries. On the CPU they are host RAM, which also holds the model,
+    the database cache and the teacher cache, and a 1,024-position chunk of a 49k vocabulary in float64
+    is 384 MiB; a smaller block costs only more passes over the head weight (a few % of its matmul)."""
+    return HOST_BLOCK_BYTES if device.type == "cpu" else HEAD_BLOCK_BYTES
 
 
 def chunk_positions(chunk_tokens: int, block_bytes: int, vocab: int, itemsize: int) -> int:
@@ -248,8 +261,9 @@ class Evaluator:
 
             raise UserError(f"unknown fitness '{self.config.metric}' (choose from {', '.join(METRICS)})")
         self.batch_size = self.config.windows_per_batch(pool.seq_len)
+        self.block_bytes = self.config.block_bytes or block_bytes_for(self.decoder.device)
         self.teacher = teacher or TeacherCache(self.decoder, pool, self.batch_size, self.config.chunk_tokens,
-                                               self.config.block_bytes)
+                                               self.block_bytes)
         self.stats = EvalStats()
         self._teacher_per_candidate = not linear_head(self.decoder)  # non-linear heads recompute teacher logits
 
@@ -267,6 +281,7 @@ class Evaluator:
         new window must restore the dense weights and then rewrite every layer for the next candidate.
         """
         self._ensure_teacher(range(len(self.pool.windows)), progress)
+        trim_heap()  # the teacher pass's temporaries (hostmem)
 
     def score(self, configs: Sequence[Config], sample: Sample) -> list[float]:
         """Fitness of each configuration on the sample; lower is better."""
@@ -362,6 +377,5 @@ class Evaluator:
         for h, t in zip(states, targets):
             if t["labels"].device != device:  # a stage too big for the device: copy from pinned memory
                 t = {k: v.to(device, non_blocking=True) for k, v in t.items()}
-            total += compare(self.decoder, self.decoder.norm(h), t, self.config.chunk_tokens,
-                             self.config.block_bytes)
+            total += compare(self.decoder, self.decoder.norm(h), t, self.config.chunk_tokens, self.block_bytes)
         return total

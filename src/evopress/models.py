@@ -23,7 +23,8 @@ from torch import nn
 from . import assets
 from .errors import UserError
 from .io import cache_dir
-from .placement import CheckpointReader, device_map_for, execution_device, parse_device_map, parse_max_memory
+from .placement import (CheckpointReader, device_map_for, execution_device, for_share, parse_device_map,
+                        parse_max_memory, torchrun_share)
 
 DEFAULT_MODEL = "default"
 _ATTN_NAMES = ("self_attn", "attn", "attention", "self_attention")
@@ -93,8 +94,14 @@ class Hardware:
 
     def load(self, spec: str | None, log: Callable[[str], None] = lambda msg: None) -> "LoadedModel":
         device = resolve_device(self.device)
-        return load_model(spec, device, resolve_dtype(self.dtype, device), log, parse_device_map(self.device_map),
-                          parse_max_memory(self.max_memory))
+        device_map, max_memory = parse_device_map(self.device_map), parse_max_memory(self.max_memory)
+        share = torchrun_share() if device_map is not None or max_memory is not None else None
+        if share is not None:  # a torchrun rank: its replica over its own GPUs only (placement.gpu_share)
+            from accelerate.utils import get_max_memory
+
+            device = torch.device(f"cuda:{share[0]}")
+            device_map, max_memory = for_share(device_map or "auto", max_memory, share, get_max_memory())
+        return load_model(spec, device, resolve_dtype(self.dtype, device), log, device_map, max_memory)
 
 
 @dataclass

@@ -20,10 +20,11 @@ from .distributed import from_main, is_main, sharded
 from .evaluate import EVAL, EvalSettings, HeldOut, lm_eval_tasks, write_eval
 from .errors import UserError
 from .fitness import Evaluator
+from .hostmem import trim_heap
 from .interchange import (choose_format, format_config, get_format, implied_target, parse_config, read_text,
                           write_config)
 from .io import locked_dir, read_json, write_json
-from .models import Decoder, Hardware, LoadedModel, load_model, resolve_device, resolve_dtype
+from .models import Decoder, Hardware, LoadedModel
 from .evolution import SearchState, evolve
 from .recipe import Recipe, make_recipe
 from .spaces import Space, baselines, get_plugin, make_space
@@ -56,8 +57,11 @@ def prepare(recipe: Recipe, log: Callable[[str], None] = print, loaded: LoadedMo
                   "the calibration pool", log)
     loaded = loaded or recipe.hardware.load(recipe.model, log)
     decoder = loaded.decoder
-    space = make_space(recipe.space, decoder, recipe.target, recipe.space_options)
+    # the pool before the space: tokenizing's temporaries (a few hundred MB of heap, handed back after)
+    # then add to a model not yet fully paged in and no database cache (benchmarks/memory_phases.py)
     pool = _calibration_pool(recipe, loaded.tokenizer, log)
+    trim_heap()
+    space = make_space(recipe.space, decoder, recipe.target, recipe.space_options)
     space.check_calibration(pool)
     log(f"model {loaded.name}: {decoder.num_blocks} blocks, head on {decoder.device} ({decoder.head.weight.dtype}); "
         f"calibration {pool.tokens} tokens of '{recipe.data}' in {len(pool.windows)} windows of {pool.seq_len}, "
@@ -414,6 +418,8 @@ class DatabaseRequest:
     calib_tokens: int = 16384
     batch_size: int = 8
     bos: str = "auto"
+    device_map: str | None = None  # blocks spread or offloaded as in a search (placement.py)
+    max_memory: str | None = None
 
 
 def build_database(request: DatabaseRequest, progress: bool = True,
@@ -421,8 +427,7 @@ def build_database(request: DatabaseRequest, progress: bool = True,
     plugin = get_plugin(request.space)
     if plugin.build is None:
         raise UserError(f"space '{request.space}' needs no database")
-    dev = resolve_device(request.device)
-    loaded = load_model(request.model, dev, resolve_dtype(request.dtype, dev), log)
+    loaded = Hardware(request.device, request.dtype, request.device_map, request.max_memory).load(request.model, log)
     pool = load_pool(loaded.tokenizer, request.data, "calibration", request.seq_len, request.calib_tokens,
                      bos_token(loaded.tokenizer, request.bos))
     log(f"building a '{request.space}' database for {loaded.name} on {pool.tokens} tokens of '{request.data}'")

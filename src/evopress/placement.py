@@ -14,6 +14,8 @@ demand (accelerate's hooks move each block's inputs to its execution device).
 from __future__ import annotations
 
 import json
+import os
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
@@ -52,6 +54,37 @@ def named_parameters(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
                 yield full, hook.weights_map[name].to(param.dtype)
             else:
                 yield full, param
+
+
+@contextmanager
+def resident(module: nn.Module) -> Iterator[None]:
+    """``module``'s offloaded weights on their execution device for a while, its offload hooks paused.
+
+    Why: building a database reads and rewrites a block's weights between forwards (Hessians live on
+    the weight's device, solvers read the weight, a calibration level is installed before the next
+    block's inputs are computed), and an offloaded layer holds only meta tensors between forwards.
+    A build makes one block resident at a time, so it needs one block's memory beyond the placement.
+    Nothing it does to the weights outlives the block: they go back to the meta device on exit.
+    """
+    from accelerate.utils import set_module_tensor_to_device
+
+    paused = []
+    try:
+        for m in module.modules():
+            hook = offload_hook(m)
+            if hook is None:
+                continue
+            names = [n for n, p in m.named_parameters(recurse=False) if p.device.type == "meta"]
+            for n in names:  # cast to the model's dtype, as the hook casts at every forward
+                set_module_tensor_to_device(m, n, hook.execution_device, value=hook.weights_map[n])
+            hook.offload = False
+            paused.append((m, hook, names))
+        yield
+    finally:
+        for m, hook, names in paused:
+            for n in names:
+                set_module_tensor_to_device(m, n, "meta")
+            hook.offload = True
 
 
 class WeightOverride(Mapping[str, torch.Tensor]):
@@ -147,6 +180,50 @@ def parse_device_map(text: str | None) -> str | dict[str, Any] | None:
     if not isinstance(mapping, dict):
         raise UserError(f"--device-map '{text}': use auto, balanced, or a JSON object {{module: device}}")
     return mapping
+
+
+def gpu_share(local_rank: int, local_world: int, gpus: int) -> list[int]:
+    """The GPUs a torchrun rank places its model replica over: an equal, contiguous share of the node's.
+
+    With N ranks per node on G visible GPUs, rank r gets GPUs r·G/N .. (r+1)·G/N - 1, so replicas never
+    share a device; G must be a multiple of N (an idle or shared GPU would be a silent waste).
+    """
+    if gpus < local_world or gpus % local_world:
+        raise UserError(f"--device-map under torchrun: {local_world} ranks per node cannot split {gpus} visible "
+                        "GPU(s) evenly; start a number of ranks that divides the GPUs (each rank places its "
+                        "replica over its own share)")
+    share = gpus // local_world
+    return list(range(local_rank * share, (local_rank + 1) * share))
+
+
+def torchrun_share() -> list[int] | None:
+    """This rank's ``gpu_share`` when torchrun started several CUDA processes, else None (all GPUs visible)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or not torch.cuda.is_available():
+        return None
+    return gpu_share(int(os.environ.get("LOCAL_RANK", "0")), int(os.environ.get("LOCAL_WORLD_SIZE", "1")),
+                     torch.cuda.device_count())
+
+
+def for_share(device_map: str | dict[str, Any], max_memory: dict[Any, str] | None, share: list[int],
+              available: dict[Any, Any]) -> tuple[str | dict[str, Any], dict[Any, Any]]:
+    """A rank's placement: GPU indices in ``device_map`` and ``max_memory`` count within its ``share``.
+
+    ``--max-memory 0=70GiB,1=70GiB`` describes one replica, so every rank reads it as its own first and
+    second GPU; without ``--max-memory`` a rank may fill its own GPUs (``available``, accelerate's
+    ``get_max_memory()``) and CPU RAM, never another rank's GPUs.
+    """
+    def gpu(index: Any) -> Any:
+        if not isinstance(index, int):
+            return index
+        if not 0 <= index < len(share):
+            raise UserError(f"--device-map/--max-memory name GPU {index}, but each rank places its replica over "
+                            f"{len(share)} GPU(s) (numbered from 0 within the rank's share)")
+        return share[index]
+
+    if max_memory is None:
+        max_memory = {**{i: available[g] for i, g in enumerate(share)}, "cpu": available["cpu"]}
+    placed = {k: gpu(v) for k, v in device_map.items()} if isinstance(device_map, dict) else device_map
+    return placed, {gpu(k): v for k, v in max_memory.items()}
 
 
 def device_map_for(empty: nn.Module, blocks_prefix: str, num_blocks: int, main: torch.device,

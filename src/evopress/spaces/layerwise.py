@@ -23,6 +23,7 @@ from ..database import (DECODED_CACHE_ENV, DEFAULT_DECODED_CACHE_GB, BuildLog, B
                         cache_budget, calibrate_blocks, data_fingerprint, layer_file, linear_units, model_fingerprint,
                         save_layer, tensor_bytes)
 from ..errors import UserError
+from ..hostmem import release_file_pages
 from ..models import Decoder
 from ..placement import WeightOverride, offload_hook
 from .base import CliOption, Config, Space
@@ -46,12 +47,12 @@ class LayerwiseSpace(Space):
 
     Weights are swapped, never overwritten: a dense weight is re-read from the checkpoint (or the
     offload map) when a layer goes dense, and decoded levels live in a byte-bounded LRU on the
-    layers' device (``$EVOPRESS_DECODED_CACHE_GB``; on a CPU model that is host RAM). Why the LRU:
+    layers' device (``_decoded_budget``: none by default for a model in host RAM). Why the LRU:
     consecutive candidates move a few layers back and forth between the same levels, and decoding
     (unpacking a bitmask, dequantizing) costs several times a copy.
     """
 
-    DECODED_CACHE_BYTES: int | None = None  # None: $EVOPRESS_DECODED_CACHE_GB (default 1 GiB)
+    DECODED_CACHE_BYTES: int | None = None  # None: see _decoded_budget
 
     def __init__(self, decoder: Decoder, target: float | None, db: str | None):
         if db is None:
@@ -63,12 +64,21 @@ class LayerwiseSpace(Space):
         self.num_blocks = decoder.num_blocks
         self.units, self.unit_block, self.layers = linear_units(decoder, self.db)
         self._variants = VariantCache(self.db)
-        decoded = self.DECODED_CACHE_BYTES
-        self._decoded = ByteLRU(cache_budget(DECODED_CACHE_ENV, DEFAULT_DECODED_CACHE_GB) if decoded is None else decoded)
         self._offload = [offload_hook(m) for m in self.layers]
+        self._decoded = ByteLRU(self._decoded_budget())
         self._maps = [hook.weights_map if hook is not None else None for hook in self._offload]
         self._dense = [self._dense_copy(u) for u in range(len(self.units))]
         self._current: list[int | None] = [None] * len(self.units)  # level each layer holds (None: dense)
+
+    def _decoded_budget(self) -> int:
+        """Bytes of decoded levels to keep: ``DECODED_CACHE_BYTES``, else ``$EVOPRESS_DECODED_CACHE_GB``, else
+        1 GiB when the layers are on an accelerator and none when they are in host RAM. Why none there: host
+        RAM already holds the model, the database cache and the teacher cache, and on a CPU decoding a
+        level costs little next to the forward that follows it."""
+        if self.DECODED_CACHE_BYTES is not None:
+            return self.DECODED_CACHE_BYTES
+        on_host = all(self.device(u).type == "cpu" for u in range(len(self.units)))
+        return cache_budget(DECODED_CACHE_ENV, 0.0 if on_host else DEFAULT_DECODED_CACHE_GB)
 
     def _dense_copy(self, u: int) -> torch.Tensor | None:
         """A host copy of the dense weight, kept only where it cannot be re-read from elsewhere.
@@ -123,7 +133,10 @@ class LayerwiseSpace(Space):
                 hook.weights_map = self._maps[u] if want is None else WeightOverride(self._maps[u],
                                                                                       {"weight": self.weight(u, want)})
             else:
+                outgoing = layer.weight.data
                 layer.weight.data = self.dense_weight(u).to(self.device(u)) if want is None else self.weight(u, want)
+                if self._current[u] is None and self._dense[u] is None:  # a dense weight read from the checkpoint
+                    release_file_pages(outgoing)
             self._current[u] = want
 
     def check_calibration(self, pool: Any) -> None:
