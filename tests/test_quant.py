@@ -71,7 +71,8 @@ def test_database_refuses_another_model(built):
         QuantSpace(Decoder(tiny_model(layers=3, seed=5)), 3.0, db=str(root))
 
 
-def test_apply_dequantizes_changed_layers_and_restores_dense(built):
+def test_apply_dequantizes_changed_layers_and_restores_dense(built, monkeypatch):
+    monkeypatch.setattr(QuantSpace, "DECODED_CACHE_BYTES", 1 << 30)  # the stash (none by default on CPU)
     space = space_for(built, 3.0)
     model, dense = built[0], built[1]
     rng = np.random.default_rng(0)
