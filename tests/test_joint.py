@@ -11,7 +11,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from evopress.compressors.gptq import QuantGrid
-from evopress.data import TokenPool
 from evopress.errors import UserError
 from evopress.evolution import mutate, offspring
 from evopress.models import Decoder
@@ -21,13 +20,12 @@ from evopress.spaces.drop.space import DropSpace
 from evopress.spaces.joint import baselines
 from evopress.spaces.joint.export import export
 from evopress.spaces.joint.space import JointSpace
-from evopress.spaces.quant.build import build_quant_database
 from evopress import load_compressed
 from evopress.spaces.quant.export import to_compressed_tensors
 from evopress.spaces.quant.levels import packed_bytes
 from evopress.spaces.quant.space import QuantSpace
 
-from .conftest import assert_prefix_reuse_matches_full_forward, tiny_model
+from .conftest import assert_prefix_reuse_matches_full_forward, tiny_quant_database
 
 TOL = 0.03  # a 32-wide model's layer steps are ~1% of its bytes; real models use the 0.1% default
 
@@ -35,13 +33,7 @@ TOL = 0.03  # a 32-wide model's layer steps are ~1% of its bytes; real models us
 @pytest.fixture(scope="module")
 def built(tmp_path_factory):
     """A 4-block tiny Llama, its dense weights and a quant database at 2, 3, 4 bits (group 16)."""
-    model = tiny_model(layers=4)
-    dense = {k: v.clone() for k, v in model.state_dict().items()}
-    pool = TokenPool(torch.randint(0, 97, (12, 16), generator=torch.Generator().manual_seed(1)), "random")
-    root = tmp_path_factory.mktemp("jdb")
-    build_quant_database(Decoder(model), pool, root, (2, 3, 4), 16, 3, batch_size=4, progress=False)
-    model.load_state_dict(dense)
-    return model, dense, pool, root
+    return tiny_quant_database(tmp_path_factory.mktemp("jdb"), 4, (2, 3, 4))[:4]
 
 
 def joint(built, target, model=None, **options):

@@ -13,12 +13,10 @@ from hypothesis import strategies as st
 from safetensors.torch import load_file
 
 from evopress.compressors.packing import packed_numel
-from evopress.data import TokenPool
 from evopress.database import layer_file
 from evopress.errors import UserError
 from evopress.spaces.base import BaselineInputs
 from evopress.spaces.quant.baselines import dp, uniform
-from evopress.spaces.quant.build import build_quant_database
 from evopress.spaces.quant.export import (GPTQMODEL, PROFILE, RECIPE, export_quantized, load_compressed,
                                           pack_rows_int32, read_compressed_weights, unpack_rows_int32)
 from evopress.spaces.quant.levels import default_group_size, default_levels, exact_knapsack, max_reachable, packed_bytes
@@ -27,7 +25,7 @@ from evopress.evolution import mutate
 from evopress.spaces import make_space
 from evopress.spaces.quant.space import QuantSpace
 
-from .conftest import assert_prefix_reuse_matches_full_forward, tiny_model
+from .conftest import assert_prefix_reuse_matches_full_forward, tiny_model, tiny_quant_database
 
 BITS = (2, 3, 4, 5, 6, 8)
 
@@ -35,13 +33,7 @@ BITS = (2, 3, 4, 5, 6, 8)
 @pytest.fixture(scope="module")
 def built(tmp_path_factory):
     """A 3-block tiny Llama, its dense weights, and a database at 2..8 bits (group 16, 3-bit calibration)."""
-    model = tiny_model(layers=3)
-    dense = {k: v.clone() for k, v in model.state_dict().items()}
-    pool = TokenPool(torch.randint(0, 97, (12, 16), generator=torch.Generator().manual_seed(1)), "random")
-    root = tmp_path_factory.mktemp("qdb")
-    manifest = build_quant_database(Decoder(model), pool, root, BITS, 16, 3, batch_size=4, progress=False)
-    model.load_state_dict(dense)  # the build leaves 3-bit weights in place
-    return model, dense, pool, root, manifest
+    return tiny_quant_database(tmp_path_factory.mktemp("qdb"), 3, BITS)
 
 
 def space_for(built, target, **options):
