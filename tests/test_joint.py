@@ -197,6 +197,21 @@ def test_size_bytes_of_quant_and_drop(built):
     assert depth.size_bytes(dropped) == depth.dense_bytes() * 3 // 4
 
 
+def test_retarget_shares_the_composed_spaces_and_equals_a_fresh_space(built):
+    """pareto's next budget: the same quant database and depth swaps, only the byte budget rebuilt."""
+    model, dense, _, root = built
+    model.load_state_dict(dense)
+    decoder, options = Decoder(model), {"db": str(root), "tolerance": TOL}
+    low = make_space("joint", decoder, 2.5, options)
+    low.apply(low.random_config(np.random.default_rng(0)))
+    low.apply(None)
+    high = make_space("joint", decoder, 3.5, options, reuse=low)
+    fresh = make_space("joint", decoder, 3.5, options)
+    assert high.quant is low.quant and high.drop is low.drop and high.quant.db is low.quant.db
+    assert high.problem == fresh.problem and (low.target, high.target) == (2.5, 3.5)
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in dense.items())
+
+
 def test_prefix_reuse_equals_full_forward(built):
     space = joint(built, 2.6)
     configs = space.random_configs(np.random.default_rng(7), 5)

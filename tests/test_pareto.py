@@ -8,9 +8,11 @@ import pytest
 import evopress
 from evopress import pipeline
 from evopress.cli import main
+from evopress.database import Database
 from evopress.front import project
 from evopress.spaces import make_space
-from evopress.spaces.base import Problem
+from evopress.spaces.base import Problem, RetargetableSpace
+from evopress.spaces.layerwise import LayerwiseSpace
 
 from .conftest import tiny_model
 
@@ -121,6 +123,45 @@ def test_python_api_and_a_budget_begun_from_another_neighbour(tiny_checkpoint, t
     assert [p["target"] for p in front["methods"]["evopress"]] == [0.17, 0.5] and front["skipped"] == {}
     assert main(pareto_args(model, text, out, "0.17,0.34,0.5", generations=1) + ["--baselines", ""]) == 2
     assert "started from another neighbour" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def databases(tiny_checkpoint, tmp_path_factory):
+    """A quant (2, 3, 4 bits) and a sparsity (50% +- 2 levels) database of the tiny checkpoint, with targets."""
+    model, text = tiny_checkpoint
+    root = tmp_path_factory.mktemp("dbs")
+    common = ["--model", str(model), "--data", str(text), "--seq-len", "32", "--calib-tokens", "512", "--quiet"]
+    assert main(["build-db", "--space", "quant", "--bits", "2,3,4", "--out", str(root / "quant"), *common]) == 0
+    assert main(["build-db", "--space", "sparsity", "--target", "0.5", "--levels", "2", "--out", str(root / "sparsity"),
+                 *common]) == 0
+    return {"quant": (root / "quant", "2.5,3,3.5"), "sparsity": (root / "sparsity", "0.45,0.5,0.55")}
+
+
+def count_opens(monkeypatch) -> tuple[list, list]:
+    """Every database opened, and every check of a space's layer files, from now on."""
+    opened, checked, real_open, real_check = [], [], Database.open, LayerwiseSpace.check_layer_files
+    monkeypatch.setattr(Database, "open", staticmethod(lambda *a: opened.append(a[0]) or real_open(*a)))
+    monkeypatch.setattr(LayerwiseSpace, "check_layer_files",
+                        lambda self, *a, **k: checked.append(self.db.root) or real_check(self, *a, **k))
+    return opened, checked
+
+
+@pytest.mark.parametrize("space", ["quant", "sparsity"])
+def test_pareto_opens_and_checks_each_database_once(space, databases, tiny_checkpoint, tmp_path, monkeypatch):
+    """Three budgets share one opened database and its caches, and find the front of a space built per budget."""
+    model, text = tiny_checkpoint
+    no_plot(monkeypatch)
+    monkeypatch.setenv("EVOPRESS_DECODED_CACHE_GB", "1")  # decoded levels kept across budgets too
+    db, targets = databases[space]
+    opened, checked = count_opens(monkeypatch)
+    args = lambda out: pareto_args(model, text, out, targets, generations=1) + [  # noqa: E731
+        "--space", space, "--db", str(db), "--baselines", "uniform"]
+    assert main(args(tmp_path / "shared")) == 0
+    assert len(opened) == len(checked) == 1
+    monkeypatch.setattr(RetargetableSpace, "retarget", lambda self, target: None)  # a space afresh per budget
+    assert main(args(tmp_path / "fresh")) == 0
+    assert len(opened) == len(checked) == 4
+    assert comparable(tmp_path / "shared") == comparable(tmp_path / "fresh")
 
 
 @pytest.mark.parametrize("targets, message", [

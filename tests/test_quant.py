@@ -89,6 +89,35 @@ def test_apply_dequantizes_changed_layers_and_restores_dense(built, monkeypatch)
     space.apply(None)
 
 
+@pytest.mark.parametrize("rules", [None, [{"match": "re:.*down_proj", "min": 3}]])
+def test_retarget_shares_the_database_and_caches_and_equals_a_fresh_space(built, monkeypatch, rules):
+    """pareto's next budget: only the budget is rebuilt; the database, its caches and the layers are shared."""
+    monkeypatch.setattr(QuantSpace, "DECODED_CACHE_BYTES", 1 << 30)
+    model, dense, _, root, _ = built
+    model.load_state_dict(dense)
+    decoder, options = Decoder(model), {"db": str(root), **({"rules": rules} if rules else {})}
+    low = make_space("quant", decoder, 2.5, options)
+    low.apply(low.random_config(np.random.default_rng(0)))
+    low.apply(None)
+    high = make_space("quant", decoder, 4.5, options, reuse=low)
+    fresh = make_space("quant", decoder, 4.5, options)
+    inner, old = high.model_space, low.model_space
+    assert type(high) is type(fresh) and inner is not old
+    assert inner.db is old.db and inner._variants is old._variants and inner._decoded is old._decoded
+    assert len(inner._decoded) > 0 and inner._current is old._current
+    assert high.problem == fresh.problem and high.target == inner.target == 4.5 and old.target == 2.5
+    config = high.random_config(np.random.default_rng(1))
+    high.apply(config)
+    shared = {k: v.clone() for k, v in model.state_dict().items()}
+    high.apply(None)
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in dense.items())  # dense again
+    fresh.apply(config)
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in shared.items())  # the same weights
+    fresh.apply(None)
+    with pytest.raises(UserError, match="above the most expensive"):
+        make_space("quant", decoder, 7, options, reuse=high)
+
+
 @pytest.mark.parametrize("target, exact", [(2.25, False), (2.5, True), (3.5, True), (3.0, True)])
 def test_fractional_targets_meet_the_nearest_feasible_budget(built, target, exact):
     space = space_for(built, target)

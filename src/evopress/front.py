@@ -1,8 +1,9 @@
 """A Pareto front in one run: search a space at several budgets, with its baselines, on one loaded model.
 
 The model, the calibration pool and its dense teacher are loaded once and shared by every budget
-(``pipeline.retarget``); each budget builds its own space (a database-backed space reopens its
-database's manifest and checks its layer files; its layer variants are read again on demand). Budgets
+(``pipeline.retarget``); each budget gets its own space at its target, and a database-backed space
+is the first one retargeted (``Space.retarget``): its database is opened and checked once, and the
+layer variants and decoded levels it has cached serve every later budget. Budgets
 run in the order given (ascending targets). Each budget's search starts from the space's own initial
 configurations plus its neighbour's result projected onto the new budget (``project``), when a
 projection exists; result.json says which (``warm_start``).

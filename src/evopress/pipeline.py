@@ -73,12 +73,16 @@ def retarget(ctx: Context, recipe: Recipe) -> Context:
     """The context of another recipe on the same model and calibration pool (another target, method).
 
     The model is restored to dense first: a space reads the dense weights it will restore when built.
-    The new evaluator shares the teacher cache, whose entries depend only on the model and the pool.
+    The same space with the same options is retargeted (``make_space(reuse=...)``): a level database
+    stays open and checked, its caches warm. The new evaluator shares the teacher cache, whose entries
+    depend only on the model and the pool.
     """
     if recipe.pool_tokens() != ctx.recipe.pool_tokens() or recipe.data != ctx.recipe.data:
         raise ValueError("retarget keeps the calibration pool: the recipes must draw the same one")
     ctx.space.apply(None)
-    space = make_space(recipe.space, ctx.decoder, recipe.target, recipe.space_options)
+    same = (recipe.space, recipe.space_options) == (ctx.recipe.space, ctx.recipe.space_options)
+    space = make_space(recipe.space, ctx.decoder, recipe.target, recipe.space_options,
+                       reuse=ctx.space if same else None)
     space.check_calibration(ctx.pool)
     return Context(recipe, ctx.loaded, ctx.decoder, ctx.pool, space,
                    Evaluator(space, ctx.pool, recipe.fitness, teacher=ctx.evaluator.teacher))

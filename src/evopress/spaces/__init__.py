@@ -55,8 +55,18 @@ def check_space_settings(name: str, target: float | None, options: dict[str, Any
         parse_rules(options["rules"])
 
 
-def make_space(name: str, decoder: Decoder, target: float, options: dict[str, Any]) -> Space:
+def make_space(name: str, decoder: Decoder, target: float, options: dict[str, Any],
+               reuse: Space | None = None) -> Space:
+    """The space ``name`` at ``target``; ``reuse``: one this function made with the same name, decoder and
+    options, the model dense, which the new space may share its opened database and caches with
+    (``Space.retarget``); it is not used again."""
     check_space_settings(name, target, options)
+    if reuse is not None:
+        if reuse.name != name:
+            raise ValueError(f"cannot make space '{name}' from a '{reuse.name}' space")
+        shared = reuse.retarget(target)
+        if shared is not None:
+            return shared
     options = dict(options)
     rules = options.pop("rules", None)
     space = get_plugin(name).space(decoder, target, **options)

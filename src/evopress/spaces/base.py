@@ -11,6 +11,7 @@ a space adds one package under ``spaces/`` and one registry line.
 
 from __future__ import annotations
 
+import copy
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -213,6 +214,15 @@ class Space(ABC):
     def check_calibration(self, pool: Any) -> None:
         """Refuse calibration data the space's database was not built for (no-op without a database)."""
 
+    def retarget(self, target: float | None) -> "Space | None":
+        """This space at another target, sharing what does not depend on it, or None to build it afresh.
+
+        Why: one process searching several budgets (``evopress pareto``) should open and check a level
+        database once and keep its caches. Called with the model dense (``apply(None)``); the space it
+        is called on is not used again. None (the default): nothing is worth sharing.
+        """
+        return None
+
     def initial_configs(self, rng: np.random.Generator, n: int) -> list[Config]:
         """The search's starting candidates: random ones, unless a space has a canonical start."""
         return self.random_configs(rng, n)
@@ -273,6 +283,20 @@ class Space(ABC):
         """
         raise UserError(f"space '{self.name}' does not say how many bytes a configuration takes "
                         "(Space.size_bytes)")
+
+
+class RetargetableSpace(Space):
+    """A space whose target sets only its budget (``set_target``), so ``retarget`` is a shallow copy with a
+    new budget: the copy shares everything else (an opened database, its caches, the layers' state)."""
+
+    @abstractmethod
+    def set_target(self, target: float | None) -> None:
+        """Set ``target`` and everything that depends on it (``problem``)."""
+
+    def retarget(self, target: float | None) -> "RetargetableSpace":
+        space = copy.copy(self)
+        space.set_target(target)
+        return space
 
 
 def module_bytes(module: Any) -> int:

@@ -145,6 +145,11 @@ class ConstrainedSpace(Space):
             keyed.setdefault((tuple(sorted({group_of[u] for u in m})), steps), []).append(s)
         return tuple(tuple(v) for v in keyed.values())
 
+    def retarget(self, target: float | None) -> Space | None:
+        """The same rules over the base space at ``target`` (None when the base is built afresh)."""
+        base = self.base.retarget(target)
+        return None if base is None else ConstrainedSpace(base, self.rules)
+
     # --- mapping ---------------------------------------------------------------------------------
     @property
     def model_space(self) -> Space:

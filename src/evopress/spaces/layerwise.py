@@ -2,9 +2,10 @@
 
 Such a space has one unit per linear layer of the decoder blocks and one stored variant per level.
 What they all need is here, once: opening and checking the database, putting a level into a layer
-(only the layers that changed), restoring the dense weight, a bounded cache of decoded levels, and the
-block-sequential database build with its resumable log and manifest. A subclass says how a stored
-level becomes a weight (``decode``) and what the budget is; a builder says how to solve one layer.
+(only the layers that changed), restoring the dense weight, a bounded cache of decoded levels, the
+same space at another budget on the same opened database (``retarget``), and the block-sequential
+database build with its resumable log and manifest. A subclass says how a stored level becomes a
+weight (``decode``) and what the budget is (``set_target``); a builder says how to solve one layer.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from ..errors import UserError
 from ..hostmem import release_file_pages
 from ..models import Decoder
 from ..placement import WeightOverride, offload_hook
-from .base import CliOption, Config, Space
+from .base import CliOption, Config, RetargetableSpace
 
 
 def _absolute(path: str | None) -> str | None:
@@ -42,7 +43,7 @@ def group_rule_option(space: str, default: str, meaning: str) -> CliOption:
                      f"(default {default})", default=default)
 
 
-class LayerwiseSpace(Space):
+class LayerwiseSpace(RetargetableSpace):
     """Units are the blocks' linear layers; a level is a stored variant of the layer's weight.
 
     Weights are swapped, never overwritten: a dense weight is re-read from the checkpoint (or the

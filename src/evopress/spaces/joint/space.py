@@ -25,7 +25,7 @@ import numpy as np
 
 from ...errors import UserError
 from ...models import Decoder
-from ..base import Config, Problem, Space, settle
+from ..base import Config, Problem, RetargetableSpace, settle
 from ..drop.space import DropSpace
 from ..quant.levels import packed_bytes
 from ..quant.space import QuantSpace
@@ -40,7 +40,7 @@ def check_target(target: float) -> None:
                         "--target-bytes, a byte count; both positive")
 
 
-class JointSpace(Space):
+class JointSpace(RetargetableSpace):
     name = "joint"
 
     def __init__(self, decoder: Decoder, target: float | None, db: str | None = None, target_bytes: bool = False,
@@ -50,24 +50,30 @@ class JointSpace(Space):
         self.quant = QuantSpace(decoder, None, db=db, bits=bits)
         self.drop = DropSpace(decoder, None)
         self._dense_bytes = self.quant.dense_bytes()  # now: a dropped sub-block's modules are swapped out later
-        self.decoder, self.target, self.target_bytes, self.tolerance = decoder, target, target_bytes, tolerance
+        self.decoder, self.target_bytes, self.tolerance = decoder, target_bytes, tolerance
         self.num_blocks = decoder.num_blocks
         q = self.layers = len(self.quant.units)
         self.units = self.quant.units + self.drop.units
         self.unit_block = self.quant.unit_block + self.drop.unit_block
-        costs = tuple(tuple(packed_bytes(b, s, self.quant.grid(b)) for b in self.quant.bits) for s in self.quant.shapes)
+        self.layer_costs = tuple(tuple(packed_bytes(b, s, self.quant.grid(b)) for b in self.quant.bits)
+                                 for s in self.quant.shapes)
         self.numel = self.quant.numel
-        masks = tuple((q + i, 1, self._members(sub)) for i, sub in enumerate(self.drop.units))
+        self.drop_masks = tuple((q + i, 1, self._members(sub)) for i, sub in enumerate(self.drop.units))
+        self.set_target(target)
+
+    def set_target(self, target: float | None) -> None:
+        """Set ``target`` and the byte budget; no target: every layer at its top level (for reading configurations)."""
+        costs, subs = self.layer_costs, len(self.drop.units)
         top = sum(c[-1] for c in costs)
         budget = self._budget(target) if target is not None else top
         if budget > top:
             raise UserError(f"--target {target:g} is above the most expensive configuration: {top:,} bytes "
                             f"({8 * top / self.numel:.4f} bits per weight) with every layer at "
                             f"{self.quant.bits[-1]} bits; database {self.quant.db.root}")
-        self.problem = Problem(num_levels=(len(self.quant.bits),) * q + (2,) * len(self.drop.units),
-                               costs=costs + ((0, 0),) * len(self.drop.units), budget=budget,
-                               groups=(tuple(range(len(self.units))),), slack=math.floor(budget * tolerance),
-                               masks=masks)
+        self.target = target
+        self.problem = Problem(num_levels=(len(self.quant.bits),) * self.layers + (2,) * subs,
+                               costs=costs + ((0, 0),) * subs, budget=budget, groups=(tuple(range(len(self.units))),),
+                               slack=math.floor(budget * self.tolerance), masks=self.drop_masks)
 
     def _budget(self, target: float) -> int:
         check_target(target)

@@ -63,8 +63,6 @@ class QuantSpace(LayerwiseSpace):
         if group_rule not in GROUP_RULES:
             raise UserError(f"unknown --group-rule '{group_rule}' for quant (choose from {', '.join(GROUP_RULES)}; "
                             "'global' cannot keep an exact bit budget across layers of different sizes)")
-        if target is not None:
-            check_target(target)
         super().__init__(decoder, target, db)
         self.group_rule = group_rule
         self.overhead = overhead
@@ -77,7 +75,16 @@ class QuantSpace(LayerwiseSpace):
         self.group_size = manifest["group_size"]
         self.shapes = [tuple(manifest["layers"][name]) for name in self.units]
         self.numel = sum(o * i for o, i in self.shapes)
-        costs = tuple(tuple(level_cost(b, s, self.grid(b), overhead) for b in self.bits) for s in self.shapes)
+        self.level_costs = tuple(tuple(level_cost(b, s, self.grid(b), overhead) for b in self.bits)
+                                 for s in self.shapes)
+        self.switch_groups = self._groups(self.level_costs)
+        self.set_target(target)
+        self.check_layer_files(lambda u: [key for b in self.bits for key in packed_keys(b).values()])
+
+    def set_target(self, target: float | None) -> None:
+        if target is not None:
+            check_target(target)
+        self.target, costs = target, self.level_costs
         # no target: a placeholder budget (the cheapest configuration), for reading configurations
         wanted = Fraction(str(target)) * self.numel if target is not None else Fraction(sum(c[0] for c in costs))
         self.target_bits = math.floor(wanted)
@@ -92,8 +99,7 @@ class QuantSpace(LayerwiseSpace):
             raise UserError(f"--target {target} is below the cheapest configuration ({lowest:.4f} bits per weight "
                             f"with every layer at {self.bits[0]} bits, {self.accounting()})")
         self.problem = Problem(num_levels=(len(self.bits),) * len(self.units), costs=costs, budget=budget,
-                               groups=self._groups(costs))
-        self.check_layer_files(lambda u: [key for b in self.bits for key in packed_keys(b).values()])
+                               groups=self.switch_groups)
 
     def grid(self, bits: int) -> QuantGrid:
         return QuantGrid(bits, self.group_size)

@@ -59,8 +59,6 @@ class SparsitySpace(LayerwiseSpace):
     def __init__(self, decoder: Decoder, target: float | None, db: str | None = None, group_rule: str = "global"):
         if group_rule not in GROUP_RULES:
             raise UserError(f"unknown --group-rule '{group_rule}' for sparsity (choose from {', '.join(GROUP_RULES)})")
-        if target is not None:
-            check_target(target)
         super().__init__(decoder, target, db)
         self.group_rule = group_rule
         manifest = self.db.manifest
@@ -71,20 +69,26 @@ class SparsitySpace(LayerwiseSpace):
         self.first_offsets = [e["first_offset"] for e in entries]
         self.zeros: list[list[int]] = [e["zeros"] for e in entries]
         self.weights = sum(self.numels)
+        self.set_target(target)
+        # per layer: sum of x_j^2 over the database's inputs (OWL), read while each file is checked
+        self.input_sq_norms = [t["input_sq_norms"] for t in self.check_layer_files(
+            lambda u: [k for lv in range(len(self.zeros[u])) for k in self._level_keys(u, lv)], ["input_sq_norms"])]
+
+    def set_target(self, target: float | None) -> None:
+        if target is not None:
+            check_target(target)
+        self.target = target
         # no target: a placeholder budget (every layer at its least sparse level), for reading configurations
         self.target_zeros = (Fraction(str(target)) * self.weights if target is not None
                              else Fraction(sum(z[0] for z in self.zeros)))
         try:
             self.problem, self.total_steps = sparsity_problem(self.numels, self.zeros, self.step, self.target_zeros,
-                                                              group_rule)
+                                                              self.group_rule)
         except ValueError:
             lo, hi = (sum(z[i] for z in self.zeros) / self.weights for i in (0, -1))
             raise UserError(f"--target {target} is outside database {self.db.root}, whose levels cover average "
-                            f"sparsity {lo:.4f}..{hi:.4f} (centre {manifest['center']}); build one around the "
+                            f"sparsity {lo:.4f}..{hi:.4f} (centre {self.db.manifest['center']}); build one around the "
                             "target or with more --levels") from None
-        # per layer: sum of x_j^2 over the database's inputs (OWL), read while each file is checked
-        self.input_sq_norms = [t["input_sq_norms"] for t in self.check_layer_files(
-            lambda u: [k for lv in range(len(self.zeros[u])) for k in self._level_keys(u, lv)], ["input_sq_norms"])]
 
     def _level_keys(self, u: int, level: int) -> tuple[str, str]:
         return level_keys(self.first_offsets[u] + level)
