@@ -27,7 +27,7 @@ from evopress.spaces.sparsity.levels import default_step, level_grid, nearest_le
 from evopress.spaces.sparsity.space import SparsitySpace
 from evopress.spaces.sparsity.storage import decode_level, encode_level
 
-from .conftest import assert_prefix_reuse_matches_full_forward, tiny_model
+from .conftest import assert_prefix_reuse_matches_full_forward, tiny_model, tiny_sparsity_database
 
 STEP = 24  # tiny layers: 512 (k/v), 1024 (q/o), 2048 (MLP) weights
 
@@ -42,8 +42,7 @@ def built(tmp_path_factory):
     model = tiny_model(layers=3)
     dense = {k: v.clone() for k, v in model.state_dict().items()}
     root = tmp_path_factory.mktemp("sdb")
-    manifest = build_sparsity_database(Decoder(model), _pool(), root, 0.5, 4, STEP, batch_size=4, progress=False)
-    return model, dense, root, manifest
+    return model, dense, root, tiny_sparsity_database(root, model, _pool(), STEP)
 
 
 def space_for(built, target, **options):
