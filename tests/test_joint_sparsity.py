@@ -25,7 +25,7 @@ from evopress.spaces.quant.levels import packed_bytes
 from evopress.spaces.sparsity.storage import decode_level, level_keys
 from evopress.spaces.textconfig import LABELLED
 
-from .conftest import tiny_model, tiny_quant_database, tiny_sparsity_database
+from .conftest import assert_prefix_reuse_matches_full_forward, tiny_model, tiny_quant_database, tiny_sparsity_database
 
 TOL = 0.03  # as in test_joint: a 32-wide model's layer steps need a wide window
 
@@ -130,6 +130,14 @@ def test_rules_bound_by_bytes(built):
         for u, name in enumerate(base.units[: base.layers]):
             if name.endswith("down_proj"):  # at least the bytes of 3 bits, pruned or not
                 assert base.levels[u][levels[u]].cost >= packed_bytes(3, base.quant.shapes[u], base.quant.grid(3))
+
+
+def test_prefix_reuse_equals_full_forward(built):
+    space = joint(built, 2.6)
+    configs = space.random_configs(np.random.default_rng(7), 4)
+    configs += [mutate(configs[0], space.problem, np.random.default_rng(s), 3) for s in range(3)]
+    assert_prefix_reuse_matches_full_forward(space, built[2], configs, 1 << 30)
+    space.apply(None)
 
 
 def test_mismatched_databases_are_refused(built, tmp_path):

@@ -20,7 +20,6 @@ from evopress.fitness import Evaluator
 from evopress.models import Decoder
 from evopress.spaces.base import BaselineInputs
 from evopress.spaces.sparsity.baselines import owl, owl_configs, owl_sparsities, uniform
-from evopress.spaces.sparsity.build import build_sparsity_database
 from evopress.spaces.sparsity.bitmask import export_bitmask
 from evopress.spaces.sparsity.export import PROFILE, export
 from evopress.spaces.sparsity.levels import default_step, level_grid, nearest_levels, sparsity_problem

@@ -1,4 +1,4 @@
-"""Joint compression: drop sub-blocks and choose every remaining layer's bitwidth (and sparsity) under one byte budget."""
+"""Joint compression: drop sub-blocks, choose every remaining layer's bitwidth (and sparsity) under one byte budget."""
 
 from ..base import CliOption, SpacePlugin
 from ..layerwise import DB_OPTION, absolute_path
