@@ -5,9 +5,9 @@ and zeroes the bias of a lone dropped sub-block's output projection; the quant e
 ``write_quantized`` writes every remaining linear layer packed at its searched bitwidth. A lone
 dropped sub-block still has layers in a standard architecture: they are written as zero layers at
 the lowest bitwidth (zero codes, zero points and scales), so the sub-block adds exactly zero to the
-residual stream, as the depth space's dropped module does. These placeholders are the only bytes the
-file holds beyond the searched size (``size_bytes``); ``evopress_profile.json`` lists them
-(``evopress_dropped``, indices of the exported blocks). ``evopress.load_compressed`` reads the checkpoint.
+residual stream, as the depth space's dropped module does. Without sparsity levels these placeholders
+are the only bytes the file holds beyond the searched size (``size_bytes``); ``evopress_profile.json``
+lists them (``evopress_dropped``, indices of the exported blocks). ``evopress.load_compressed`` reads the checkpoint.
 
 A pruned layer (``--with-sparsity``) has no sparse form in pack-quantized, so it is written as the
 codes of its whole matrix at its bitwidth, pruned weights as exact zero codes: the checkpoint loads
@@ -69,12 +69,14 @@ def export(space: JointSpace, config: Config, out: Path, tokenizer: Any) -> dict
                     {"space": space.name, "target": space.target, "budget": budget,
                      "removed_blocks": budget["removed_blocks"], DROPPED: dropped,
                      "original_num_hidden_layers": space.num_blocks, **sparse})
-    return {"out": str(out), "weights_bytes": (out / WEIGHTS).stat().st_size, "searched_bytes": budget["bytes"],
-            "num_hidden_layers": len(keep), "removed_blocks": budget["removed_blocks"],
-            "layers_per_bitwidth": budget["layers_per_bitwidth"],
-            **({"sparse_layers": len(sparse[SPARSITY]["layers"]), "sparse_extra_bytes": sparse[SPARSITY]["extra_bytes"]}
-               if sparse else {}),
-            "files": [WEIGHTS, "config.json", GPTQMODEL, RECIPE, PROFILE]}
+    summary = {"out": str(out), "weights_bytes": (out / WEIGHTS).stat().st_size, "searched_bytes": budget["bytes"],
+               "num_hidden_layers": len(keep), "removed_blocks": budget["removed_blocks"],
+               "layers_per_bitwidth": budget["layers_per_bitwidth"],
+               "files": [WEIGHTS, "config.json", GPTQMODEL, RECIPE, PROFILE]}
+    if sparse:
+        pruned = sparse[SPARSITY]
+        summary.update(sparse_layers=len(pruned["layers"]), sparse_extra_bytes=pruned["extra_bytes"])
+    return summary
 
 
 def sparsity_profile(space: JointSpace, config: Config, names: dict[int, str]) -> dict[str, Any]:

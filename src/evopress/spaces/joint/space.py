@@ -11,14 +11,17 @@ dropped sub-block is a ``Problem`` mask: while its unit is at level 1 its layers
 their levels do not matter. ``--target`` is average bits per compressible weight counting scales
 and zero points (``--target-bits``), or with ``--target-bytes`` a byte count. The search keeps the
 achieved bytes in ``[budget - slack, budget]`` with ``slack = floor(budget * tolerance)`` (default
-0.1%, ``--byte-tolerance``; a tiny model's layer steps need more): never above the target. Layer
-steps cost unequal bytes, so no single up/down pair keeps a total; ``base.window_switch`` makes one random move (a layer a bit up or down, or a sub-block dropped or
-restored) and then moves other layers one level at a time until the total is back in the window.
+0.1%, ``--byte-tolerance``; a tiny model's layer steps need more): never above the target.
+Layer steps cost unequal bytes, so no single up/down pair keeps a total; ``base.window_switch`` makes one
+random move (a layer a level up or down, or a sub-block dropped or restored) and then moves other
+layers one level at a time until the total is back in the window.
 
 With ``with_sparsity`` (a sparsity database of the same model) a layer's levels also include combined
 levels, a SparseGPT weight quantized at a bitwidth (``layers.SparseQuantLayers``, ``combined.py``), and
-every layer's levels are ordered by true bytes, so a level up always costs more. Labels: bits for the
-quant database's weights (``4``), ``<sparsity>%@<bits>`` for combined ones (``50%@3``).
+every layer's levels are ordered by true bytes, so a level up never costs less. A combined level's
+bytes are those of the sparse layout of ``combined.py`` (a bitmask and the non-zeros' codes); the
+export stores its codes densely and says how much more that takes. Labels: bits for the quant
+database's weights (``4``), ``<sparsity>%@<bits>`` for combined ones (``50%@3``).
 """
 
 from __future__ import annotations
