@@ -95,6 +95,14 @@ def tiny_quant_database(root, layers: int, bits: tuple[int, ...]):
     return model, dense, pool, root, manifest
 
 
+def tiny_sparsity_database(root, model, pool, step: int = 24, center: float = 0.5, levels: int = 4):
+    """A SparseGPT database of ``model`` (left dense: the build installs nothing) on ``pool`` under ``root``,
+    centred at ``center`` with ``levels`` levels of ``step`` weights each side."""
+    from evopress.spaces.sparsity.build import build_sparsity_database
+
+    return build_sparsity_database(Decoder(model), pool, root, center, levels, step, batch_size=4, progress=False)
+
+
 def assert_prefix_reuse_matches_full_forward(space, pool, configs, cache_bytes, tokens=96, seed=4):
     """The optimised evaluator (prefix reuse, cached teacher) gives the naive evaluator's KL and NLL.
 

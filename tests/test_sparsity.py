@@ -20,14 +20,13 @@ from evopress.fitness import Evaluator
 from evopress.models import Decoder
 from evopress.spaces.base import BaselineInputs
 from evopress.spaces.sparsity.baselines import owl, owl_configs, owl_sparsities, uniform
-from evopress.spaces.sparsity.build import build_sparsity_database
 from evopress.spaces.sparsity.bitmask import export_bitmask
 from evopress.spaces.sparsity.export import PROFILE, export
 from evopress.spaces.sparsity.levels import default_step, level_grid, nearest_levels, sparsity_problem
 from evopress.spaces.sparsity.space import SparsitySpace
 from evopress.spaces.sparsity.storage import decode_level, encode_level
 
-from .conftest import assert_prefix_reuse_matches_full_forward, tiny_model
+from .conftest import assert_prefix_reuse_matches_full_forward, tiny_model, tiny_sparsity_database
 
 STEP = 24  # tiny layers: 512 (k/v), 1024 (q/o), 2048 (MLP) weights
 
@@ -42,8 +41,7 @@ def built(tmp_path_factory):
     model = tiny_model(layers=3)
     dense = {k: v.clone() for k, v in model.state_dict().items()}
     root = tmp_path_factory.mktemp("sdb")
-    manifest = build_sparsity_database(Decoder(model), _pool(), root, 0.5, 4, STEP, batch_size=4, progress=False)
-    return model, dense, root, manifest
+    return model, dense, root, tiny_sparsity_database(root, model, _pool(), STEP)
 
 
 def space_for(built, target, **options):

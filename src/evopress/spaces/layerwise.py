@@ -30,12 +30,12 @@ from ..placement import WeightOverride, offload_hook
 from .base import CliOption, Config, RetargetableSpace
 
 
-def _absolute(path: str | None) -> str | None:
+def absolute_path(path: str | None) -> str | None:
     """Databases are stored by absolute path so a result evaluates from any working directory."""
     return str(Path(path).resolve()) if path else None
 
 
-DB_OPTION = CliOption(("--db",), "db", "level database built by build-db", convert=_absolute)
+DB_OPTION = CliOption(("--db",), "db", "level database built by build-db", convert=absolute_path)
 
 
 def group_rule_option(space: str, default: str, meaning: str) -> CliOption:

@@ -1,7 +1,7 @@
-"""Joint compression: drop sub-blocks and choose every remaining layer's bitwidth under one byte budget."""
+"""Joint compression: drop sub-blocks, choose every remaining layer's bitwidth (and sparsity) under one byte budget."""
 
 from ..base import CliOption, SpacePlugin
-from ..layerwise import DB_OPTION
+from ..layerwise import DB_OPTION, absolute_path
 from . import baselines, export
 from .space import TOLERANCE, JointSpace, check_target
 
@@ -18,6 +18,9 @@ PLUGIN = SpacePlugin(
                   is_flag=True),
         CliOption(("--byte-tolerance",), "tolerance", "joint: achieved bytes stay within this fraction below the "
                   "target, never above (default 0.001)", default=TOLERANCE, type=float),
+        CliOption(("--with-sparsity",), "with_sparsity", "joint: a sparsity database of the same model (build-db "
+                  "--space sparsity); its levels, quantized at each of --db's bitwidths, join every layer's levels",
+                  convert=absolute_path),
     ),
     baselines={"uniform": baselines.uniform, "depth": baselines.depth, "grid": baselines.grid},
     export=export.export,

@@ -13,7 +13,8 @@ bitwidth or a count of whole blocks moves in large steps, and their results repo
   the candidate with the lowest calibration KL on ``inputs.tokens`` tokens wins (uniform bitwidths
   that fit with nothing dropped are candidates too).
 
-Block rankings are the depth space's own (``drop.baselines``), from dense activations.
+Block rankings are the depth space's own (``drop.baselines``), from dense activations. With
+``--with-sparsity`` the baselines stay unpruned: they are the single-space references.
 """
 
 from __future__ import annotations
@@ -36,19 +37,20 @@ def _joint(inputs: BaselineInputs) -> JointSpace:
     return space
 
 
-def _config(space: JointSpace, level: int, blocks: Iterable[int]) -> Config:
+def _config(space: JointSpace, bit_index: int, blocks: Iterable[int]) -> Config:
+    """Every layer at ``quant.bits[bit_index]`` (unpruned: the baselines are single-space), ``blocks`` dropped."""
     drop = set(blocks)
-    return space.compose((level,) * space.layers, [(b in drop, b in drop) for b in range(space.num_blocks)])
+    return space.compose(space.uniform_levels(bit_index), [(b in drop, b in drop) for b in range(space.num_blocks)])
 
 
 def _fits(space: JointSpace, config: Config) -> bool:
     return space.problem.cost(config) <= space.problem.budget
 
 
-def _fewest(space: JointSpace, level: int, blocks_for: Callable[[int], Iterable[int]]) -> Config | None:
-    """Uniform ``level`` with the fewest blocks dropped (``blocks_for(k)``) that fits; None if none does."""
+def _fewest(space: JointSpace, bit_index: int, blocks_for: Callable[[int], Iterable[int]]) -> Config | None:
+    """Uniform ``bit_index`` with the fewest blocks dropped (``blocks_for(k)``) that fits; None if none does."""
     for k in range(space.num_blocks):
-        config = _config(space, level, blocks_for(k))
+        config = _config(space, bit_index, blocks_for(k))
         if _fits(space, config):
             return config
     return None

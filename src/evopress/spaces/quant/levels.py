@@ -71,9 +71,14 @@ def packed_bytes(bits: int, shape: tuple[int, int], grid: QuantGrid) -> int:
     zero points along the output dimension, one row per group), scales fp16, plus the int64 shape.
     """
     out, n = shape
+    return 4 * -(-n * bits // 32) * out + metadata_bytes(bits, shape, grid)
+
+
+def metadata_bytes(bits: int, shape: tuple[int, int], grid: QuantGrid) -> int:
+    """The part of ``packed_bytes`` besides the codes: fp16 scales, int32-packed zero points, the int64 shape."""
+    out, n = shape
     groups = n // grid.group_len(n)
-    words = -(-n * bits // 32) * out + -(-out * bits // 32) * groups
-    return 4 * words + 2 * out * groups + 16
+    return 4 * -(-out * bits // 32) * groups + 2 * out * groups + 16
 
 
 # ----------------------------------------------------------------------------------------------
