@@ -135,6 +135,19 @@ def _steps(config: Sequence[int], problem: Problem, u: int) -> list[int]:
     return [lv for lv in (config[u] - 1, config[u] + 1) if 0 <= lv < problem.num_levels[u]]
 
 
+def _cost_step(config: Sequence[int], problem: Problem, u: int, way: int) -> tuple[int, int]:
+    """``(level, cost change)``: the nearest level of ``u`` in direction ``way`` that changes the cost
+    (``(config[u], 0)`` if none). Levels of equal cost (a combined sparse level can tie a pure one) are
+    stepped over, else a repair stalls on the tie."""
+    lv = config[u] + way
+    while 0 <= lv < problem.num_levels[u]:
+        d = problem.delta(config, u, lv)
+        if d:
+            return lv, d
+        lv += way
+    return config[u], 0
+
+
 def window_switch(config: list[int], problem: Problem, rng: np.random.Generator) -> None:
     """The level switch for unequal costs: one random move, then ``settle`` back into the budget window.
 
@@ -176,8 +189,8 @@ def settle(config: list[int], problem: Problem, rng: np.random.Generator, units:
         if low <= cost <= high:
             return True
         need_down = cost > high
-        moves = [(u, lv, d) for u in units if problem.active(config, u) for lv in _steps(config, problem, u)
-                 for d in (problem.delta(config, u, lv),) if (d < 0 if need_down else d > 0)]
+        moves = [(u, lv, d) for u in units if problem.active(config, u) for way in (-1, 1)
+                 for lv, d in [_cost_step(config, problem, u, way)] if (d < 0 if need_down else d > 0)]
         if not moves:
             return False
         landing = [m for m in moves if low <= cost + m[2] <= high]
