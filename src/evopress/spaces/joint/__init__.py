@@ -20,6 +20,8 @@ PLUGIN = SpacePlugin(
                   "target, never above (default 0.001)", default=TOLERANCE, type=float),
     ),
     baselines={"uniform": baselines.uniform, "depth": baselines.depth, "grid": baselines.grid},
+    default_init=("grid",),  # below the byte window: the warm start repairs it into the window
+    default_init_with_rules=(),  # the joint baselines take no rules
     export=export.export,
 )
 
