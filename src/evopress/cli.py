@@ -142,7 +142,7 @@ def _search_args(s: argparse.ArgumentParser) -> None:
     s.add_argument("--initial-candidates", type=int, default=d.initial_candidates)
     s.add_argument("--initial-tokens", type=int, default=d.initial_tokens)
     s.add_argument("--init-from", default=AUTO, help="comma-separated baselines whose configurations join "
-                   f"the random initial population (a warm start); {AUTO} (default): the space's own ("
+                   f"the initial population (a warm start); {AUTO} (default): the space's own ("
                    + "; ".join(f"{name}: {','.join(p.default_init) or NO_INIT}" for name, p in PLUGINS.items())
                    + f"; under --rules only those that take rules); {NO_INIT}: random only, the paper's start")
     s.add_argument("--no-prefix-reuse", action="store_true", help="run every candidate from the embeddings")

@@ -118,7 +118,7 @@ def resolve_init(value: list[str] | str, space: str, method: str, options: Mappi
     'auto': the space's default warm start (``SpacePlugin.default_init``; a recipe without init_from
     means it); 'none' or '': none, the paper's random initialisation; else a list or a comma-separated
     string of baselines. Resolved when the recipe is made, so recipe.json and result.json name the
-    methods, and a stored recipe.json with [] (every one from before 'auto') still means random.
+    methods, and a stored recipe.json with [] (as every search before 'auto' wrote) still means random.
     A run that is not a search takes none: its fingerprint does not depend on a search setting.
     """
     if method != "evopress":
