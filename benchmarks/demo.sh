@@ -14,7 +14,7 @@ TARGET=${TARGET:-0.25}
 COMMON=(--space drop --target "$TARGET" --calib-tokens 32768 --seq-len 256 --final-tokens 4096 --seed 0)
 
 evopress search "${COMMON[@]}" --generations "${GENERATIONS:-30}" --offspring 16 --stages 2:256,1:1024 \
-    --initial-candidates 16 --initial-tokens 512 --init-from shortgpt,angular --out "$OUT/evopress"
+    --initial-candidates 16 --initial-tokens 512 --out "$OUT/evopress"   # warm start: the default, shortgpt,angular
 for method in shortgpt angular; do
     evopress baseline "${COMMON[@]}" --method "$method" --tokens 4096 --out "$OUT/$method"
 done

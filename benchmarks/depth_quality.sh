@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Depth-pruning quality on the embedded default model (SmolLM2-135M, 30 blocks, CPU):
-# EvoPress (random initial population, as the paper; and warm-started from the scoring baselines)
+# EvoPress (random initial population, as the paper; and warm-started from the scoring baselines, the default)
 # against ShortGPT, angular distance and best-of-32 random, at 25% and 37.5% of the sub-blocks.
 # Held-out: Wikipedia summaries (last 2,000 articles) and PTB test, 8,192 tokens each, 512-token windows.
 #
@@ -19,8 +19,8 @@ for TARGET in ${TARGETS:-0.25 0.375}; do
         [ -f "$D/$method/result.json" ] || evopress baseline "${COMMON[@]}" --method "$method" --tokens 4096 --out "$D/$method"
     done
     [ -f "$D/random/result.json" ] || evopress baseline "${COMMON[@]}" --method random --tokens 1024 --candidates 32 --out "$D/random"
-    evopress search "${COMMON[@]}" "${SEARCH[@]}" --init-from shortgpt,angular --out "$D/evopress-warm"
-    evopress search "${COMMON[@]}" "${SEARCH[@]}" --out "$D/evopress"
+    evopress search "${COMMON[@]}" "${SEARCH[@]}" --out "$D/evopress-warm"   # the default: --init-from shortgpt,angular
+    evopress search "${COMMON[@]}" "${SEARCH[@]}" --init-from none --out "$D/evopress"   # the paper's random start
     evopress eval "$D/evopress" "$D/evopress-warm" "$D/shortgpt" "$D/angular" "$D/random" \
         --eval-data wiki,ptb --eval-tokens 8192 --eval-seq-len 512 --quiet
     evopress report "$D/evopress" "$D/evopress-warm" "$D/shortgpt" "$D/angular" "$D/random" --out "$D/report"

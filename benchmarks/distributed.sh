@@ -5,7 +5,7 @@
 set -euo pipefail
 OUT=${1:-runs/distributed}
 ARGS=(--space drop --target 0.25 --generations "${GENERATIONS:-4}" --offspring 16 --stages 2:256,1:1024
-      --initial-candidates 1 --calib-tokens 8192 --final-tokens 256 --device cpu --quiet --restart)
+      --initial-candidates 1 --init-from none --calib-tokens 8192 --final-tokens 256 --device cpu --quiet --restart)
 evopress search "${ARGS[@]}" --out "$OUT/one"
 torchrun --nproc-per-node 2 -m evopress search "${ARGS[@]}" --out "$OUT/two"
 python - "$OUT" <<'PY'

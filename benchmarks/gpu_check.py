@@ -37,7 +37,7 @@ def fitness_pair(args: argparse.Namespace, space: str, target: float, options: d
     scores = []
     for dtype in ("bfloat16", "float32"):
         recipe = make_recipe(space=space, target=target, space_options=options, model=args.model, data=args.data,
-                             device=args.device, dtype=dtype, seq_len=seq_len, calib_tokens=pool)
+                             device=args.device, dtype=dtype, seq_len=seq_len, calib_tokens=pool, init_from="none")
         ctx = prepare(recipe, log=lambda m: None)
         sample = ctx.pool.sample(tokens, np.random.default_rng(seed))
         scores.append([m.kl for m in ctx.evaluator.measure(configs, sample)])
@@ -64,7 +64,8 @@ def check(args: argparse.Namespace, space: str) -> dict:
         torch.cuda.reset_peak_memory_stats()
     run = args.out / f"search-{space}"
     assert cli(["search", "--space", space, "--target", target, *options, *common, "--generations", str(generations),
-                "--offspring", str(offspring), "--stages", stages, "--final-tokens", str(tokens), "--restart",
+                "--offspring", str(offspring), "--stages", stages, "--final-tokens", str(tokens), "--init-from", "none",
+                "--restart",
                 "--quiet", "--out", str(run)]) == 0
     result = json.loads((run / "result.json").read_text())
     gens = [h for h in result["history"] if h["generation"] > 0]

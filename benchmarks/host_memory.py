@@ -22,7 +22,9 @@ import sys
 from pathlib import Path
 
 CALIB = ["--seq-len", "256", "--calib-tokens", "8192"]
-SEARCH = ["--generations", "2", "--offspring", "8", "--stages", "2:256,1:1024", "--final-tokens", "1024", "--quiet"]
+# --init-from '': random start only, what every checkout (--src) does with it (older ones know no 'none')
+SEARCH = ["--generations", "2", "--offspring", "8", "--stages", "2:256,1:1024", "--final-tokens", "1024", "--quiet",
+          "--init-from", ""]
 # --target is build-db's older name for --center, so older checkouts run the same command
 SPACES = {"sparsity": (["--target", "0.5", "--levels", "2"], "0.5"), "quant": (["--bits", "2,3,4"], "3")}
 PHASES = str(Path(__file__).resolve().parent / "memory_phases.py")  # runs evopress, logs RSS per phase and the peak

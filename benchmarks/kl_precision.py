@@ -28,7 +28,7 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
     recipe = Recipe(space="drop", target=args.target, seq_len=256, calib_tokens=256 * args.windows,
-                    space_options={"granularity": "sublayer"})
+                    space_options={"granularity": "sublayer"}, init_from=[])  # no search: no warm start
     ctx = prepare(recipe, log=lambda m: None)
     decoder, space = ctx.decoder, ctx.space
     config = space.initial_configs(np.random.default_rng(args.seed), 1)[0]

@@ -71,10 +71,11 @@ def prepare_mode(args: argparse.Namespace, generations: int):
     search = SearchConfig(generations=generations, offspring=args.offspring,
                           stages=[tuple(int(x) for x in s.split(":")) for s in args.stages.split(",")],
                           initial_candidates=1, seed=args.seed)
-    # profile: sync the device around timed steps, so the time fractions below are true on a GPU
+    # profile: sync the device around timed steps, so the time fractions below are true on a GPU;
+    # init_from []: one random start taken as is, no warm-start baselines (per-generation cost only)
     recipe = Recipe(space=args.space, target=args.target, data="wiki", seq_len=args.seq_len,
                     calib_tokens=args.calib_tokens, space_options=options, search=search, final_tokens=512,
-                    fitness=FitnessConfig(profile=True))
+                    fitness=FitnessConfig(profile=True), init_from=[])
     ctx = prepare(recipe, log=lambda m: None)
     if args.mode == "naive":
         naive = FitnessConfig(prefix_reuse=False, batch_size=1, profile=True)

@@ -7,14 +7,14 @@ candidates, seeds 0, 1, 2. Both modes see the same calibration and held-out text
 * ``naive``: the reference's evaluator (``benchmarks/speed.py``'s ``ReferenceEvaluator``: from the
   embeddings, one window at a time, full-vocabulary teacher log-probs in RAM) and initialisation
   (random candidates only), 20 generations. The held-out KL of its final profile is recorded.
-* ``ours``: our evaluator (batches, prefix reuse, hidden-space KL), the same schedule, and the
-  initial population warm-started from the scoring baselines (``--init-from shortgpt,angular``),
-  run for the naive run's wall time with the same seed. After every generation the parent's
+* ``ours``: our defaults: the evaluator (batches, prefix reuse, hidden-space KL) and the initial
+  population warm-started from the scoring baselines (the depth space's ``--init-from auto``,
+  i.e. shortgpt,angular), with the same schedule, run for the naive run's wall time with the same seed. After every generation the parent's
   held-out KL is measured outside the timed search (the clock is paused), so the trace says when it
   first reaches the naive runs' median final KL: the same as stopping the search there, since a
   search never looks ahead.
-* ``ours-cold``: as ``ours`` but random initialisation, like the naive mode (what the evaluator
-  alone buys).
+* ``ours-cold``: as ``ours`` but random initialisation (``--init-from none``), like the naive mode
+  (what the evaluator alone buys).
 
 Timed: from the start of the run's set-up (baselines, teacher pass over the pool, initial ranking)
 to the end of a generation; model loading and the held-out teacher are not. Both wall time and the
@@ -75,8 +75,9 @@ def recipe_for(mode: str, seed: int):
 
     search = SearchConfig(generations=GENERATIONS if mode == "naive" else BIG, offspring=8,
                           stages=[(2, 256), (1, 2048)], initial_candidates=16, seed=seed)
+    random_start = {} if mode == "ours" else {"init_from": []}  # ours: the default initialisation, as users get it
     return Recipe(space="drop", target=0.25, data="wiki", seq_len=512, calib_tokens=32 * 512, search=search,
-                  init_from=["shortgpt", "angular"] if mode == "ours" else [], track_every=0)
+                  track_every=0, **random_start)
 
 
 def run_mode(args: argparse.Namespace) -> dict:

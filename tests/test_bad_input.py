@@ -22,8 +22,8 @@ def finished(tiny_checkpoint, tmp_path_factory):
     out = tmp_path_factory.mktemp("finished")
     assert main(["search", "--target", "0.34", "--model", str(model), "--data", str(text), "--seq-len", "32",
                  "--calib-tokens", "256", "--final-tokens", "64", "--generations", "1", "--offspring", "2",
-                 "--stages", "1:32", "--initial-candidates", "2", "--initial-tokens", "32", "--out", str(out),
-                 "--quiet"]) == 0
+                 "--stages", "1:32", "--initial-candidates", "2", "--initial-tokens", "32", "--init-from", "none",
+                 "--out", str(out), "--quiet"]) == 0
     return out
 
 
@@ -48,14 +48,16 @@ def _file(tmp: Path, name: str, data: bytes) -> Path:
 
 
 # (name, extra argv builder or full argv, expected fragment). "{out}" is the finished result directory.
-SEARCH = ["search", "--target", "0.34", "--generations", "1", "--stages", "1:32", "--seq-len", "32",
-          "--final-tokens", "64", "--initial-tokens", "32", "--calib-tokens", "256"]
+SEARCH = ["search", "--init-from", "none", "--target", "0.34", "--generations", "1", "--stages", "1:32",
+          "--seq-len", "32", "--final-tokens", "64", "--initial-tokens", "32", "--calib-tokens", "256"]
 CASES = {
     "no cuda": (lambda t, m, x: [*SEARCH, "--device", "cuda"], "no usable CUDA"),
     "truncated gguf": (lambda t, m, x: [*SEARCH, *_gguf_truncated(t, m, x)], "cannot load GGUF"),
     "unknown space": (lambda t, m, x: [*SEARCH, "--space", "nope"], "unknown space 'nope'"),
     "unknown method": (lambda t, m, x: ["baseline", "--target", "0.34", "--method", "magic"], "unknown method"),
     "unknown init-from": (lambda t, m, x: [*SEARCH, "--init-from", "oracle"], "unknown method 'oracle'"),
+    "warm start over the pool": (lambda t, m, x: [*SEARCH, "--init-from", "auto"],
+                                 "the --init-from baselines' sample (--tokens) (4096 tokens) is larger"),
     "target out of range": (lambda t, m, x: [*SEARCH[:1], "--target", "1.5"], "out of range"),
     "quant target above 8 bits": (lambda t, m, x: ["search", "--space", "quant", "--target", "9", "--db", "db"],
                                   "average bits per weight in (0, 8]"),
@@ -83,7 +85,8 @@ CASES = {
 }
 
 
-FRESH_OUT = {"no cuda", "truncated gguf", "import-config not utf-8"}  # checked after --out is claimed
+# checked after --out is claimed
+FRESH_OUT = {"no cuda", "truncated gguf", "import-config not utf-8", "warm start over the pool"}
 
 
 @pytest.mark.parametrize("case", list(CASES))

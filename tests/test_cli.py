@@ -65,3 +65,30 @@ def test_batch_tokens_flag_and_other_speed_knobs_leave_the_fingerprint():
     assert by_tokens.fingerprint() == recipe().fingerprint()
     knobs = dict(batch_tokens=4096, block_bytes=1 << 20, teacher_device_bytes=0, profile=True)
     assert make_recipe(**knobs).fingerprint() == make_recipe().fingerprint()
+
+
+def test_init_from_defaults_to_the_spaces_warm_start_and_none_is_the_papers_random_start():
+    """'auto' resolves when the recipe is made, so recipe.json names the methods; none and [] are random only."""
+    from evopress.recipe import make_recipe
+
+    def recipe(*extra, command="search"):
+        target = ["--target", "0.25"] if command == "search" else ["--targets", "0.25,0.5"]
+        args = build_parser().parse_args([command, *target, "--out", "x", *extra])
+        return recipe_from_args(args, "evopress", 0.25)
+
+    assert recipe().init_from == make_recipe().init_from == ["shortgpt", "angular"]
+    assert recipe("--init-from", "none").init_from == recipe("--init-from", "").init_from == []
+    assert recipe("--init-from", "angular,random").init_from == ["angular", "random"]
+    assert recipe(command="pareto").init_from == ["shortgpt", "angular"]
+    assert make_recipe(space="quant", target=3.0, space_options={"db": "db"}).init_from == ["dp"]
+    assert make_recipe(space="sparsity", target=0.5, space_options={"db": "db"}).init_from == ["owl"]
+    assert make_recipe(space="joint", target=3.0, space_options={"db": "db"}).init_from == ["grid"]
+    # the depth baselines rank whole blocks and take no rules: under rules the default is random only
+    assert make_recipe(space_options={"rules": [{"match": "re:.*layers\\.0\\..*", "pin": 0}]}).init_from == []
+    assert make_recipe(method="shortgpt", init_from=["angular"]).init_from == []  # a baseline's: none
+    # a stored recipe.json always holds the list: an old one with [] still means random, fingerprint and all
+    stored = make_recipe(init_from="none").to_json()
+    assert stored["init_from"] == [] and make_recipe(stored).fingerprint() == make_recipe(init_from=[]).fingerprint()
+    assert make_recipe(stored).fingerprint() != make_recipe().fingerprint()
+    with pytest.raises(UserError, match="unknown method 'oracle'"):
+        make_recipe(init_from="oracle")

@@ -185,8 +185,9 @@ def test_fingerprints_of_recipes_that_set_the_pool_are_unchanged():
     """Values computed before calib_tokens could be unset: checkpoints written then still resume.
 
     (``data="wiki"``: the default calibration was Wikipedia alone then.)"""
-    assert make_recipe(data="wiki", calib_tokens=32768).fingerprint() == "4dabdcaf318bbd66"
-    assert make_recipe(data="wiki", calib_tokens=1024, seq_len=32, stages=[(1, 64)]).fingerprint() == "c0a049eafa7b0a0d"
+    assert make_recipe(data="wiki", calib_tokens=32768, init_from=[]).fingerprint() == "4dabdcaf318bbd66"
+    assert make_recipe(data="wiki", calib_tokens=1024, seq_len=32, stages=[(1, 64)],
+                       init_from=[]).fingerprint() == "c0a049eafa7b0a0d"
 
 
 def test_the_default_calibration_mixes_two_domains():
@@ -210,7 +211,7 @@ def test_check_samples_refuses_or_warns_with_the_numbers():
 def _search(model, text, out, *extra):
     return ["search", "--target", "0.34", "--model", str(model), "--data", str(text), "--seq-len", "32",
             "--generations", "1", "--offspring", "2", "--stages", "1:64", "--initial-candidates", "2",
-            "--initial-tokens", "64", "--final-tokens", "128", "--out", str(out), *extra]
+            "--initial-tokens", "64", "--final-tokens", "128", "--init-from", "none", "--out", str(out), *extra]
 
 
 def test_cli_refuses_a_pool_smaller_than_a_sample_before_loading_the_model(tmp_path, capsys):

@@ -96,6 +96,7 @@ data: {text}
 seq_len: 32
 calib_tokens: 1024
 final_tokens: 128
+baseline_tokens: 128
 search: {{generations: 2, offspring: 4, stages: [[2, 32], [1, 64]], initial_candidates: 4, initial_tokens: 64}}
 eval: {{data: [{text}], tokens: 128, seq_len: 32}}
 """)
@@ -104,6 +105,7 @@ eval: {{data: [{text}], tokens: 128, seq_len: 32}}
         assert rc == 0, err
     assert_same_run(tmp_path / "two", tmp_path / "one")
     assert (tmp_path / "two" / "eval.json").read_text() == (tmp_path / "one" / "eval.json").read_text()
+    assert json.loads((tmp_path / "two" / "recipe.json").read_text())["init_from"] == ["shortgpt", "angular"]
 
 
 API_SCRIPT = """
@@ -113,7 +115,7 @@ import evopress
 model, text, out = sys.argv[1:]
 common = dict(space="drop", target=0.34, model=model, data=text, seq_len=32, calib_tokens=1024, final_tokens=128)
 search = evopress.search(out + "/search", generations=2, offspring=4, stages=[(2, 32), (1, 64)],
-                         initial_candidates=4, initial_tokens=64, progress=False, **common)
+                         initial_candidates=4, initial_tokens=64, init_from="none", progress=False, **common)
 random = evopress.baseline(out + "/random", method="random", baseline_tokens=64, random_candidates=6, **common)
 print("RESULT", json.dumps([search.levels, search.fitness, random.levels, random.fitness]))
 """

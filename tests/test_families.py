@@ -104,7 +104,7 @@ def _run_space(space: str, model, text, tmp_path) -> None:
     common = ["--model", str(model), "--data", str(text), "--seq-len", str(SEQ_LEN), "--calib-tokens", "256",
               "--quiet"]
     search = ["search", "--space", space, "--generations", "2", "--offspring", "3", "--stages", "1:64",
-              "--initial-candidates", "2", "--initial-tokens", "32", "--final-tokens", "64",
+              "--initial-candidates", "2", "--initial-tokens", "32", "--final-tokens", "64", "--init-from", "none",
               "--out", str(tmp_path / "evo"), *common]
     db = ["--db", str(tmp_path / "db")]
     if space == "drop":

@@ -15,7 +15,7 @@ from evopress.cli import main
 
 GOLDEN = Path(__file__).with_name("golden_trajectories.json")
 SEARCH = ["--generations", "4", "--offspring", "4", "--stages", "2:32,1:64", "--initial-candidates", "3",
-          "--initial-tokens", "64", "--final-tokens", "128", "--seed", "3"]
+          "--initial-tokens", "64", "--final-tokens", "128", "--seed", "3", "--init-from", "none"]
 CASES = {
     "drop": (None, ["--space", "drop", "--target", "0.34"]),
     "sparsity": (["--space", "sparsity", "--target", "0.5", "--levels", "3"], ["--space", "sparsity", "--target", "0.55"]),

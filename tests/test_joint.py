@@ -184,6 +184,54 @@ def test_baselines_fit_the_bytes(built):
     assert not space.budget_report(grid)["removed_blocks"]  # the scorer prefers no drops: uniform 2 bits
 
 
+class FewerDrops:
+    """A scorer preferring fewer dropped blocks: enough for the grid baseline to pick by score."""
+
+    def __init__(self, space):
+        self.space = space
+
+    def sample(self, tokens, rng):
+        return None
+
+    def score(self, configs, sample):
+        return [float(len(self.space.budget_report(c)["removed_blocks"])) for c in configs]
+
+
+def _warm_start(built, space, init_from, **options):
+    """``pipeline._warm_start`` on ``space`` with the ``FewerDrops`` scorer: (configurations, log lines)."""
+    from evopress import pipeline
+    from evopress.recipe import make_recipe
+
+    recipe = make_recipe(space="joint", target=space.target, init_from=init_from, baseline_tokens=64,
+                         space_options={"db": str(built[3]), "tolerance": TOL, **options})
+    ctx = SimpleNamespace(recipe=recipe, space=space, evaluator=FewerDrops(space), pool=built[2])
+    logged = []
+    return pipeline._warm_start(ctx, [], logged.append), logged
+
+
+def test_the_warm_start_repairs_baselines_into_the_byte_window(built):
+    """Uniform bitwidths and whole blocks land below the window; the warm start moves them into it."""
+    space = joint(built, 3.5)
+    p = space.problem
+    inputs = BaselineInputs(space, FewerDrops(space), built[2], tokens=64, seed=0)
+    grid, depth = baselines.grid(inputs), baselines.depth(inputs)
+    assert all(p.cost(c) < p.budget - p.slack for c in (grid, depth))  # below the window: no candidates as they are
+    configs, logged = _warm_start(built, space, ["grid", "depth"])
+    assert len(configs) == 2 and all(p.feasible(c) for c in configs)
+    assert space.dropped(configs[0]) == space.dropped(grid)  # bits moved up, nothing else
+    after = {(b, k) for b, pair in enumerate(space.dropped(configs[1])) for k, off in enumerate(pair) if off}
+    before = {(b, k) for b, pair in enumerate(space.dropped(depth)) for k, off in enumerate(pair) if off}
+    assert after < before  # at the highest bitwidth only restoring a sub-block adds bytes
+    assert sum("outside the search's budget" in line and "repaired" in line for line in logged) == 2
+    assert _warm_start(built, space, ["grid", "depth"])[0] == configs  # a function of the seed
+
+
+def test_a_baseline_the_repair_cannot_place_is_refused(built):
+    space = joint(built, 3.5, tolerance=0.0)  # an exact byte count that no single-level moves hit
+    with pytest.raises(UserError, match="--init-from uniform: its configuration costs .* no single-level moves"):
+        _warm_start(built, space, ["uniform"], tolerance=0.0)
+
+
 def test_size_bytes_of_quant_and_drop(built):
     model, dense, _, root = built
     model.load_state_dict(dense)
@@ -229,9 +277,10 @@ def test_cli_build_search_baselines_export(tiny_checkpoint, tmp_path):
     assert main(["build-db", "--space", "quant", "--bits", "2,3,4", "--out", str(db), *common]) == 0
     run = ["--space", "joint", "--db", str(db), "--byte-tolerance", str(TOL), "--final-tokens", "128", *common]
     assert main(["search", "--target", "2.8", "--generations", "3", "--offspring", "4", "--stages", "2:32,1:64",
-                 "--initial-candidates", "3", "--initial-tokens", "64", "--track-every", "0",
+                 "--initial-candidates", "3", "--initial-tokens", "64", "--track-every", "0", "--tokens", "64",
                  "--out", str(tmp_path / "evo"), *run]) == 0
     result = json.loads((tmp_path / "evo" / "result.json").read_text())
+    assert result["recipe"]["init_from"] == ["grid"]  # the space's default warm start, repaired into the window
     budget = result["budget"]
     assert budget["lowest_bytes"] <= budget["bytes"] <= budget["budget_bytes"]
     for method in ("uniform", "grid"):
@@ -239,7 +288,7 @@ def test_cli_build_search_baselines_export(tiny_checkpoint, tmp_path):
                      "--out", str(tmp_path / method), *run]) == 0
     bytes_run = ["search", "--target", str(budget["budget_bytes"]), "--target-bytes", "--generations", "1",
                  "--offspring", "2", "--stages", "1:32", "--initial-candidates", "2", "--initial-tokens", "32",
-                 "--track-every", "0", "--out", str(tmp_path / "bytes"), *run]
+                 "--track-every", "0", "--init-from", "none", "--out", str(tmp_path / "bytes"), *run]
     assert main(bytes_run) == 0
     same = json.loads((tmp_path / "bytes" / "result.json").read_text())["budget"]
     assert same["budget_bytes"] == budget["budget_bytes"]

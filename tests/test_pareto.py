@@ -117,10 +117,13 @@ def test_python_api_and_a_budget_begun_from_another_neighbour(tiny_checkpoint, t
     no_plot(monkeypatch)
     out = tmp_path / "front"
     front = evopress.pareto(out, targets=[0.17, 0.5], baselines=[], model=str(model), data=str(text), seq_len=32,
-                            calib_tokens=1024, final_tokens=128, generations=1, offspring=4, stages=[(2, 32), (1, 64)],
-                            initial_candidates=4, initial_tokens=64, track_every=0, eval_data=[str(text)],
-                            eval_tokens=128, eval_seq_len=32, progress=False, log=lambda msg: None)
+                            calib_tokens=1024, final_tokens=128, baseline_tokens=128, generations=1, offspring=4,
+                            stages=[(2, 32), (1, 64)], initial_candidates=4, initial_tokens=64, track_every=0,
+                            eval_data=[str(text)], eval_tokens=128, eval_seq_len=32, progress=False,
+                            log=lambda msg: None)
     assert [p["target"] for p in front["methods"]["evopress"]] == [0.17, 0.5] and front["skipped"] == {}
+    recipe = json.loads((out / "target-0.5" / "result.json").read_text())["recipe"]
+    assert recipe["init_from"] == ["shortgpt", "angular"]  # the API's default is the CLI's: the space's warm start
     assert main(pareto_args(model, text, out, "0.17,0.34,0.5", generations=1) + ["--baselines", ""]) == 2
     assert "started from another neighbour" in capsys.readouterr().err
 

@@ -13,7 +13,7 @@ from evopress.placement import offload_hook, parse_device_map, parse_max_memory
 
 OFFLOAD = ["--device", "cpu", "--device-map", "auto", "--max-memory", "cpu=30KB"]
 SEARCH = ["--generations", "3", "--offspring", "4", "--stages", "2:32,1:64", "--initial-candidates", "3",
-          "--initial-tokens", "64", "--final-tokens", "128"]
+          "--initial-tokens", "64", "--final-tokens", "128", "--init-from", "none"]
 
 
 def test_tiny_max_memory_offloads_the_blocks_and_keeps_the_head(tiny_checkpoint):

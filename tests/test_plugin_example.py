@@ -84,6 +84,7 @@ def test_a_registered_space_runs_end_to_end(registered, tiny_checkpoint, tmp_pat
     result = json.loads((tmp_path / "evo" / "result.json").read_text())
     assert all("mlp" in u for u in result["units"]) and sum(result["levels"]) == len(result["units"]) // 2
     assert result["space_options"] == {"only": "mlp"} and len(result["history"]) == 4
+    assert result["recipe"]["init_from"] == []  # no default_init: the paper's random start
     assert result["fitness"]["kl"] > 0  # rounding changes the model
     assert main(["report", *(str(tmp_path / d) for d in ("evo", "first", "random")), "--out",
                  str(tmp_path / "report"), "--quiet"]) == 0

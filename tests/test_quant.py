@@ -294,7 +294,8 @@ def test_cli_build_search_baselines_export_report(tiny_checkpoint, tmp_path):
     assert manifest["group_size"] == 32 and manifest["calib_bits"] == 3
     run = ["--space", "quant", "--db", str(db), "--final-tokens", "128", *common]
     assert main(["search", "--target", "2.5", "--generations", "3", "--offspring", "4", "--stages", "2:32,1:64",
-                 "--initial-candidates", "3", "--initial-tokens", "64", "--out", str(tmp_path / "evo"), *run]) == 0
+                 "--initial-candidates", "3", "--initial-tokens", "64", "--init-from", "none",
+                 "--out", str(tmp_path / "evo"), *run]) == 0
     for method, target in (("dp", "2.5"), ("random", "2.5"), ("uniform", "3")):
         assert main(["baseline", "--method", method, "--target", target, "--tokens", "64",
                      "--candidates", "3", "--out", str(tmp_path / method), *run]) == 0

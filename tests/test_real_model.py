@@ -21,7 +21,8 @@ def test_wiki_calibration_and_evaluation_splits_are_disjoint():
 def test_search_baseline_eval_report(tmp_path):
     s, b = tmp_path / "search", tmp_path / "shortgpt"
     assert main(["search", "--target", "0.25", "--generations", "2", "--offspring", "4", "--stages", "1:128",
-                 "--initial-candidates", "2", "--initial-tokens", "128", "--out", str(s), *SMALL]) == 0
+                 "--initial-candidates", "2", "--initial-tokens", "128", "--init-from", "none", "--out", str(s),
+                 *SMALL]) == 0
     assert main(["baseline", "--method", "shortgpt", "--target", "0.25", "--tokens", "256",
                  "--out", str(b), *SMALL]) == 0
     result = json.loads((s / "result.json").read_text())
@@ -37,7 +38,8 @@ def test_search_baseline_eval_report(tmp_path):
     # resuming a finished search with the same command changes nothing
     before = (s / "result.json").read_text()
     assert main(["search", "--target", "0.25", "--generations", "2", "--offspring", "4", "--stages", "1:128",
-                 "--initial-candidates", "2", "--initial-tokens", "128", "--out", str(s), *SMALL]) == 0
+                 "--initial-candidates", "2", "--initial-tokens", "128", "--init-from", "none", "--out", str(s),
+                 *SMALL]) == 0
     assert json.loads((s / "result.json").read_text())["levels"] == json.loads(before)["levels"]
     assert main(["report", str(s), str(b), "--out", str(tmp_path / "report"), "--quiet"]) == 0
     assert (tmp_path / "report" / "profile.png").stat().st_size > 1000
@@ -50,7 +52,8 @@ def test_known_bad_configuration_scores_worse_than_a_mild_one_and_dense_scores_z
     from evopress.pipeline import prepare
     from evopress.recipe import make_recipe
 
-    ctx = prepare(make_recipe(space="drop", target=0.25, seq_len=128, calib_tokens=1024, final_tokens=256),
+    ctx = prepare(make_recipe(space="drop", target=0.25, seq_len=128, calib_tokens=1024, final_tokens=256,
+                              init_from="none"),
                   log=lambda m: None)
     blocks = ctx.space.num_blocks
     keep = [0] * (2 * blocks)

@@ -20,7 +20,7 @@ def search_args(model, text, out, generations=12):
     return ["search", "--target", "0.34", "--model", str(model), "--data", str(text), "--seq-len", "32",
             "--calib-tokens", "1024", "--final-tokens", "128", "--generations", str(generations),
             "--offspring", "4", "--stages", "2:32,1:64", "--initial-candidates", "4", "--initial-tokens", "64",
-            "--out", str(out), "--quiet"]
+            "--init-from", "none", "--out", str(out), "--quiet"]
 
 
 def comparable(path):
@@ -60,7 +60,10 @@ def test_same_seed_same_result_and_changed_settings_are_refused(tiny_checkpoint,
     changed = search_args(model, text, tmp_path / "a", 3)
     changed[changed.index("--offspring") + 1] = "5"
     assert main(changed) == 2
-    assert "different settings" in capsys.readouterr().err
+    assert "different settings (search differs)" in capsys.readouterr().err
+    # a search begun before the warm-start default, rerun without --init-from none: the refusal says why
+    assert main(search_args(model, text, tmp_path / "a", 3) + ["--init-from", "auto"]) == 2
+    assert "different settings (init_from differs)" in capsys.readouterr().err
     assert main(changed + ["--restart"]) == 0
 
 
@@ -78,6 +81,7 @@ seq_len: 32
 calib_tokens: 1024
 final_tokens: 128
 search: {{generations: 2, offspring: 4, stages: [[1, 64]], initial_candidates: 2, initial_tokens: 64}}
+init_from: none
 out: {tmp_path / 'from-recipe'}
 eval: {{data: [{text}], tokens: 256, seq_len: 32}}
 """)
@@ -89,7 +93,7 @@ eval: {{data: [{text}], tokens: 256, seq_len: 32}}
     assert comparable(tmp_path / "rerun") == comparable(tmp_path / "from-recipe")
     api = evopress.search(tmp_path / "api", space="drop", target=0.34, model=str(model), data=str(text),
                           seq_len=32, calib_tokens=1024, final_tokens=128, generations=2, offspring=4,
-                          stages=[(1, 64)], initial_candidates=2, initial_tokens=64, progress=False,
+                          stages=[(1, 64)], initial_candidates=2, initial_tokens=64, init_from="none", progress=False,
                           log=lambda m: None)
     assert api.levels == comparable(tmp_path / "from-recipe")["levels"]
     assert sum(api.profile.values()) == 4  # floor(0.34 * 6) = 2 attention + 2 MLP
@@ -352,7 +356,7 @@ def test_a_database_is_refused_for_a_text_that_changed_under_the_same_name(tiny_
                  str(tmp_path / "db"), *common]) == 0
     search = ["search", "--space", "quant", "--target", "2.5", "--db", str(tmp_path / "db"), "--generations", "1",
               "--offspring", "2", "--stages", "1:32", "--initial-tokens", "32", "--final-tokens", "64",
-              "--calib-tokens", "512", *common]
+              "--calib-tokens", "512", "--init-from", "none", *common]
     assert main([*search, "--out", str(tmp_path / "same")]) == 0  # a larger pool of the same text starts with it
     copy.write_text(copy.read_text().replace("city", "river"))
     capsys.readouterr()

@@ -367,7 +367,8 @@ def test_cli_refuses_a_foreign_or_truncated_database(tiny_checkpoint, tmp_path, 
     assert main(["build-db", "--space", "sparsity", "--levels", "1", "--out", str(db), "--model", str(model), *data]) == 0
     other, _ = write_tiny_checkpoint(tmp_path / "other", layers=4)
     run = ["search", "--space", "sparsity", "--target", "0.5", "--db", str(db), "--generations", "1",
-           "--offspring", "2", "--stages", "1:32", "--initial-tokens", "32", "--final-tokens", "32", *data]
+           "--offspring", "2", "--stages", "1:32", "--initial-tokens", "32", "--final-tokens", "32", "--init-from",
+           "none", *data]
     capsys.readouterr()
     assert main([*run, "--model", str(other), "--out", str(tmp_path / "a")]) == 2
     assert "built for another model" in capsys.readouterr().err

@@ -116,7 +116,10 @@ def _eval_settings(section: Any) -> EvalSettings:
 
 def search(out: str | Path, space: str = DEFAULT_SPACE, target: float = 0.25, progress: bool = True,
            log: Callable[[str], None] = print, **settings: Any) -> Result:
-    """EvoPress search; ``settings`` are Recipe, SearchConfig or FitnessConfig fields, flat."""
+    """EvoPress search; ``settings`` are Recipe, SearchConfig or FitnessConfig fields, flat.
+
+    As on the command line, ``init_from`` defaults to ``"auto"`` (the space's own warm start);
+    ``init_from="none"`` is the paper's random initial population."""
     return run(make_recipe(space=space, target=target, method="evopress", **settings), out,
                progress=progress, log=log)
 

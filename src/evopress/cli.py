@@ -24,7 +24,7 @@ from .data import BOS_POLICIES, DEFAULT_CALIBRATION, DEFAULT_EVAL, MIN_POOL_TOKE
 from .interchange import OWN, all_formats
 from .io import atomic_write
 from .models import Hardware
-from .recipe import IMPORTED, Recipe, make_recipe
+from .recipe import AUTO, IMPORTED, NO_INIT, Recipe, make_recipe
 from .spaces import DEFAULT_SPACE, PLUGINS, SpacePlugin, baselines, get_plugin
 from .spaces.base import CliOption
 
@@ -129,6 +129,7 @@ def _add_search(sub: Any) -> None:
     s = sub.add_parser("search", help="EvoPress evolutionary search")
     _common(s)
     _search_args(s)
+    _baseline_args(s)
 
 
 def _search_args(s: argparse.ArgumentParser) -> None:
@@ -140,8 +141,10 @@ def _search_args(s: argparse.ArgumentParser) -> None:
     s.add_argument("--max-switches", type=int, default=d.max_switches)
     s.add_argument("--initial-candidates", type=int, default=d.initial_candidates)
     s.add_argument("--initial-tokens", type=int, default=d.initial_tokens)
-    s.add_argument("--init-from", default="", help="comma-separated baselines whose configurations join "
-                   "the random initial population (e.g. shortgpt,angular); default: random only, as the paper")
+    s.add_argument("--init-from", default=AUTO, help="comma-separated baselines whose configurations join "
+                   f"the initial population (a warm start); {AUTO} (default): the space's own ("
+                   + "; ".join(f"{name}: {','.join(p.default_init) or NO_INIT}" for name, p in PLUGINS.items())
+                   + f"; under --rules only those that take rules); {NO_INIT}: random only, the paper's start")
     s.add_argument("--no-prefix-reuse", action="store_true", help="run every candidate from the embeddings")
     s.add_argument("--prefix-cache-gb", type=float, default=f.cache_bytes / 2**30,
                    help="memory for block-boundary activations reused between candidates (on the model's "
@@ -163,7 +166,8 @@ def _add_baseline(sub: Any) -> None:
 
 
 def _baseline_args(b: argparse.ArgumentParser) -> None:
-    b.add_argument("--tokens", type=int, default=4096, help="calibration tokens the baseline looks at")
+    b.add_argument("--tokens", type=int, default=4096, help="calibration tokens a baseline looks at (in a "
+                   "search: the --init-from baselines)")
     b.add_argument("--candidates", type=int, default=32, help="random: N of best-of-N")
 
 
@@ -305,8 +309,8 @@ def recipe_from_args(args: argparse.Namespace, method: str, target: float | None
                         initial_tokens=args.initial_tokens, prefix_reuse=not args.no_prefix_reuse,
                         cache_bytes=int(args.prefix_cache_gb * 2**30), batch_tokens=args.batch_tokens,
                         track_every=args.track_every, track_tokens=args.track_tokens,
-                        init_from=[m for m in args.init_from.split(",") if m])
-    if args.command in ("baseline", "pareto"):
+                        init_from=args.init_from)
+    if args.command in ("search", "baseline", "pareto"):
         settings.update(baseline_tokens=args.tokens, random_candidates=args.candidates)
     return make_recipe(settings)
 

@@ -155,7 +155,7 @@ def run_search(ctx: Context, out: Path, restart: bool = False, progress: bool = 
     recipe = ctx.recipe
     out = Path(out)
     fingerprint = recipe.fingerprint()
-    state = None if restart else from_main(lambda: load_checkpoint(out, fingerprint))
+    state = None if restart else from_main(lambda: load_checkpoint(out, recipe))
     if state is not None:
         log(f"resuming from generation {state.generation}")
     initial = _initial_population(ctx, state is None, log)
@@ -266,16 +266,39 @@ def _warm_start(ctx: Context, initial: list[Config], log: Callable[[str], None])
     """Add the configurations of the ``init_from`` baselines to the initial population.
 
     The paper starts from random configurations only; with a short search budget (CPU), starting the
-    competition from the scoring methods' answers means the search can only improve on them.
+    competition from the scoring methods' answers means the search can only improve on them
+    (docs/speed.md). A baseline built in big steps (the joint space's uniform bitwidths and whole
+    blocks) may miss the search's budget window: it is repaired into it by single-level moves
+    (``Space.repair``, from its own random stream, so the result stays a function of the seed).
     """
     methods = baselines(ctx.recipe.space)
+    rng = np.random.default_rng((ctx.recipe.search.seed, 3))
     for method in ctx.recipe.init_from:
         if method not in methods:
             raise UserError(f"--init-from: unknown method '{method}' for space '{ctx.recipe.space}' "
                             f"(choose from {', '.join(methods)})")
+        config = _feasible(ctx, method, methods[method](baseline_inputs(ctx)), rng, log)
         log(f"initial population: adding the '{method}' configuration")
-        initial = initial + [methods[method](baseline_inputs(ctx))]
+        initial = initial + [config]
     return list(dict.fromkeys(initial))
+
+
+def _feasible(ctx: Context, method: str, config: Config, rng: np.random.Generator,
+              log: Callable[[str], None]) -> Config:
+    """A warm-start configuration inside the budget: as it is, or repaired; refused if it cannot be."""
+    problem = ctx.space.problem
+    if problem.feasible(config):
+        return config
+    cost, low = problem.cost(config), problem.budget - problem.slack
+    budget = f"{problem.budget:,}" if low == problem.budget else f"[{low:,}, {problem.budget:,}]"
+    repaired = ctx.space.repair(config, rng)
+    if repaired is None:
+        raise UserError(f"--init-from {method}: its configuration costs {cost:,} and no single-level moves bring "
+                        f"it to the search's budget {budget}; give --init-from without it (none: random only)")
+    moved = sum(a != b for a, b in zip(config, repaired))
+    log(f"initial population: the '{method}' configuration costs {cost:,}, outside the search's budget {budget}; "
+        f"repaired to {problem.cost(repaired):,} by changing {moved} unit(s)")
+    return repaired
 
 
 def baseline_inputs(ctx: Context) -> BaselineInputs:
@@ -310,7 +333,7 @@ def save_result(space: Space, out: Path, result: dict[str, Any]) -> None:
     write_json(out / RESULT, result)
 
 
-def load_checkpoint(out: Path, fingerprint: str) -> SearchState | None:
+def load_checkpoint(out: Path, recipe: Recipe) -> SearchState | None:
     """The checkpointed search state in ``out``, if any; refused if made with other settings or malformed."""
     path = Path(out) / CHECKPOINT
     if not path.is_file():
@@ -318,8 +341,10 @@ def load_checkpoint(out: Path, fingerprint: str) -> SearchState | None:
     saved = read_json(path)
     if not isinstance(saved, dict) or "fingerprint" not in saved or not isinstance(saved.get("state"), dict):
         raise UserError(f"{path} is not an evopress checkpoint; remove it or use --restart")
-    if saved["fingerprint"] != fingerprint:
-        raise UserError(f"{out} holds a search with different settings; use another --out or --restart")
+    if saved["fingerprint"] != recipe.fingerprint():
+        begun = _saved_recipe(read_json(Path(out) / RECIPE)) if (Path(out) / RECIPE).is_file() else None
+        raise UserError(f"{out} holds a search with different settings{_differing(begun, recipe)}; use another "
+                        "--out or --restart")
     try:
         return SearchState.from_json(saved["state"])
     except (KeyError, TypeError, ValueError) as e:
@@ -345,18 +370,35 @@ def claim_output(out: Path, recipe: Recipe, restart: bool = False) -> Iterator[P
 
 def _check_output(path: Path, recipe: Recipe, restart: bool) -> None:
     if not restart and (path / RESULT).is_file():
-        if _saved_fingerprint(path / RESULT) != recipe.fingerprint():
-            raise UserError(f"{path} holds a result made with different settings; use another --out or --restart")
+        saved = read_json(path / RESULT)
+        made = _saved_recipe(saved.get("recipe") if isinstance(saved, dict) else None)
+        if made is None or made.fingerprint() != recipe.fingerprint():
+            raise UserError(f"{path} holds a result made with different settings{_differing(made, recipe)}; use "
+                            "another --out or --restart")
     if not restart and (path / CHECKPOINT).is_file():
-        load_checkpoint(path, recipe.fingerprint())
+        load_checkpoint(path, recipe)
 
 
-def _saved_fingerprint(path: Path) -> str | None:
-    saved = read_json(path)
+def _saved_recipe(data: Any) -> Recipe | None:
+    if not isinstance(data, dict):
+        return None
     try:
-        return Recipe.from_json(saved["recipe"]).fingerprint()
+        return Recipe.from_json(data)
     except (UserError, KeyError, TypeError):
         return None
+
+
+def _differing(saved: Recipe | None, recipe: Recipe) -> str:
+    """Which settings a saved run had otherwise, for the refusal: ' (init_from differs)', or ''.
+
+    Why: a default that changed (``init_from``'s warm start) makes an old run's rerun differ without
+    the user changing anything; naming the setting says what to give to resume it.
+    """
+    if saved is None:
+        return ""
+    old, new = saved.identity(), recipe.identity()
+    keys = [k for k in new if old.get(k) != new[k]]
+    return f" ({', '.join(keys)} differ{'s' if len(keys) == 1 else ''})" if keys else ""
 
 
 def import_config(path: Path, recipe: Recipe, out: Path, log: Callable[[str], None] = print,

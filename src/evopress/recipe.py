@@ -21,9 +21,10 @@ from .errors import UserError
 from .evolution import SearchConfig
 from .fitness import FitnessConfig
 from .models import Hardware
-from .spaces import DEFAULT_SPACE, baselines, check_space_settings
+from .spaces import DEFAULT_SPACE, baselines, check_space_settings, default_init
 
 IMPORTED = "imported"  # the method of a configuration found elsewhere (``import-config``)
+AUTO, NO_INIT = "auto", "none"  # init_from: the space's default warm start; random only
 
 # speed knobs older recipes may still carry; they never changed results, so they are dropped on load
 _RETIRED_FITNESS_KEYS = ("logit_cache_bytes",)
@@ -51,10 +52,15 @@ class Recipe:
     final_tokens: int = 4096  # the shared calibration sample every method's final fitness is reported on
     baseline_tokens: int = 4096  # tokens the scoring baselines and best-of-N random look at
     random_candidates: int = 32
-    init_from: list[str] = field(default_factory=list)  # baselines whose configurations join the initial population
+    # baselines whose configurations join a search's initial population: a list once made ('auto', the
+    # space's default warm start, and 'none' are resolved by ``resolve_init``)
+    init_from: list[str] | str = AUTO
     # a search's progress on one fixed calibration sample held aside from the pool (0: off); reporting only
     track_every: int = 5
     track_tokens: int = 2048
+
+    def __post_init__(self) -> None:
+        self.init_from = resolve_init(self.init_from, self.space, self.method, self.space_options)
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -80,7 +86,7 @@ class Recipe:
         sizes = {"the largest --stages sample": self.largest_stage(), "--initial-tokens": self.search.initial_tokens,
                  "--final-tokens": self.final_tokens}
         if self.init_from:
-            sizes["the --init-from baselines' sample (baseline_tokens)"] = self.baseline_tokens
+            sizes["the --init-from baselines' sample (--tokens)"] = self.baseline_tokens
         return sizes
 
     def pool_tokens(self) -> int:
@@ -104,6 +110,24 @@ class Recipe:
     def fingerprint(self) -> str:
         """What a resumed run must share with the checkpoint: its ``identity``, hashed."""
         return hashlib.sha256(json.dumps(self.identity(), sort_keys=True).encode()).hexdigest()[:16]
+
+
+def resolve_init(value: list[str] | str, space: str, method: str, options: Mapping[str, Any]) -> list[str]:
+    """The baselines whose configurations a search adds to its initial population, from what a recipe says.
+
+    'auto': the space's default warm start (``SpacePlugin.default_init``; a recipe without init_from
+    means it); 'none' or '': none, the paper's random initialisation; else a list or a comma-separated
+    string of baselines. Resolved when the recipe is made, so recipe.json and result.json name the
+    methods, and a stored recipe.json with [] (as every search before 'auto' wrote) still means random.
+    A run that is not a search takes none: its fingerprint does not depend on a search setting.
+    """
+    if method != "evopress":
+        return []
+    if isinstance(value, str):
+        if value.strip() == AUTO:
+            return default_init(space, options)
+        value = [] if value.strip() == NO_INIT else value.split(",")
+    return [m.strip() for m in value if m.strip()]
 
 
 def _type_ok(value: Any, hint: Any) -> bool:

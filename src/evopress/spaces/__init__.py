@@ -37,6 +37,14 @@ def baselines(name: str) -> dict[str, Baseline]:
     return {**get_plugin(name).baselines, "random": best_of_random}
 
 
+def default_init(name: str, options: dict[str, Any]) -> list[str]:
+    """The baselines that warm-start a search of space ``name`` unless told otherwise (``--init-from auto``)."""
+    plugin = get_plugin(name)
+    if options.get("rules") and plugin.default_init_with_rules is not None:
+        return list(plugin.default_init_with_rules)
+    return list(plugin.default_init)
+
+
 def check_space_settings(name: str, target: float | None, options: dict[str, Any]) -> None:
     """Refuse an unknown space, a target outside its range or an option it lacks, before any model loads.
 
@@ -74,4 +82,4 @@ def make_space(name: str, decoder: Decoder, target: float, options: dict[str, An
 
 
 __all__ = ["Config", "Problem", "Space", "SpacePlugin", "PLUGINS", "DEFAULT_SPACE", "register", "get_plugin",
-           "baselines", "check_space_settings", "make_space"]
+           "baselines", "check_space_settings", "default_init", "make_space"]

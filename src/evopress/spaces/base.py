@@ -249,6 +249,32 @@ class Space(ABC):
                 break
         return list(seen)
 
+    def repair(self, config: Sequence[int], rng: np.random.Generator, tries: int = 20000) -> Config | None:
+        """``config`` moved into the budget by random single-level moves; None if they do not get there.
+
+        For configurations made in big steps: a baseline's uniform bitwidth or whole blocks dropped can
+        land below a budget window, a configuration projected onto rules misses an exact budget. Under a
+        window or masks this is the mutation's own repair (``settle``), first without switching
+        sub-blocks and then with; under an exact budget, moves mostly towards it, sometimes a detour.
+        """
+        c, p = list(config), self.problem
+        if p.slack or p.masks:
+            units = range(len(c))
+            return tuple(c) if settle(c, p, rng, units) or settle(c, p, rng, units, masks=True) else None
+        cost = p.cost(c)
+        for _ in range(tries):
+            gap = p.budget - cost
+            if gap == 0:
+                return tuple(c)
+            s = int(rng.integers(len(c)))
+            lv = c[s] + (1 if gap > 0 else -1)
+            if not 0 <= lv < p.num_levels[s]:
+                continue
+            delta = p.costs[s][lv] - p.costs[s][c[s]]
+            if abs(gap - delta) < abs(gap) or rng.random() < 0.05:  # mostly downhill, sometimes a detour
+                c[s], cost = lv, cost + delta
+        return tuple(c) if cost == p.budget else None
+
     def block_keys(self, config: Config) -> tuple[tuple[int, ...], ...]:
         """Per block, the levels of its units: equal keys mean equal block computations."""
         keys: list[list[int]] = [[] for _ in range(self.num_blocks)]
@@ -415,6 +441,11 @@ class SpacePlugin:
     export_formats: Mapping[str, Exporter] = field(default_factory=dict)  # others, by ``--format`` name
     load: Loader | None = None  # reads exports plain ``from_pretrained`` cannot (``evopress.load_compressed``)
     config_formats: Mapping[str, ConfigFormat] = field(default_factory=dict)  # besides our own (interchange)
+    # baselines whose configurations join a search's initial population by default (``--init-from auto``);
+    # () is the paper's random start. Under ``--rules``, ``default_init_with_rules`` (None: the same), for
+    # baselines that refuse rules.
+    default_init: tuple[str, ...] = ()
+    default_init_with_rules: tuple[str, ...] | None = None
 
     def space_options(self, given: Mapping[str, Any]) -> dict[str, Any]:
         """This space's options from command-line values keyed by argument name."""

@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import UserError
-from .base import Config, Problem, Space, settle
+from .base import Config, Problem, Space
 
 
 @dataclass(frozen=True)
@@ -179,38 +179,24 @@ class ConstrainedSpace(Space):
         self.base.apply(None if config is None else self._expand(config))
 
     def random_config(self, rng: np.random.Generator) -> Config:
-        return self.repair(self.project(self.base.random_config(rng)), rng)
+        return self.fit(self.base.random_config(rng), rng)
 
     def initial_configs(self, rng: np.random.Generator, n: int) -> list[Config]:
-        return list(dict.fromkeys(self.repair(self.project(c), rng) for c in self.base.initial_configs(rng, n)))
+        return list(dict.fromkeys(self.fit(c, rng) for c in self.base.initial_configs(rng, n)))
 
     def project(self, base_config: Config) -> list[int]:
         """Nearest constrained configuration, budget aside: ties take their members' median level."""
         return [int(np.clip(round(float(np.median([base_config[u] for u in m]))), lo, hi)) - lo
                 for m, (lo, hi) in zip(self.members, self.ranges)]
 
-    def repair(self, config: list[int], rng: np.random.Generator, tries: int = 20000) -> Config:
-        """Random single-unit moves towards the budget until it holds exactly (or lies in its window)."""
-        p = self.problem
-        if p.slack or p.masks:
-            units = range(len(config))
-            if settle(config, p, rng, units) or settle(config, p, rng, units, masks=True):
-                return tuple(config)
-            raise UserError("the rules make the budget window impossible to reach; relax pins or bounds")
-        cost = p.cost(config)
-        for _ in range(tries):
-            gap = p.budget - cost
-            if gap == 0:
-                return tuple(config)
-            s = int(rng.integers(len(config)))
-            step = 1 if gap > 0 else -1
-            lv = config[s] + step
-            if not 0 <= lv < p.num_levels[s]:
-                continue
-            delta = p.costs[s][lv] - p.costs[s][config[s]]
-            if abs(gap - delta) < abs(gap) or rng.random() < 0.05:  # mostly downhill, sometimes a detour
-                config[s], cost = lv, cost + delta
-        raise UserError("the rules make the budget impossible to meet exactly; relax pins or bounds")
+    def fit(self, base_config: Config, rng: np.random.Generator) -> Config:
+        """A configuration of the base space under the rules: projected, then repaired to the budget."""
+        config = self.repair(self.project(base_config), rng)
+        if config is None:
+            window = self.problem.slack or self.problem.masks
+            reach = "window impossible to reach" if window else "impossible to meet exactly"
+            raise UserError(f"the rules make the budget {reach}; relax pins or bounds")
+        return config
 
     def options(self) -> dict[str, Any]:
         return {**self.base.options(), "rules": [asdict(r) for r in self.rules]}

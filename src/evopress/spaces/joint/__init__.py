@@ -23,6 +23,8 @@ PLUGIN = SpacePlugin(
                   convert=absolute_path),
     ),
     baselines={"uniform": baselines.uniform, "depth": baselines.depth, "grid": baselines.grid},
+    default_init=("grid",),  # below the byte window: the warm start repairs it into the window
+    default_init_with_rules=(),  # the joint baselines take no rules
     export=export.export,
 )
 

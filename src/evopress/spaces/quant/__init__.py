@@ -17,6 +17,7 @@ PLUGIN = SpacePlugin(
                   "point too (true bytes); default: weight bits only, as the paper", default=False, is_flag=True),
     ),
     baselines={"uniform": baselines.uniform, "dp": baselines.dp},
+    default_init=("dp",),
     build=build.build,
     build_options=(
         CliOption(("--bits",), "bits", "quant: comma-separated bitwidths, e.g. 2,3,4,5,6,8"),

@@ -13,6 +13,7 @@ PLUGIN = SpacePlugin(
     options=(DB_OPTION, group_rule_option("sparsity", "global", "global (any layer with any other) or size "
                                           "(equal-size layers)")),
     baselines={"uniform": baselines.uniform, "owl": baselines.owl},
+    default_init=("owl",),
     build=build.build,
     build_options=(
         CliOption(("--center", "--target"), "center", "sparsity: the average sparsity the database's levels "

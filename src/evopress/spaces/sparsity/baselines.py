@@ -40,7 +40,7 @@ def _in_space(inputs: BaselineInputs, levels: Config) -> Config:
     """A model-level configuration as one of ``inputs.space``; under rules, projected and repaired to the budget."""
     space = inputs.space
     if isinstance(space, ConstrainedSpace):
-        return space.repair(space.project(levels), np.random.default_rng(inputs.seed))
+        return space.fit(levels, np.random.default_rng(inputs.seed))
     return levels
 
 
