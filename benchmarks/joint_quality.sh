@@ -33,12 +33,14 @@ for T in ${TARGETS:-2.5 3 4}; do
             --out "$OUT/$M-$T"
         RUNS+=("$OUT/$M-$T")
     done
+    # the search's default warm start is the grid baseline; --tokens 1024 scores it on the baselines' sample
     evopress search "${COMMON[@]}" --target "$T" --generations "$GENERATIONS" --offspring 16 --stages 2:256,1:1024 \
-        --initial-candidates 8 --initial-tokens 1024 --out "$OUT/joint-$T"
+        --initial-candidates 8 --initial-tokens 1024 --tokens 1024 --out "$OUT/joint-$T"
     RUNS+=("$OUT/joint-$T")
     if [ -n "${WITH_SPARSITY:-}" ]; then
         evopress search "${COMMON[@]}" --with-sparsity "$WITH_SPARSITY" --target "$T" --generations "$GENERATIONS" \
-            --offspring 16 --stages 2:256,1:1024 --initial-candidates 8 --initial-tokens 1024 --out "$OUT/joint-sparse-$T"
+            --offspring 16 --stages 2:256,1:1024 --initial-candidates 8 --initial-tokens 1024 --tokens 1024 \
+            --out "$OUT/joint-sparse-$T"
         RUNS+=("$OUT/joint-sparse-$T")
     fi
 done

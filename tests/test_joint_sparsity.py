@@ -196,7 +196,7 @@ def test_cli_search_with_sparsity_and_a_bad_path(tiny_checkpoint, tmp_path, caps
     assert main(["build-db", "--space", "sparsity", "--levels", "3", "--step", "24", "--out", str(sdb), *common]) == 0
     run = ["--space", "joint", "--db", str(qdb), "--byte-tolerance", str(TOL), "--final-tokens", "64", *common]
     search = ["search", "--target", "2.6", "--generations", "2", "--offspring", "4", "--stages", "1:32",
-              "--initial-candidates", "2", "--initial-tokens", "32", "--track-every", "0", *run]
+              "--initial-candidates", "2", "--initial-tokens", "32", "--track-every", "0", "--tokens", "64", *run]
     assert main([*search, "--with-sparsity", str(tmp_path / "nowhere"), "--out", str(tmp_path / "bad")]) == 2
     assert f"--with-sparsity {tmp_path / 'nowhere'}: no database" in capsys.readouterr().err
     assert main([*search, "--with-sparsity", str(sdb), "--out", str(tmp_path / "evo")]) == 0
