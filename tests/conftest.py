@@ -103,6 +103,16 @@ def tiny_sparsity_database(root, model, pool, step: int = 24, center: float = 0.
     return build_sparsity_database(Decoder(model), pool, root, center, levels, step, batch_size=4, progress=False)
 
 
+def assert_random_and_mutants_reuse_exactly(space, pool, randoms, mutants):
+    """Prefix reuse is exact on random configurations and on children of the first (which share prefixes)."""
+    from evopress.evolution import mutate
+
+    configs = space.random_configs(np.random.default_rng(7), randoms)
+    configs += [mutate(configs[0], space.problem, np.random.default_rng(s), 3) for s in range(mutants)]
+    assert_prefix_reuse_matches_full_forward(space, pool, configs, 1 << 30)
+    space.apply(None)
+
+
 def assert_prefix_reuse_matches_full_forward(space, pool, configs, cache_bytes, tokens=96, seed=4):
     """The optimised evaluator (prefix reuse, cached teacher) gives the naive evaluator's KL and NLL.
 

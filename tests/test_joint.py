@@ -25,7 +25,7 @@ from evopress.spaces.quant.export import to_compressed_tensors
 from evopress.spaces.quant.levels import packed_bytes
 from evopress.spaces.quant.space import QuantSpace
 
-from .conftest import assert_prefix_reuse_matches_full_forward, tiny_quant_database
+from .conftest import assert_random_and_mutants_reuse_exactly, tiny_quant_database
 
 TOL = 0.03  # a 32-wide model's layer steps are ~1% of its bytes; real models use the 0.1% default
 
@@ -262,10 +262,7 @@ def test_retarget_shares_the_composed_spaces_and_equals_a_fresh_space(built):
 
 def test_prefix_reuse_equals_full_forward(built):
     space = joint(built, 2.6)
-    configs = space.random_configs(np.random.default_rng(7), 5)
-    configs += [mutate(configs[0], space.problem, np.random.default_rng(s), 3) for s in range(4)]
-    assert_prefix_reuse_matches_full_forward(space, built[2], configs, 1 << 30)
-    space.apply(None)
+    assert_random_and_mutants_reuse_exactly(space, built[2], 5, 4)
 
 
 def test_cli_build_search_baselines_export(tiny_checkpoint, tmp_path):

@@ -25,7 +25,7 @@ from evopress.spaces.quant.levels import packed_bytes
 from evopress.spaces.sparsity.storage import decode_level, level_keys
 from evopress.spaces.textconfig import LABELLED
 
-from .conftest import assert_prefix_reuse_matches_full_forward, tiny_model, tiny_quant_database, tiny_sparsity_database
+from .conftest import assert_random_and_mutants_reuse_exactly, tiny_model, tiny_quant_database, tiny_sparsity_database
 
 TOL = 0.03  # as in test_joint: a 32-wide model's layer steps need a wide window
 
@@ -134,10 +134,7 @@ def test_rules_bound_by_bytes(built):
 
 def test_prefix_reuse_equals_full_forward(built):
     space = joint(built, 2.6)
-    configs = space.random_configs(np.random.default_rng(7), 4)
-    configs += [mutate(configs[0], space.problem, np.random.default_rng(s), 3) for s in range(3)]
-    assert_prefix_reuse_matches_full_forward(space, built[2], configs, 1 << 30)
-    space.apply(None)
+    assert_random_and_mutants_reuse_exactly(space, built[2], 4, 3)
 
 
 def test_mismatched_databases_are_refused(built, tmp_path):
