@@ -283,6 +283,12 @@ def test_cli_build_search_baselines_export(tiny_checkpoint, tmp_path):
     for method in ("uniform", "grid"):
         assert main(["baseline", "--method", method, "--target", "2.8", "--tokens", "64",
                      "--out", str(tmp_path / method), *run]) == 0
+    uniform = json.loads((tmp_path / "uniform" / "result.json").read_text())["budget"]
+    assert uniform["bytes"] < uniform["lowest_bytes"]  # below the window, as a uniform bitwidth lands
+    # a baseline below the window is still a valid answer: eval reads it back (only above the budget is refused)
+    assert main(["eval", str(tmp_path / "uniform"), "--eval-data", str(text), "--eval-tokens", "64",
+                 "--eval-seq-len", "32", "--quiet"]) == 0
+    assert (tmp_path / "uniform" / "eval.json").is_file()
     bytes_run = ["search", "--target", str(budget["budget_bytes"]), "--target-bytes", "--generations", "1",
                  "--offspring", "2", "--stages", "1:32", "--initial-candidates", "2", "--initial-tokens", "32",
                  "--track-every", "0", "--init-from", "none", "--out", str(tmp_path / "bytes"), *run]

@@ -26,7 +26,7 @@ from .interchange import (choose_format, format_config, get_format, implied_targ
 from .io import locked_dir, read_json, write_json
 from .models import Decoder, Hardware, LoadedModel
 from .evolution import SearchState, evolve
-from .recipe import Recipe, make_recipe
+from .recipe import IMPORTED, Recipe, make_recipe
 from .spaces import Space, baselines, get_plugin, make_space
 from .spaces.base import BaselineInputs, Config, NoMoveError, switch
 from .version import __version__
@@ -444,7 +444,8 @@ def load_result(out: Path, hardware: Hardware = Hardware(),
     if list(units) != list(result["units"]) or len(result["levels"]) != len(units):
         raise UserError(f"{out}/{RESULT} does not match the units of model {loaded.name}")
     config = space.from_model_levels(tuple(result["levels"]))
-    if not space.problem.feasible(config):
+    p = space.problem
+    if not (p.feasible(config) if result["method"] in ("evopress", IMPORTED) else p.admits_baseline(config)):
         raise UserError(f"{out}/{RESULT}: levels violate the budget of space '{result['space']}'")
     return result, loaded, space, config
 

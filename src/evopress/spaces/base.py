@@ -102,6 +102,14 @@ class Problem:
             return False
         return self.budget - self.slack <= self.cost(config) <= self.budget
 
+    def admits_baseline(self, config: Sequence[int]) -> bool:
+        """A baseline's answer: feasible, or with a budget window anywhere below it (uniform bits or whole
+        blocks move in steps too large to land in a 0.1% window; they must only never exceed the budget)."""
+        if self.feasible(config):
+            return True
+        windowed = bool(self.slack or self.masks)
+        return windowed and all(0 <= lv < n for lv, n in zip(config, self.num_levels)) and self.cost(config) <= self.budget
+
 
 def switch(config: list[int], problem: Problem, rng: np.random.Generator) -> None:
     """Move one unit a level up and another unit of the same group a level down, in place.
