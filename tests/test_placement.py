@@ -180,3 +180,31 @@ def test_released_checkpoint_pages_read_back_the_same_values(tiny_checkpoint):
     anonymous = torch.randn(1 << 16)
     copy = anonymous.clone()
     assert not release_file_pages(anonymous) and torch.equal(anonymous, copy)  # anonymous memory is left alone
+
+
+@pytest.mark.parametrize("mode", ["moving", "fixed"])
+def test_large_temporaries_go_back_to_the_os_with_a_fixed_mmap_threshold(mode):
+    """A freed 16 MiB temporary stays resident under glibc's moving threshold, and not when it is fixed."""
+    import os
+    import subprocess
+    import sys
+
+    probe = ("import sys, torch\n"
+             "from evopress.hostmem import map_large_allocations\n"
+             "if sys.argv[1] == 'fixed':\n    assert map_large_allocations()\n"
+             "def anon():\n"
+             "    return int(next(l for l in open('/proc/self/status') if l.startswith('RssAnon')).split()[1])\n"
+             "base = anon()\n"
+             "for _ in range(3):\n    t = torch.ones(4 << 20)\n    del t\n"
+             "print(anon() - base)\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
+    out = subprocess.run([sys.executable, "-c", probe, mode], env=env, capture_output=True, text=True, check=True)
+    kept_kib = int(out.stdout.split()[-1])
+    assert (kept_kib < 4096) == (mode == "fixed"), kept_kib
+
+
+def test_a_users_malloc_setting_is_left_alone(monkeypatch):
+    from evopress.hostmem import map_large_allocations
+
+    monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "65536")
+    assert map_large_allocations() is False

@@ -16,6 +16,8 @@ from pathlib import Path
 import torch
 
 _MADV_DONTNEED = 4
+_M_MMAP_THRESHOLD = -3  # mallopt parameter (malloc.h)
+MMAP_THRESHOLD = 128 << 10  # glibc's own starting value, held fixed
 _PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 
 
@@ -63,3 +65,21 @@ def trim_heap() -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):
         pass
+
+
+def map_large_allocations(threshold: int = MMAP_THRESHOLD) -> bool:
+    """Serve every host allocation of ``threshold`` bytes or more by its own mapping, returned to the OS
+    when freed; True if set.
+
+    Why: glibc raises its mmap threshold (up to 32 MiB) each time a mapped block is freed, so after the
+    first large temporary a model's activations and logit blocks come from the heap, which fragments
+    and stays resident. Measured on the default model (quant search, ``benchmarks/memory_phases.py``):
+    peak RSS 2,800 MiB with glibc's moving threshold, 1,423 MiB with it held at 128 KiB. A user's own
+    ``MALLOC_MMAP_THRESHOLD_`` (read by glibc at start) is left alone; a no-op off glibc.
+    """
+    if "MALLOC_MMAP_THRESHOLD_" in os.environ:
+        return False
+    try:
+        return ctypes.CDLL("libc.so.6").mallopt(_M_MMAP_THRESHOLD, threshold) == 1
+    except (OSError, AttributeError):
+        return False

@@ -23,6 +23,7 @@ from torch import nn
 from . import assets
 from .errors import UserError
 from .io import cache_dir
+from .hostmem import map_large_allocations
 from .placement import (CheckpointReader, device_map_for, execution_device, for_share, parse_device_map,
                         parse_max_memory, torchrun_share)
 
@@ -93,6 +94,7 @@ class Hardware:
         parse_max_memory(self.max_memory)
 
     def load(self, spec: str | None, log: Callable[[str], None] = lambda msg: None) -> "LoadedModel":
+        map_large_allocations()  # before the big host temporaries (weights, pool, teacher): hostmem
         device = resolve_device(self.device)
         device_map, max_memory = parse_device_map(self.device_map), parse_max_memory(self.max_memory)
         share = torchrun_share() if device_map is not None or max_memory is not None else None
