@@ -103,6 +103,19 @@ def tiny_sparsity_database(root, model, pool, step: int = 24, center: float = 0.
     return build_sparsity_database(Decoder(model), pool, root, center, levels, step, batch_size=4, progress=False)
 
 
+def assert_mutations_stay_in_the_byte_window(space, seed):
+    """A random configuration and every child the EA keeps lie in the budget window, with the bytes the
+    space reports; raw mutations land there at least sometimes (how often depends on the layers' steps)."""
+    from evopress.evolution import mutate, offspring
+
+    p, rng = space.problem, np.random.default_rng(seed)
+    parent = space.random_config(rng)
+    assert p.budget - p.slack <= p.cost(parent) <= p.budget
+    assert any(p.feasible(mutate(parent, p, rng, 3)) for _ in range(40))
+    for child in offspring(parent, p, rng, 8, 3):
+        assert p.budget - p.slack <= p.cost(child) == space.size_bytes(child) <= p.budget
+
+
 def assert_random_and_mutants_reuse_exactly(space, pool, randoms, mutants):
     """Prefix reuse is exact on random configurations and on children of the first (which share prefixes)."""
     from evopress.evolution import mutate

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from evopress.compressors.gptq import QuantGrid
 from evopress.errors import UserError
-from evopress.evolution import mutate, offspring
+from evopress.evolution import offspring
 from evopress.models import Decoder
 from evopress.spaces import make_space
 from evopress.spaces.base import BaselineInputs, Problem, settle, switch
@@ -25,7 +25,7 @@ from evopress.spaces.quant.export import to_compressed_tensors
 from evopress.spaces.quant.levels import packed_bytes
 from evopress.spaces.quant.space import QuantSpace
 
-from .conftest import assert_random_and_mutants_reuse_exactly, tiny_quant_database
+from .conftest import assert_mutations_stay_in_the_byte_window, assert_random_and_mutants_reuse_exactly, tiny_quant_database
 
 TOL = 0.03  # a 32-wide model's layer steps are ~1% of its bytes; real models use the 0.1% default
 
@@ -61,15 +61,7 @@ def test_packed_bytes_are_what_the_export_stores(built):
 @settings(max_examples=15, deadline=None)
 @given(target=st.floats(1.2, 4.6), seed=st.integers(0, 10_000))
 def test_every_mutation_stays_in_the_byte_window(built, target, seed):
-    space = joint(built, target)
-    p, rng = space.problem, np.random.default_rng(seed)
-    parent = space.random_config(rng)
-    assert p.budget - p.slack <= p.cost(parent) <= p.budget
-    raw = [mutate(parent, p, rng, 3) for _ in range(40)]
-    assert any(map(p.feasible, raw))  # the repair lands children (how many depends on the tiny layers' steps)
-    for child in offspring(parent, p, rng, 8, 3):
-        assert p.budget - p.slack <= p.cost(child) <= p.budget
-        assert p.cost(child) == space.size_bytes(child) <= p.budget
+    assert_mutations_stay_in_the_byte_window(joint(built, target), seed)
 
 
 @settings(max_examples=60, deadline=None)

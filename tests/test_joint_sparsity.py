@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from evopress import load_compressed
 from evopress.compressors.gptq import quantize_rtn
 from evopress.errors import UserError
-from evopress.evolution import mutate, offspring
+from evopress.evolution import offspring
 from evopress.models import Decoder
 from evopress.spaces import make_space
 from evopress.spaces.joint.combined import decode, encode, sparse_packed_bytes
@@ -25,7 +25,7 @@ from evopress.spaces.quant.levels import packed_bytes
 from evopress.spaces.sparsity.storage import decode_level, level_keys
 from evopress.spaces.textconfig import LABELLED
 
-from .conftest import assert_random_and_mutants_reuse_exactly, tiny_model, tiny_quant_database, tiny_sparsity_database
+from .conftest import assert_mutations_stay_in_the_byte_window, assert_random_and_mutants_reuse_exactly, tiny_model, tiny_quant_database, tiny_sparsity_database
 
 TOL = 0.03  # as in test_joint: a 32-wide model's layer steps need a wide window
 
@@ -111,14 +111,7 @@ def test_labels_are_readable_and_round_trip_through_text(built):
 @settings(max_examples=10, deadline=None)
 @given(target=st.floats(1.4, 4.6), seed=st.integers(0, 10_000))
 def test_every_mutation_stays_in_the_byte_window(built, target, seed):
-    space = joint(built, target)
-    p, rng = space.problem, np.random.default_rng(seed)
-    parent = space.random_config(rng)
-    assert p.budget - p.slack <= p.cost(parent) <= p.budget
-    raw = [mutate(parent, p, rng, 3) for _ in range(40)]
-    assert any(map(p.feasible, raw))
-    for child in offspring(parent, p, rng, 8, 3):
-        assert p.budget - p.slack <= p.cost(child) == space.size_bytes(child) <= p.budget
+    assert_mutations_stay_in_the_byte_window(joint(built, target), seed)
 
 
 def test_rules_bound_by_bytes(built):
