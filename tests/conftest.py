@@ -103,6 +103,14 @@ def tiny_sparsity_database(root, model, pool, step: int = 24, center: float = 0.
     return build_sparsity_database(Decoder(model), pool, root, center, levels, step, batch_size=4, progress=False)
 
 
+def logits_under(space, config):
+    """Fixed token ids of the tiny models' vocabulary and the logits the model gives with ``config`` applied
+    (left applied: export and reload tests compare against it)."""
+    ids = torch.randint(0, 97, (2, 12), generator=torch.Generator().manual_seed(0))
+    space.apply(config)
+    return ids, space.decoder.model(ids).logits
+
+
 def assert_mutations_stay_in_the_byte_window(space, seed):
     """A random configuration and every child the EA keeps lie in the budget window, with the bytes the
     space reports; raw mutations land there at least sometimes (how often depends on the layers' steps)."""

@@ -25,7 +25,9 @@ from evopress.spaces.quant.export import to_compressed_tensors
 from evopress.spaces.quant.levels import packed_bytes
 from evopress.spaces.quant.space import QuantSpace
 
-from .conftest import assert_mutations_stay_in_the_byte_window, assert_random_and_mutants_reuse_exactly, tiny_quant_database
+from .conftest import (
+    assert_mutations_stay_in_the_byte_window, assert_random_and_mutants_reuse_exactly, logits_under,
+    tiny_quant_database)
 
 TOL = 0.03  # a 32-wide model's layer steps are ~1% of its bytes; real models use the 0.1% default
 
@@ -102,9 +104,7 @@ def test_dropped_sub_block_computes_what_the_depth_space_computes(built):
     masks = [(True, False), (False, True), (True, True), (False, False)]
     levels = tuple(np.random.default_rng(0).integers(0, 3, space.layers))
     config = space.compose(levels, masks)
-    ids = torch.randint(0, 97, (2, 12), generator=torch.Generator().manual_seed(0))
-    space.apply(config)
-    got = space.decoder.model(ids).logits
+    ids, got = logits_under(space, config)
     space.apply(None)
     model, _, _, root = built
     quant, depth = QuantSpace(space.decoder, None, db=str(root)), DropSpace(space.decoder, None)
@@ -122,9 +122,7 @@ def test_export_reloads_to_the_searched_model(built, tmp_path):
     masks = [(False, False), (True, True), (False, True), (True, False)]
     levels = tuple(np.random.default_rng(1).integers(0, 3, space.layers))
     config = space.compose(levels, masks)
-    ids = torch.randint(0, 97, (2, 12), generator=torch.Generator().manual_seed(0))
-    space.apply(config)
-    expected = space.decoder.model(ids).logits
+    ids, expected = logits_under(space, config)
     summary = export(space, config, tmp_path, SimpleNamespace(save_pretrained=lambda out: None))
     reloaded = load_compressed(tmp_path)
     assert reloaded.config.num_hidden_layers == 3 and summary["removed_blocks"] == [1]

@@ -25,7 +25,9 @@ from evopress.spaces.quant.levels import packed_bytes
 from evopress.spaces.sparsity.storage import decode_level, level_keys
 from evopress.spaces.textconfig import LABELLED
 
-from .conftest import assert_mutations_stay_in_the_byte_window, assert_random_and_mutants_reuse_exactly, tiny_model, tiny_quant_database, tiny_sparsity_database
+from .conftest import (
+    assert_mutations_stay_in_the_byte_window, assert_random_and_mutants_reuse_exactly, logits_under,
+    tiny_model, tiny_quant_database, tiny_sparsity_database)
 
 TOL = 0.03  # as in test_joint: a 32-wide model's layer steps need a wide window
 
@@ -158,9 +160,7 @@ def test_export_reloads_to_the_searched_model(built, tmp_path):
     config = space.compose(levels, masks)
     sparse = [u for u in space.kept_layers(config) if space.levels[u][config[u]].sparse is not None]
     assert len(sparse) > 3
-    ids = torch.randint(0, 97, (2, 12), generator=torch.Generator().manual_seed(0))
-    space.apply(config)
-    expected = space.decoder.model(ids).logits
+    ids, expected = logits_under(space, config)
     summary = export(space, config, tmp_path, SimpleNamespace(save_pretrained=lambda out: None))
     reloaded = load_compressed(tmp_path)
     assert reloaded.config.num_hidden_layers == 3

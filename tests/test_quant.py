@@ -25,7 +25,7 @@ from evopress.evolution import mutate
 from evopress.spaces import make_space
 from evopress.spaces.quant.space import QuantSpace
 
-from .conftest import assert_prefix_reuse_matches_full_forward, tiny_model, tiny_quant_database
+from .conftest import assert_prefix_reuse_matches_full_forward, logits_under, tiny_model, tiny_quant_database
 
 BITS = (2, 3, 4, 5, 6, 8)
 
@@ -244,9 +244,7 @@ def test_export_reloads_to_the_searched_model(built, tmp_path):
             (out / "tokenizer.json").write_text("{}")
 
     summary = export_quantized(space, config, tmp_path, Tokenizer())
-    ids = torch.randint(0, 97, (2, 12), generator=torch.Generator().manual_seed(0))
-    space.apply(config)
-    expected = space.decoder.model(ids).logits
+    ids, expected = logits_under(space, config)
     space.apply(None)
     reloaded = load_compressed(tmp_path)
     assert torch.equal(reloaded(ids).logits, expected)  # bit-exact: same codes, same fp32 arithmetic

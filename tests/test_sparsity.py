@@ -26,7 +26,7 @@ from evopress.spaces.sparsity.levels import default_step, level_grid, nearest_le
 from evopress.spaces.sparsity.space import SparsitySpace
 from evopress.spaces.sparsity.storage import decode_level, encode_level
 
-from .conftest import assert_prefix_reuse_matches_full_forward, tiny_model, tiny_sparsity_database
+from .conftest import assert_prefix_reuse_matches_full_forward, logits_under, tiny_model, tiny_sparsity_database
 
 STEP = 24  # tiny layers: 512 (k/v), 1024 (q/o), 2048 (MLP) weights
 
@@ -282,9 +282,7 @@ def test_export_reloads_to_the_searched_model(built, tmp_path):
 
     space = space_for(built, 0.5)
     config = space.random_config(np.random.default_rng(2))
-    ids = torch.randint(0, 97, (2, 12), generator=torch.Generator().manual_seed(0))
-    space.apply(config)
-    expected = space.decoder.model(ids).logits
+    ids, expected = logits_under(space, config)
     summary = export(space, config, tmp_path, SimpleNamespace(save_pretrained=lambda out: None))
     space.apply(None)
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path, local_files_only=True).eval()
@@ -301,9 +299,7 @@ def test_sparse_bitmask_export_reproduces_the_logits_and_is_smaller(built, tmp_p
 
     space = space_for(built, 0.5)
     config = space.random_config(np.random.default_rng(3))
-    ids = torch.randint(0, 97, (2, 12), generator=torch.Generator().manual_seed(0))
-    space.apply(config)
-    expected = space.decoder.model(ids).logits
+    ids, expected = logits_under(space, config)
     tokenizer = SimpleNamespace(save_pretrained=lambda out: None)
     summary = export_bitmask(space, config, tmp_path / "bitmask", tokenizer)
     export(space, config, tmp_path / "dense", tokenizer)
