@@ -8,8 +8,10 @@ Builds small level databases with the measured checkout once (sparsity ±2 level
 process (``memory_phases.py``) that logs its RSS after every phase to ``OUT/LABEL-SPACE.phases`` and
 its peak RSS (VmHWM) at exit. The bound is model bytes + database cache + teacher cache + 25%, where the
 database cache is what the search can hold (min of ``$EVOPRESS_DB_CACHE_GB`` and the database on disk)
-and the teacher cache is ``pool tokens x (hidden + 2) x 4`` bytes. Results append to
-``OUT/memory.tsv``.
+and the teacher cache is ``pool tokens x (hidden + 2) x 4`` bytes. The bound lists the search's data, not
+the runtime that holds it (Python, torch, transformers, the model's code and its tokenizer: about 0.4 GB
+whatever the model's size), so the peak is also given above the runtime's own RSS, measured in a process
+that imports all of it and builds the model on the meta device. Results append to ``OUT/memory.tsv``.
 """
 
 from __future__ import annotations
@@ -38,15 +40,26 @@ def evopress(args: list[str], src: str) -> tuple[int, str]:
     return proc.returncode, proc.stderr
 
 
-def model_bytes(src: str) -> tuple[int, int, int]:
-    """Parameter bytes and hidden size of the default model, and the RSS of the imports alone."""
-    code = ("import resource; import evopress.cli, evopress.pipeline, transformers; "
-            "base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024; "
-            "from evopress.models import Hardware; m = Hardware('cpu').load(None).model; "
-            "print(sum(p.numel() * p.element_size() for p in m.parameters()), m.config.hidden_size, base)")
-    out = subprocess.run([sys.executable, "-c", code], env={**os.environ, "PYTHONPATH": src},
+RUNTIME = """
+import resource, torch, transformers, evopress.cli, evopress.pipeline
+from evopress.models import Hardware, resolve_model_path
+imports = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+path = resolve_model_path(None)[1]
+transformers.AutoTokenizer.from_pretrained(path, local_files_only=True)
+with torch.device("meta"):  # imports the model's code, allocates no weights
+    transformers.AutoModelForCausalLM.from_config(transformers.AutoConfig.from_pretrained(path))
+runtime = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+m = Hardware("cpu").load(None).model
+print(sum(p.numel() * p.element_size() for p in m.parameters()), m.config.hidden_size, imports, runtime)
+"""
+
+
+def model_bytes(src: str) -> tuple[int, int, int, int]:
+    """Parameter bytes and hidden size of the default model; the peak RSS of the imports alone, and of
+    the runtime: the imports plus the model's code and its tokenizer, with no weight or data loaded."""
+    out = subprocess.run([sys.executable, "-c", RUNTIME], env={**os.environ, "PYTHONPATH": src},
                          capture_output=True, text=True, check=True).stdout.split()
-    return int(out[0]), int(out[1]), int(out[2])
+    return int(out[0]), int(out[1]), int(out[2]), int(out[3])
 
 
 def main() -> None:
@@ -57,7 +70,7 @@ def main() -> None:
     p.add_argument("--spaces", default=",".join(SPACES), help="which of %(default)s to measure")
     args = p.parse_args()
     here = str(Path(__file__).resolve().parents[1] / "src")
-    weights, hidden, imports = model_bytes(here)
+    weights, hidden, imports, runtime = model_bytes(here)
     cache_gb = float(os.environ.get("EVOPRESS_DB_CACHE_GB", "8"))
     rows = []
     for space in args.spaces.split(","):
@@ -73,15 +86,23 @@ def main() -> None:
         peak = int(err.split("peak_rss_kib")[-1].split()[0]) * 1024
         teacher = 8192 * (hidden + 2) * 4
         bound = 1.25 * (weights + min(db_bytes, cache_gb * 2**30) + teacher)
-        rows.append([args.label, space, peak, weights, db_bytes, teacher, imports, int(bound), peak <= bound])
+        data = peak - runtime
+        rows.append([args.label, space, peak, weights, db_bytes, teacher, imports, int(bound), peak <= bound,
+                     runtime, data, data <= bound])
         print(f"{args.label} {space}: peak RSS {peak / 2**20:.0f} MiB; bound {bound / 2**20:.0f} MiB (model "
               f"{weights / 2**20:.0f} + database {db_bytes / 2**20:.0f} + teacher {teacher / 2**20:.0f}, +25%): "
-              f"{'within' if peak <= bound else 'ABOVE'}; the imports alone: {imports / 2**20:.0f} MiB")
+              f"{'within' if peak <= bound else 'ABOVE'}; the imports alone: {imports / 2**20:.0f} MiB, the runtime "
+              f"(imports, model code, tokenizer): {runtime / 2**20:.0f} MiB; peak above the runtime "
+              f"{data / 2**20:.0f} MiB: {'within' if data <= bound else 'ABOVE'} the bound")
     table = args.out / "memory.tsv"
+    header = ("label\tspace\tpeak_rss\tmodel_bytes\tdb_bytes\tteacher_bytes\timports_rss\tbound\twithin"
+              "\truntime_rss\tabove_runtime\tabove_runtime_within\n")
+    if table.is_file() and table.read_text().split("\n", 1)[0] + "\n" != header:  # an older table's columns
+        table.rename(table.with_suffix(".old.tsv"))
     new = not table.is_file()
     with open(table, "a") as f:
         if new:
-            f.write("label\tspace\tpeak_rss\tmodel_bytes\tdb_bytes\tteacher_bytes\timports_rss\tbound\twithin\n")
+            f.write(header)
         for row in rows:
             f.write("\t".join(map(str, row)) + "\n")
 

@@ -132,19 +132,27 @@ def teacher_targets(decoder: Decoder, normed: torch.Tensor, labels: torch.Tensor
     """What the KL against the dense model needs at each predicted position [N, H] (labels [N])."""
     if not linear_head(decoder):
         return {"hidden": normed}
-    weight, bias = decoder.head.weight, decoder.head.bias
-    parts: dict[str, list[torch.Tensor]] = {"u": [], "a": [], "nll": []}
+    weight = decoder.head.weight
     step, rows = chunk_positions(chunk_tokens, block_bytes, len(weight), 8), head_rows(weight, block_bytes)
-    for i in range(0, len(normed), step):
-        # float64 once per position: a float32 softmax over a large vocabulary sums to 1 + ~1e-5, and
-        # the identity multiplies that error by logsumexp (~20), a bias the full-logit KL mostly cancels
-        log_p = F.log_softmax(decoder.logits(normed[i: i + step], block_bytes).double(), dim=-1)
-        p = log_p.exp()
-        a = (p * log_p).sum(-1)
-        parts["a"].append((a - p @ bias.double() if bias is not None else a).float())
-        parts["u"].append(_fp32_product(p.float(), weight, rows))
-        parts["nll"].append(-log_p.gather(1, labels[i: i + step, None]).squeeze(1).float())
-    return {k: torch.cat(v) for k, v in parts.items()}
+    chunks = [_teacher_chunk(decoder, normed[i: i + step], labels[i: i + step], block_bytes, rows)
+              for i in range(0, len(normed), step)]
+    return {k: torch.cat([c[k] for c in chunks]) for k in ("u", "a", "nll")}
+
+
+def _teacher_chunk(decoder: Decoder, normed: torch.Tensor, labels: torch.Tensor, block_bytes: int,
+                   rows: int) -> dict[str, torch.Tensor]:
+    """One chunk of ``teacher_targets``. Its own function so that its vocabulary-sized blocks are freed
+    before the next chunk's are made: a loop body would hold the previous chunk's until reassigned,
+    doubling the peak."""
+    weight, bias = decoder.head.weight, decoder.head.bias
+    # float64 once per position: a float32 softmax over a large vocabulary sums to 1 + ~1e-5, and
+    # the identity multiplies that error by logsumexp (~20), a bias the full-logit KL mostly cancels
+    log_p = F.log_softmax(decoder.logits(normed, block_bytes).double(), dim=-1)
+    p = log_p.exp()
+    a = (p * log_p).sum(-1)
+    return {"a": (a - p @ bias.double() if bias is not None else a).float(),
+            "u": _fp32_product(p.float(), weight, rows),
+            "nll": -log_p.gather(1, labels[:, None]).squeeze(1).float()}
 
 
 class TeacherCache:
@@ -228,21 +236,28 @@ def compare(decoder: Decoder, student: torch.Tensor, targets: dict[str, torch.Te
     sums = torch.zeros(3, dtype=torch.float64, device=s.device)
     step = chunk_positions(chunk_tokens, block_bytes, decoder.head.weight.shape[0], 4)
     for i in range(0, len(s), step):
-        part = s[i: i + step]
-        z = decoder.logits(part, block_bytes)
-        y = targets["labels"][i: i + step]
-        z_y = z.gather(1, y[:, None]).squeeze(1)
-        if "u" in targets:  # linear head: the hidden-space identity (module docstring)
-            lse = logsumexp_(z)
-            kl = targets["a"][i: i + step] + lse - (part.float() * targets["u"][i: i + step]).sum(-1)
-            dense_nll = targets["nll"][i: i + step]
-        else:
-            lse = torch.logsumexp(z, dim=-1)
-            log_p = F.log_softmax(decoder.logits(targets["hidden"][i: i + step], block_bytes), dim=-1)
-            kl = (log_p.exp() * (log_p - (z - lse[:, None]))).sum(-1)
-            dense_nll = -log_p.gather(1, y[:, None]).squeeze(1)
-        sums += torch.stack([kl, lse - z_y, dense_nll]).double().sum(-1)
+        sums += _compare_chunk(decoder, s[i: i + step], {k: v[i: i + step] for k, v in targets.items()},
+                               block_bytes)
     return sums
+
+
+def _compare_chunk(decoder: Decoder, part: torch.Tensor, targets: dict[str, torch.Tensor],
+                   block_bytes: int) -> torch.Tensor:
+    """``compare``'s sums over one chunk of positions; its own function so that the chunk's logits are
+    freed before the next chunk's are made (a loop body would hold two blocks at once)."""
+    z = decoder.logits(part, block_bytes)
+    y = targets["labels"]
+    z_y = z.gather(1, y[:, None]).squeeze(1)
+    if "u" in targets:  # linear head: the hidden-space identity (module docstring)
+        lse = logsumexp_(z)
+        kl = targets["a"] + lse - (part.float() * targets["u"]).sum(-1)
+        dense_nll = targets["nll"]
+    else:
+        lse = torch.logsumexp(z, dim=-1)
+        log_p = F.log_softmax(decoder.logits(targets["hidden"], block_bytes), dim=-1)
+        kl = (log_p.exp() * (log_p - (z - lse[:, None]))).sum(-1)
+        dense_nll = -log_p.gather(1, y[:, None]).squeeze(1)
+    return torch.stack([kl, lse - z_y, dense_nll]).double().sum(-1)
 
 
 class Evaluator:

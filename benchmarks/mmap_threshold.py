@@ -1,0 +1,81 @@
+"""What holding glibc's mmap threshold at 128 KiB costs in speed, and saves in memory, on one search.
+
+    python benchmarks/mmap_threshold.py --out runs/mmap --db runs/memory/db-fixed-quant --space quant --target 3
+
+Runs the same short search in fresh processes, alternating two modes, ``--repeats`` times each:
+``held`` (what evopress does: ``hostmem.map_large_allocations`` when the model loads) and ``glibc``
+(that call skipped: glibc's own threshold, which rises to the size of each freed mapping, up to 32 MiB).
+Each run reports the search's own seconds per generation (result.json history), its total seconds, and
+the process's peak RSS. Alternating the modes spreads a shared machine's load over both; compare the
+medians within one invocation. Results append to ``OUT/mmap.tsv``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+# runs evopress in this process, optionally without the fixed threshold, and prints the peak RSS
+RUNNER = """
+import resource, sys
+import evopress.models as models
+if sys.argv[1] == "glibc":
+    models.map_large_allocations = lambda *a, **k: False
+import evopress.cli as cli
+rc = cli.main(sys.argv[2:])
+print("peak_rss_kib", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr)
+sys.exit(rc)
+"""
+SCHEDULE = ["--seq-len", "256", "--calib-tokens", "8192", "--generations", "4", "--offspring", "8",
+            "--stages", "2:256,1:1024", "--final-tokens", "1024", "--quiet", "--init-from", "none"]
+
+
+def run(mode: str, args: argparse.Namespace, out: Path) -> dict[str, float]:
+    db = ["--db", str(args.db)] if args.db else []
+    cmd = [sys.executable, "-c", RUNNER, mode, "search", "--space", args.space, "--target", args.target, *db,
+           *SCHEDULE, "--out", str(out), "--restart"]
+    env = {k: v for k, v in os.environ.items() if k != "MALLOC_MMAP_THRESHOLD_"}
+    proc = subprocess.run(cmd, env={**env, "PYTHONPATH": args.src}, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise SystemExit(proc.stderr)
+    result = json.loads((out / "result.json").read_text())
+    generations = [h["seconds"] for h in result["history"]]
+    peak = int(proc.stderr.split("peak_rss_kib")[-1].split()[0]) * 1024
+    return {"gen_s": statistics.median(generations), "total_s": result["seconds"], "peak_mib": peak / 2**20}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--space", default="quant")
+    p.add_argument("--target", default="3")
+    p.add_argument("--db", type=Path, help="the level database of a sparsity or quant search")
+    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--src", default=str(Path(__file__).resolve().parents[1] / "src"))
+    args = p.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    rows: dict[str, list[dict[str, float]]] = {"held": [], "glibc": []}
+    for r in range(args.repeats):
+        for mode in rows:
+            rows[mode].append(run(mode, args, args.out / f"{args.space}-{mode}-{r}"))
+            print(f"{mode} #{r}: {rows[mode][-1]}", flush=True)
+    table = args.out / "mmap.tsv"
+    new = not table.is_file()
+    with open(table, "a") as f:
+        if new:
+            f.write("space\tmode\truns\tmedian_generation_s\tmedian_total_s\tmedian_peak_rss_mib\n")
+        for mode, runs in rows.items():
+            med = {k: statistics.median(x[k] for x in runs) for k in runs[0]}
+            f.write(f"{args.space}\t{mode}\t{len(runs)}\t{med['gen_s']:.2f}\t{med['total_s']:.1f}\t"
+                    f"{med['peak_mib']:.0f}\n")
+            print(f"{args.space} {mode}: median s/generation {med['gen_s']:.2f}, total {med['total_s']:.1f} s, "
+                  f"peak RSS {med['peak_mib']:.0f} MiB")
+
+
+if __name__ == "__main__":
+    main()
