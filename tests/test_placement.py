@@ -208,3 +208,57 @@ def test_a_users_malloc_setting_is_left_alone(monkeypatch):
 
     monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "65536")
     assert map_large_allocations() is False
+
+
+def test_a_host_tensor_reaches_a_gpu_through_pinned_memory_without_the_host_waiting(monkeypatch):
+    """On CUDA a level is staged in pinned memory and copied with non_blocking (a pageable copy would
+    make the host wait for the device's queue); simulated here by recording the calls."""
+    from evopress.placement import to_device
+
+    calls = []
+    monkeypatch.setattr(torch.Tensor, "pin_memory", lambda self: calls.append("pin") or self)
+    monkeypatch.setattr(torch.Tensor, "to", lambda self, *a, **k: calls.append(("to", a, k)) or self)
+    t = torch.ones(3)
+    assert to_device(t, torch.device("cuda", 0)) is t
+    assert calls == ["pin", ("to", (torch.device("cuda", 0),), {"non_blocking": True})]
+    calls.clear()
+    assert to_device(t, torch.device("cpu")) is t and calls == []  # already there: no copy at all
+
+
+@pytest.mark.parametrize("space_name", ["quant", "sparsity"])
+def test_every_level_and_dense_restore_goes_through_the_non_blocking_copy(space_name, monkeypatch, tmp_path):
+    """``apply`` moves stored levels and dense weights to the layers' device only by ``to_device``."""
+    import importlib
+
+    from evopress.models import Decoder
+    from evopress.placement import to_device
+
+    from .conftest import tiny_model, tiny_quant_database, tiny_sparsity_database
+
+    if space_name == "quant":
+        from evopress.spaces.quant.space import QuantSpace
+
+        model, _, _, root, _ = tiny_quant_database(tmp_path, 2, (2, 3))
+        space = QuantSpace(Decoder(model), 2.5, db=str(root))
+        per_level = 3  # packed codes, scales, zero points
+    else:
+        from evopress.data import TokenPool
+        from evopress.spaces.sparsity.space import SparsitySpace
+
+        model = tiny_model(layers=2)
+        pool = TokenPool(torch.randint(0, 97, (12, 16), generator=torch.Generator().manual_seed(1)), "random")
+        tiny_sparsity_database(tmp_path, model, pool)
+        space = SparsitySpace(Decoder(model), 0.5, db=str(tmp_path))
+        per_level = 2  # bit mask, kept values
+    seen = []
+
+    def recording(tensor, device):
+        seen.append(device)
+        return to_device(tensor, device)
+
+    for module in (f"evopress.spaces.{space_name}.space", "evopress.spaces.layerwise"):
+        monkeypatch.setattr(importlib.import_module(module), "to_device", recording)
+    space.apply((0,) * len(space.units))
+    assert len(seen) == per_level * len(space.units)
+    space.apply(None)
+    assert len(seen) == (per_level + 1) * len(space.units)

@@ -87,6 +87,22 @@ def resident(module: nn.Module) -> Iterator[None]:
             hook.offload = True
 
 
+def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``tensor`` on ``device``, copied without making the host wait for the device's queue.
+
+    Why: a copy from pageable host memory to a GPU returns only once the copy is done, so a level put
+    into a layer for each candidate would drain the queue of kernels the fitness keeps full (no host
+    syncs per candidate: ``fitness``). A copy from pinned memory is asynchronous; the staging block
+    comes from torch's caching host allocator, which does not reuse it before its copy has run.
+    A tensor already on ``device`` is returned as it is.
+    """
+    if tensor.device == device:
+        return tensor
+    if device.type == "cuda" and tensor.device.type == "cpu":
+        return tensor.pin_memory().to(device, non_blocking=True)
+    return tensor.to(device)
+
+
 class WeightOverride(Mapping[str, torch.Tensor]):
     """An offloaded module's weights map with some tensors replaced (a compressed level).
 

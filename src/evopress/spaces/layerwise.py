@@ -26,7 +26,7 @@ from ..database import (DECODED_CACHE_ENV, DEFAULT_DECODED_CACHE_GB, BuildLog, B
 from ..errors import UserError
 from ..hostmem import release_file_pages
 from ..models import Decoder
-from ..placement import WeightOverride, offload_hook
+from ..placement import WeightOverride, offload_hook, to_device
 from .base import CliOption, Config, RetargetableSpace
 
 
@@ -135,7 +135,8 @@ class LayerwiseSpace(RetargetableSpace):
                                                                                       {"weight": self.weight(u, want)})
             else:
                 outgoing = layer.weight.data
-                layer.weight.data = self.dense_weight(u).to(self.device(u)) if want is None else self.weight(u, want)
+                layer.weight.data = (to_device(self.dense_weight(u), self.device(u)) if want is None
+                                     else self.weight(u, want))
                 if self._current[u] is None and self._dense[u] is None:  # a dense weight read from the checkpoint
                     release_file_pages(outgoing)
             self._current[u] = want

@@ -21,6 +21,7 @@ from ...compressors.packing import unpack_codes
 from ...database import layer_file
 from ...errors import UserError
 from ...models import Decoder
+from ...placement import to_device
 from ..quant.levels import packed_bytes
 from ..quant.space import QuantSpace
 from ..sparsity.space import SparsitySpace
@@ -92,7 +93,7 @@ class SparseQuantLayers(QuantSpace):
         mask_key, values_key = level_keys(self.sparse.first_offsets[u] + level.sparse)
         stored = self.sparse.stored(u, (mask_key, values_key))
         device, shape = self.device(u), self.shapes[u]
-        packed_mask, values = stored[mask_key].to(device), stored[values_key].to(device)
+        packed_mask, values = to_device(stored[mask_key], device), to_device(stored[values_key], device)
         mask = unpack_codes(packed_mask, 1, shape).bool()
         return quantize_sparse(decode_level(packed_mask, values, shape, torch.float32), mask, self.grid(level.bits))
 

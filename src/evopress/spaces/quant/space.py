@@ -41,6 +41,7 @@ import torch
 from ...compressors.gptq import QuantGrid, QuantizedWeight
 from ...errors import UserError
 from ...models import Decoder
+from ...placement import to_device
 from ..base import Config, Problem, shortest_decimal
 from ..layerwise import LayerwiseSpace
 from .build import packed_keys
@@ -122,7 +123,7 @@ class QuantSpace(LayerwiseSpace):
         keys = packed_keys(bits)
         packed = self.stored(u, list(keys.values()))
         device = self.device(u)
-        return QuantizedWeight.from_packed({k: packed[key].to(device) for k, key in keys.items()},
+        return QuantizedWeight.from_packed({k: to_device(packed[key], device) for k, key in keys.items()},
                                            self.shapes[u], self.grid(bits))
 
     def decode(self, u: int, level: int) -> torch.Tensor:

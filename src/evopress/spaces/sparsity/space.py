@@ -39,6 +39,7 @@ import torch
 
 from ...errors import UserError
 from ...models import Decoder
+from ...placement import to_device
 from ..base import Config, NoMoveError, shortest_decimal, switch
 from ..layerwise import LayerwiseSpace
 from .levels import nearest_levels, sparsity_problem
@@ -97,8 +98,8 @@ class SparsitySpace(LayerwiseSpace):
         mask_key, values_key = self._level_keys(u, level)
         tensors = self.stored(u, (mask_key, values_key))
         device = self.device(u)
-        return decode_level(tensors[mask_key].to(device), tensors[values_key].to(device), self.shapes[u],
-                            self.layers[u].weight.dtype)
+        return decode_level(to_device(tensors[mask_key], device), to_device(tensors[values_key], device),
+                            self.shapes[u], self.layers[u].weight.dtype)
 
     def options(self) -> dict[str, Any]:
         return {"db": str(self.db.root.resolve()), "group_rule": self.group_rule}
