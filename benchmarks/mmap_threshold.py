@@ -1,10 +1,12 @@
-"""What holding glibc's mmap threshold at 128 KiB costs in speed, and saves in memory, on one search.
+"""What evopress's hold on glibc's mmap threshold costs in speed, and saves in memory, on one search.
 
     python benchmarks/mmap_threshold.py --out runs/mmap --db runs/memory/db-fixed-quant --space quant --target 3
 
-Runs the same short search in fresh processes, alternating two modes, ``--repeats`` times each:
-``held`` (what evopress does: ``hostmem.map_large_allocations`` when the model loads) and ``glibc``
-(that call skipped: glibc's own threshold, which rises to the size of each freed mapping, up to 32 MiB).
+Runs the same short search in fresh processes, alternating the ``--modes``, ``--repeats`` times each:
+``held`` (what evopress does: ``hostmem.map_large_allocations`` when the model loads: temporaries of
+4 MiB or more mapped, long-lived tensors always mapped), ``glibc`` (that call skipped: glibc's own
+threshold, which rises to the size of each freed mapping, up to 32 MiB), or ``BYTES``: the threshold
+held at that many bytes (131072: every allocation of 128 KiB or more mapped, the previous default).
 Each run reports the search's own seconds per generation (result.json history), its total seconds, and
 the process's peak RSS. Alternating the modes spreads a shared machine's load over both; compare the
 medians within one invocation. Results append to ``OUT/mmap.tsv``.
@@ -23,9 +25,13 @@ from pathlib import Path
 # runs evopress in this process, optionally without the fixed threshold, and prints the peak RSS
 RUNNER = """
 import resource, sys
+import evopress.hostmem as hostmem
 import evopress.models as models
-if sys.argv[1] == "glibc":
+mode = sys.argv[1]
+if mode == "glibc":
     models.map_large_allocations = lambda *a, **k: False
+elif mode != "held":  # another threshold, in bytes
+    models.map_large_allocations = lambda: hostmem.map_large_allocations(int(mode))
 import evopress.cli as cli
 rc = cli.main(sys.argv[2:])
 print("peak_rss_kib", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr)
@@ -56,10 +62,12 @@ def main() -> None:
     p.add_argument("--target", default="3")
     p.add_argument("--db", type=Path, help="the level database of a sparsity or quant search")
     p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--modes", default="held,glibc",
+                   help="held (evopress's default), glibc (its moving threshold), or BYTES held")
     p.add_argument("--src", default=str(Path(__file__).resolve().parents[1] / "src"))
     args = p.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
-    rows: dict[str, list[dict[str, float]]] = {"held": [], "glibc": []}
+    rows: dict[str, list[dict[str, float]]] = {mode: [] for mode in args.modes.split(",")}
     for r in range(args.repeats):
         for mode in rows:
             rows[mode].append(run(mode, args, args.out / f"{args.space}-{mode}-{r}"))

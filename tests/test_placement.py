@@ -203,6 +203,31 @@ def test_large_temporaries_go_back_to_the_os_with_a_fixed_mmap_threshold(mode):
     assert (kept_kib < 4096) == (mode == "fixed"), kept_kib
 
 
+def test_long_lived_tensors_get_their_own_mappings_and_temporaries_the_heap():
+    """Under the held threshold a 1 MiB temporary comes from the heap (reused without page faults), and
+    the same allocation made as long-lived (a level put into a layer) from its own mapping."""
+    import os
+    import subprocess
+    import sys
+
+    probe = ("import torch\n"
+             "from evopress.hostmem import long_lived, map_large_allocations\n"
+             "assert map_large_allocations()\n"
+             "def where(t):\n"
+             "    a = t.data_ptr()\n"
+             "    for line in open('/proc/self/maps'):\n"
+             "        lo, hi = (int(x, 16) for x in line.split()[0].split('-'))\n"
+             "        if lo <= a < hi:\n"
+             "            return 'heap' if line.rstrip().endswith('[heap]') else 'own'\n"
+             "temporary = torch.ones(1 << 18)\n"
+             "with long_lived():\n    kept = torch.ones(1 << 18)\n"
+             "after = torch.ones(1 << 18)\n"
+             "print(where(temporary), where(kept), where(after))\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
+    out = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["heap", "own", "heap"]
+
+
 def test_a_users_malloc_setting_is_left_alone(monkeypatch):
     from evopress.hostmem import map_large_allocations
 

@@ -41,7 +41,7 @@ import torch.nn.functional as F
 
 from .data import Sample, TokenPool
 from .database import tensor_bytes
-from .hostmem import trim_heap
+from .hostmem import long_lived, trim_heap
 from .models import HEAD_BLOCK_BYTES, Decoder, head_rows
 from .spaces.base import Config, Space
 
@@ -183,7 +183,9 @@ class TeacherCache:
             h = self.decoder.final_hidden(ids)
             labels = ids[:, 1:].to(h.device)
             for w, row, y in zip(chunk, self.decoder.norm(h), labels):
-                self.store[w] = {k: v.to("cpu", copy=True) for k, v in self.targets(row[:-1], y).items()}
+                targets = self.targets(row[:-1], y)
+                with long_lived():  # kept for the whole run (hostmem)
+                    self.store[w] = {k: v.to("cpu", copy=True) for k, v in targets.items()}
         return len(missing) * (self.pool.seq_len - 1) if linear_head(self.decoder) else 0
 
     def targets(self, normed: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -341,8 +343,9 @@ class Evaluator:
     def _measure(self, configs: Sequence[Config], sample: Sample) -> list[Measurement]:
         batches = self.pool.batches(sample, self.batch_size)
         self._ensure_teacher(sample.index)
-        targets = self._stage_targets(batches)
-        inputs = [self.decoder.enter(ids) for ids, _ in batches]
+        with long_lived():  # the stage's targets and block inputs outlive every candidate's temporaries
+            targets = self._stage_targets(batches)
+            inputs = [self.decoder.enter(ids) for ids, _ in batches]
         L = self.decoder.num_blocks
         keys = [self.space.block_keys(c) for c in configs]
         stride = self._stride(sample.tokens)

@@ -10,15 +10,20 @@ the teacher's pass). Neither changes any value.
 from __future__ import annotations
 
 import ctypes
+import functools
 import os
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import torch
 
 _MADV_DONTNEED = 4
 _M_MMAP_THRESHOLD = -3  # mallopt parameter (malloc.h)
-MMAP_THRESHOLD = 128 << 10  # glibc's own starting value, held fixed
+MMAP_THRESHOLD = 4 << 20  # temporaries below it are reused from the heap, larger ones mapped
+LONG_LIVED_THRESHOLD = 128 << 10  # glibc's own starting value: what outlives the temporaries is mapped
 _PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+_held: int | None = None  # the threshold map_large_allocations set, None if it set none
 
 
 def release_file_pages(tensor: torch.Tensor) -> bool:
@@ -68,18 +73,55 @@ def trim_heap() -> None:
 
 
 def map_large_allocations(threshold: int = MMAP_THRESHOLD) -> bool:
-    """Serve every host allocation of ``threshold`` bytes or more by its own mapping, returned to the OS
-    when freed; True if set.
+    """Hold glibc's mmap threshold at ``threshold``: host allocations of that size or more get their own
+    mapping, returned to the OS when freed; True if set.
 
     Why: glibc raises its mmap threshold (up to 32 MiB) each time a mapped block is freed, so after the
     first large temporary a model's activations and logit blocks come from the heap, which fragments
-    and stays resident. Measured on the default model (quant search, ``benchmarks/memory_phases.py``):
-    peak RSS 2,800 MiB with glibc's moving threshold, 1,423 MiB with it held at 128 KiB. A user's own
-    ``MALLOC_MMAP_THRESHOLD_`` (read by glibc at start) is left alone; a no-op off glibc.
+    and stays resident. A fixed threshold bounds that; together with ``long_lived`` (below) it can sit
+    above the small, frequent temporaries, which the heap then reuses without a page fault each time.
+    Measured on the default model (quant search, ``benchmarks/mmap_threshold.py``, docs/scaling.md).
+    A user's own ``MALLOC_MMAP_THRESHOLD_`` (read by glibc at start) is left alone; a no-op off glibc.
     """
+    global _held
     if "MALLOC_MMAP_THRESHOLD_" in os.environ:
         return False
-    try:
-        return ctypes.CDLL("libc.so.6").mallopt(_M_MMAP_THRESHOLD, threshold) == 1
-    except (OSError, AttributeError):
+    if not _set_threshold(threshold):
         return False
+    _held = threshold
+    return True
+
+
+@contextmanager
+def long_lived() -> Iterator[None]:
+    """Allocations made inside get their own mappings: for tensors that outlive the temporaries around
+    them (levels put into layers and the database cache entries they come from, the teacher cache, a
+    stage's targets and block inputs).
+
+    Why: in the heap, one such tensor among freed temporaries pins the pages around it, and the heap
+    grows with every candidate that rewrites a layer; mapped, it is returned whole when freed. Only
+    while ``map_large_allocations`` holds a threshold (else glibc's own policy stands)."""
+    held = _held
+    if held is None or held <= LONG_LIVED_THRESHOLD:
+        yield
+        return
+    _set_threshold(LONG_LIVED_THRESHOLD)
+    try:
+        yield
+    finally:
+        _set_threshold(held)
+
+
+def _set_threshold(threshold: int) -> bool:
+    libc = _libc()
+    return libc is not None and libc.mallopt(_M_MMAP_THRESHOLD, threshold) == 1
+
+
+@functools.lru_cache(maxsize=1)
+def _libc() -> ctypes.CDLL | None:
+    """glibc, or None elsewhere (musl, macOS): once per process, as ``long_lived`` calls it per candidate."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        return libc if hasattr(libc, "mallopt") else None
+    except OSError:
+        return None

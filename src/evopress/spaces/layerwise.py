@@ -24,7 +24,7 @@ from ..database import (DECODED_CACHE_ENV, DEFAULT_DECODED_CACHE_GB, BuildLog, B
                         cache_budget, calibrate_blocks, data_fingerprint, layer_file, linear_units, model_fingerprint,
                         save_layer, tensor_bytes)
 from ..errors import UserError
-from ..hostmem import release_file_pages
+from ..hostmem import long_lived, release_file_pages
 from ..models import Decoder
 from ..placement import WeightOverride, offload_hook, to_device
 from .base import CliOption, Config, RetargetableSpace
@@ -125,6 +125,10 @@ class LayerwiseSpace(RetargetableSpace):
 
     @torch.no_grad()
     def apply(self, config: Config | None) -> None:
+        with long_lived():  # levels stay in their layers across candidates (hostmem)
+            self._apply(config)
+
+    def _apply(self, config: Config | None) -> None:
         for u, layer in enumerate(self.layers):
             want = None if config is None else config[u]
             if want == self._current[u]:
