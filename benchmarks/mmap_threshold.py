@@ -7,8 +7,8 @@ Runs the same short search in fresh processes, alternating the ``--modes``, ``--
 4 MiB or more mapped, long-lived tensors always mapped), ``glibc`` (that call skipped: glibc's own
 threshold, which rises to the size of each freed mapping, up to 32 MiB), or ``BYTES``: the threshold
 held at that many bytes (131072: every allocation of 128 KiB or more mapped, the previous default).
-Each run reports the search's own seconds per generation (result.json history), its total seconds, and
-the process's peak RSS. Alternating the modes spreads a shared machine's load over both; compare the
+Each run reports the search's own seconds per generation (result.json history), its total seconds, the
+process's user and system CPU seconds (system time is where page faults land) and its peak RSS. Alternating the modes spreads a shared machine's load over both; compare the
 medians within one invocation. Results append to ``OUT/mmap.tsv``.
 """
 
@@ -34,7 +34,8 @@ elif mode != "held":  # another threshold, in bytes
     models.map_large_allocations = lambda: hostmem.map_large_allocations(int(mode))
 import evopress.cli as cli
 rc = cli.main(sys.argv[2:])
-print("peak_rss_kib", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr)
+usage = resource.getrusage(resource.RUSAGE_SELF)
+print("peak_rss_kib", usage.ru_maxrss, "user_s", usage.ru_utime, "sys_s", usage.ru_stime, file=sys.stderr)
 sys.exit(rc)
 """
 SCHEDULE = ["--seq-len", "256", "--calib-tokens", "8192", "--generations", "4", "--offspring", "8",
@@ -51,8 +52,9 @@ def run(mode: str, args: argparse.Namespace, out: Path) -> dict[str, float]:
         raise SystemExit(proc.stderr)
     result = json.loads((out / "result.json").read_text())
     generations = [h["seconds"] for h in result["history"]]
-    peak = int(proc.stderr.split("peak_rss_kib")[-1].split()[0]) * 1024
-    return {"gen_s": statistics.median(generations), "total_s": result["seconds"], "peak_mib": peak / 2**20}
+    fields = proc.stderr.split("peak_rss_kib")[-1].split()
+    return {"gen_s": statistics.median(generations), "total_s": result["seconds"],
+            "user_s": float(fields[2]), "sys_s": float(fields[4]), "peak_mib": int(fields[0]) / 2**10}
 
 
 def main() -> None:
@@ -76,13 +78,14 @@ def main() -> None:
     new = not table.is_file()
     with open(table, "a") as f:
         if new:
-            f.write("space\tmode\truns\tmedian_generation_s\tmedian_total_s\tmedian_peak_rss_mib\n")
+            f.write("space\tmode\truns\tmedian_generation_s\tmedian_total_s\tmedian_user_cpu_s\t"
+                    "median_system_cpu_s\tmedian_peak_rss_mib\n")
         for mode, runs in rows.items():
             med = {k: statistics.median(x[k] for x in runs) for k in runs[0]}
             f.write(f"{args.space}\t{mode}\t{len(runs)}\t{med['gen_s']:.2f}\t{med['total_s']:.1f}\t"
-                    f"{med['peak_mib']:.0f}\n")
+                    f"{med['user_s']:.1f}\t{med['sys_s']:.1f}\t{med['peak_mib']:.0f}\n")
             print(f"{args.space} {mode}: median s/generation {med['gen_s']:.2f}, total {med['total_s']:.1f} s, "
-                  f"peak RSS {med['peak_mib']:.0f} MiB")
+                  f"CPU user {med['user_s']:.1f} s + system {med['sys_s']:.1f} s, peak RSS {med['peak_mib']:.0f} MiB")
 
 
 if __name__ == "__main__":
