@@ -209,3 +209,25 @@ def test_space_sizes_in_bytes():
     assert space.size_bytes(config) == 4 * (attn + mlp)
     space.apply(config)  # dropped modules are gone from the model; the sizes do not change
     assert space.dense_bytes() == 6 * (attn + mlp) and space.size_bytes(config) == 4 * (attn + mlp)
+
+
+def test_each_baseline_runs_once_per_budget(tiny_checkpoint, tmp_path, monkeypatch):
+    """The warm start (--init-from) and the front ask for the same baselines: they are made once per budget,
+    and the front's baseline results are those of a fresh ``evopress baseline`` run."""
+    from evopress.spaces import get_plugin
+
+    model, text = tiny_checkpoint
+    no_plot(monkeypatch)
+    calls = []
+    plugin = get_plugin("drop")
+    for method, fn in list(plugin.baselines.items()):
+        monkeypatch.setitem(plugin.baselines, method, lambda inputs, m=method, f=fn: calls.append(m) or f(inputs))
+    out = tmp_path / "front"
+    assert main(pareto_args(model, text, out, targets="0.17,0.34", generations=2)) == 0
+    assert sorted(calls) == ["angular", "angular", "shortgpt", "shortgpt"]
+    alone = tmp_path / "alone"
+    assert main(["baseline", "--method", "angular", "--target", "0.34", "--model", str(model), "--data", str(text),
+                 "--seq-len", "32", "--calib-tokens", "1024", "--tokens", "128", "--final-tokens", "128",
+                 "--out", str(alone), "--quiet"]) == 0
+    from_front = json.loads((out / "baselines" / "angular" / "target-0.34" / "result.json").read_text())
+    assert json.loads((alone / "result.json").read_text())["levels"] == from_front["levels"]
