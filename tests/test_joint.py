@@ -194,7 +194,8 @@ def _warm_start(built, space, init_from, **options):
 
     recipe = make_recipe(space="joint", target=space.target, init_from=init_from, baseline_tokens=64,
                          space_options={"db": str(built[3]), "tolerance": TOL, **options})
-    ctx = SimpleNamespace(recipe=recipe, space=space, evaluator=FewerDrops(space), pool=built[2])
+    ctx = SimpleNamespace(recipe=recipe, space=space, evaluator=FewerDrops(space), pool=built[2],
+                          baseline_runs={})
     logged = []
     return pipeline._warm_start(ctx, [], logged.append), logged
 
