@@ -8,8 +8,9 @@ Runs the same short search in fresh processes, alternating the ``--modes``, ``--
 threshold, which rises to the size of each freed mapping, up to 32 MiB), or ``BYTES``: the threshold
 held at that many bytes (131072: every allocation of 128 KiB or more mapped, the previous default).
 Each run reports the search's own seconds per generation (result.json history), its total seconds, the
-process's user and system CPU seconds (system time is where page faults land) and its peak RSS. Alternating the modes spreads a shared machine's load over both; compare the
-medians within one invocation. Results append to ``OUT/mmap.tsv``.
+process's user and system CPU seconds (system time is where page faults land) and its peak RSS.
+Alternating the modes spreads a shared machine's load over them; compare the medians within one
+invocation. Results append to ``OUT/mmap.tsv``.
 """
 
 from __future__ import annotations

@@ -182,13 +182,21 @@ def test_released_checkpoint_pages_read_back_the_same_values(tiny_checkpoint):
     assert not release_file_pages(anonymous) and torch.equal(anonymous, copy)  # anonymous memory is left alone
 
 
-@pytest.mark.parametrize("mode", ["moving", "fixed"])
-def test_large_temporaries_go_back_to_the_os_with_a_fixed_mmap_threshold(mode):
-    """A freed 16 MiB temporary stays resident under glibc's moving threshold, and not when it is fixed."""
+def malloc_probe(code: str, *argv: str) -> str:
+    """stdout of ``code`` run in a fresh interpreter, with glibc's allocator in its start-up state (no
+    ``MALLOC_*`` settings inherited): a process's thresholds cannot be reset once moved."""
     import os
     import subprocess
     import sys
 
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
+    return subprocess.run([sys.executable, "-c", code, *argv], env=env, capture_output=True, text=True,
+                          check=True).stdout
+
+
+@pytest.mark.parametrize("mode", ["moving", "fixed"])
+def test_large_temporaries_go_back_to_the_os_with_a_fixed_mmap_threshold(mode):
+    """A freed 16 MiB temporary stays resident under glibc's moving threshold, and not when it is fixed."""
     probe = ("import sys, torch\n"
              "from evopress.hostmem import map_large_allocations\n"
              "if sys.argv[1] == 'fixed':\n    assert map_large_allocations()\n"
@@ -197,19 +205,13 @@ def test_large_temporaries_go_back_to_the_os_with_a_fixed_mmap_threshold(mode):
              "base = anon()\n"
              "for _ in range(3):\n    t = torch.ones(4 << 20)\n    del t\n"
              "print(anon() - base)\n")
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
-    out = subprocess.run([sys.executable, "-c", probe, mode], env=env, capture_output=True, text=True, check=True)
-    kept_kib = int(out.stdout.split()[-1])
+    kept_kib = int(malloc_probe(probe, mode).split()[-1])
     assert (kept_kib < 4096) == (mode == "fixed"), kept_kib
 
 
 def test_long_lived_tensors_get_their_own_mappings_and_temporaries_the_heap():
     """Under the held threshold a 1 MiB temporary comes from the heap (reused without page faults), and
     the same allocation made as long-lived (a level put into a layer) from its own mapping."""
-    import os
-    import subprocess
-    import sys
-
     probe = ("import torch\n"
              "from evopress.hostmem import long_lived, map_large_allocations\n"
              "assert map_large_allocations()\n"
@@ -223,9 +225,7 @@ def test_long_lived_tensors_get_their_own_mappings_and_temporaries_the_heap():
              "with long_lived():\n    kept = torch.ones(1 << 18)\n"
              "after = torch.ones(1 << 18)\n"
              "print(where(temporary), where(kept), where(after))\n")
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
-    out = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, check=True)
-    assert out.stdout.split() == ["heap", "own", "heap"]
+    assert malloc_probe(probe).split() == ["heap", "own", "heap"]
 
 
 def test_a_users_malloc_setting_is_left_alone(monkeypatch):

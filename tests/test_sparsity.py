@@ -360,7 +360,8 @@ def test_cli_refuses_a_foreign_or_truncated_database(tiny_checkpoint, tmp_path, 
     model, text = tiny_checkpoint
     data = ["--data", str(text), "--seq-len", "32", "--calib-tokens", "256", "--quiet"]
     db = tmp_path / "db"
-    assert main(["build-db", "--space", "sparsity", "--levels", "1", "--out", str(db), "--model", str(model), *data]) == 0
+    assert main(["build-db", "--space", "sparsity", "--levels", "1", "--out", str(db), "--model", str(model),
+                 *data]) == 0
     other, _ = write_tiny_checkpoint(tmp_path / "other", layers=4)
     run = ["search", "--space", "sparsity", "--target", "0.5", "--db", str(db), "--generations", "1",
            "--offspring", "2", "--stages", "1:32", "--initial-tokens", "32", "--final-tokens", "32", "--init-from",

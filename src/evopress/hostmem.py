@@ -66,10 +66,9 @@ def trim_heap() -> None:
     """Return the free memory glibc holds at the top of its heaps to the OS (``malloc_trim(0)``), after a
     phase whose temporaries were freed; a no-op elsewhere. Measured on the default model: 180 MiB after
     tokenizing the calibration text (``benchmarks/memory_phases.py``)."""
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
+    libc = _glibc()
+    if libc is not None:
+        libc.malloc_trim(0)
 
 
 def map_large_allocations(threshold: int = MMAP_THRESHOLD) -> bool:
@@ -113,15 +112,16 @@ def long_lived() -> Iterator[None]:
 
 
 def _set_threshold(threshold: int) -> bool:
-    libc = _libc()
+    libc = _glibc()
     return libc is not None and libc.mallopt(_M_MMAP_THRESHOLD, threshold) == 1
 
 
 @functools.lru_cache(maxsize=1)
-def _libc() -> ctypes.CDLL | None:
-    """glibc, or None elsewhere (musl, macOS): once per process, as ``long_lived`` calls it per candidate."""
+def _glibc() -> ctypes.CDLL | None:
+    """glibc (``mallopt``, ``malloc_trim``), or None elsewhere (musl, macOS): loaded once per process, as
+    ``long_lived`` calls it per candidate."""
     try:
         libc = ctypes.CDLL("libc.so.6")
-        return libc if hasattr(libc, "mallopt") else None
     except OSError:
         return None
+    return libc if hasattr(libc, "mallopt") and hasattr(libc, "malloc_trim") else None

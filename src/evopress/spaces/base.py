@@ -108,7 +108,8 @@ class Problem:
         if self.feasible(config):
             return True
         windowed = bool(self.slack or self.masks)
-        return windowed and all(0 <= lv < n for lv, n in zip(config, self.num_levels)) and self.cost(config) <= self.budget
+        in_range = all(0 <= lv < n for lv, n in zip(config, self.num_levels))
+        return windowed and in_range and self.cost(config) <= self.budget
 
 
 def switch(config: list[int], problem: Problem, rng: np.random.Generator) -> None:
