@@ -1,13 +1,17 @@
 """KL fitness in bf16/fp16 models: head, logsumexp and hidden-space products in float32, so the fitness
 itself adds no error beyond a float32 model's; vocabulary chunking changes nothing but memory."""
 
+import weakref
+
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 
 from evopress.data import TokenPool
-from evopress.fitness import Evaluator, FitnessConfig, chunk_positions
+from evopress.fitness import Evaluator, FitnessConfig, chunk_positions, compare, teacher_targets
 from evopress.models import Decoder, head_rows
 from evopress.spaces.drop import DropSpace
 
@@ -146,4 +150,49 @@ def test_chunk_bounds_for_a_large_vocabulary():
     assert head_rows(weight, 256 << 20) == 8192
     assert head_rows(weight.float(), 256 << 20) == 128256  # float32 needs no copy
     assert chunk_positions(1024, 256 << 20, 128256, 4) == 523
-    assert chunk_positions(1024, 256 << 20, 128256, 8) == 261
+    assert chunk_positions(1024, 256 << 20, 128256, 16) == 130  # teacher: two float64 blocks
+
+
+class VocabularyBlocks(TorchDispatchMode):
+    """The most bytes of [..., vocab] tensors made inside that were alive at once (a storage counts once,
+    however many views of it there are)."""
+
+    def __init__(self, vocab: int):
+        super().__init__()
+        self.vocab, self.views, self.size, self.live, self.peak = vocab, {}, {}, 0, 0
+
+    def _release(self, key: int) -> None:
+        self.views[key] -= 1
+        if not self.views[key]:
+            del self.views[key]
+            self.live -= self.size.pop(key)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor) and t.dim() and t.shape[-1] == self.vocab:
+                key = t.untyped_storage().data_ptr()
+                if key not in self.views:
+                    self.views[key], self.size[key] = 0, t.untyped_storage().nbytes()
+                    self.live += self.size[key]
+                    self.peak = max(self.peak, self.live)
+                self.views[key] += 1
+                weakref.finalize(t, self._release, key)
+        return out
+
+
+@torch.inference_mode()
+def test_lm_head_temporaries_stay_within_one_block():
+    """``block_bytes`` bounds what the LM head's temporaries take at once, teacher and candidate: on a CPU
+    they are host RAM next to the model and the caches (the teacher's float64 softmax once held three
+    blocks: log p, p and their product)."""
+    decoder = Decoder(tiny_model())
+    vocab, g = decoder.head.weight.shape[0], torch.Generator().manual_seed(0)
+    student = decoder.norm(torch.randn(2, 101, 32, generator=g))
+    labels = torch.randint(0, vocab, (200,), generator=g)
+    block = 8 * vocab * 20  # 20 positions of float64 logits
+    with VocabularyBlocks(vocab) as teacher:
+        targets = teacher_targets(decoder, student[:, :-1].reshape(-1, 32), labels, 1024, block)
+    with VocabularyBlocks(vocab) as candidate:
+        compare(decoder, student, {**targets, "labels": labels}, 1024, block)
+    assert 0 < teacher.peak <= block and 0 < candidate.peak <= block

@@ -133,7 +133,8 @@ def teacher_targets(decoder: Decoder, normed: torch.Tensor, labels: torch.Tensor
     if not linear_head(decoder):
         return {"hidden": normed}
     weight = decoder.head.weight
-    step, rows = chunk_positions(chunk_tokens, block_bytes, len(weight), 8), head_rows(weight, block_bytes)
+    # two float64 blocks are alive at once in a chunk (``_teacher_chunk``)
+    step, rows = chunk_positions(chunk_tokens, block_bytes, len(weight), 16), head_rows(weight, block_bytes)
     chunks = [_teacher_chunk(decoder, normed[i: i + step], labels[i: i + step], block_bytes, rows)
               for i in range(0, len(normed), step)]
     return {k: torch.cat([c[k] for c in chunks]) for k in ("u", "a", "nll")}
@@ -143,16 +144,19 @@ def _teacher_chunk(decoder: Decoder, normed: torch.Tensor, labels: torch.Tensor,
                    rows: int) -> dict[str, torch.Tensor]:
     """One chunk of ``teacher_targets``. Its own function so that its vocabulary-sized blocks are freed
     before the next chunk's are made: a loop body would hold the previous chunk's until reassigned,
-    doubling the peak."""
+    doubling the peak. Within it, at most two float64 blocks live at once: ``log_p`` goes before ``p``
+    is rounded to float32, and p . log_p is a batched dot product, not an elementwise product."""
     weight, bias = decoder.head.weight, decoder.head.bias
     # float64 once per position: a float32 softmax over a large vocabulary sums to 1 + ~1e-5, and
     # the identity multiplies that error by logsumexp (~20), a bias the full-logit KL mostly cancels
     log_p = F.log_softmax(decoder.logits(normed, block_bytes).double(), dim=-1)
+    nll = -log_p.gather(1, labels[:, None]).squeeze(1).float()
     p = log_p.exp()
-    a = (p * log_p).sum(-1)
-    return {"a": (a - p @ bias.double() if bias is not None else a).float(),
-            "u": _fp32_product(p.float(), weight, rows),
-            "nll": -log_p.gather(1, labels[:, None]).squeeze(1).float()}
+    a = torch.bmm(p[:, None, :], log_p[:, :, None]).view(-1)
+    del log_p
+    if bias is not None:
+        a -= p @ bias.double()
+    return {"a": a.float(), "u": _fp32_product(p.float(), weight, rows), "nll": nll}
 
 
 class TeacherCache:
