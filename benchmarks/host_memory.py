@@ -2,6 +2,7 @@
 
     python benchmarks/host_memory.py --out runs/memory                     # this checkout
     python benchmarks/host_memory.py --out runs/memory --src OLD/src --label before   # another checkout
+    python benchmarks/host_memory.py --out runs/memory --model DIR --label 1b  # another model (random_model.py)
 
 Builds small level databases with the measured checkout once (sparsity ±2 levels around 50%, quant
 2,3,4 bits; reused by later runs with the same label), then runs a short search per space in a fresh
@@ -44,20 +45,21 @@ RUNTIME = """
 import resource, torch, transformers, evopress.cli, evopress.pipeline
 from evopress.models import Hardware, resolve_model_path
 imports = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-path = resolve_model_path(None)[1]
+path = resolve_model_path(MODEL)[1]
 transformers.AutoTokenizer.from_pretrained(path, local_files_only=True)
 with torch.device("meta"):  # imports the model's code, allocates no weights
     transformers.AutoModelForCausalLM.from_config(transformers.AutoConfig.from_pretrained(path))
 runtime = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-m = Hardware("cpu").load(None).model
+m = Hardware("cpu").load(MODEL).model
 print(sum(p.numel() * p.element_size() for p in m.parameters()), m.config.hidden_size, imports, runtime)
 """
 
 
-def model_bytes(src: str) -> tuple[int, int, int, int]:
-    """Parameter bytes and hidden size of the default model; the peak RSS of the imports alone, and of
-    the runtime: the imports plus the model's code and its tokenizer, with no weight or data loaded."""
-    out = subprocess.run([sys.executable, "-c", RUNTIME], env={**os.environ, "PYTHONPATH": src},
+def model_bytes(src: str, model: str | None) -> tuple[int, int, int, int]:
+    """Parameter bytes and hidden size of the model; the peak RSS of the imports alone, and of the
+    runtime: the imports plus the model's code and its tokenizer, with no weight or data loaded."""
+    code = f"MODEL = {model!r}\n{RUNTIME}"
+    out = subprocess.run([sys.executable, "-c", code], env={**os.environ, "PYTHONPATH": src},
                          capture_output=True, text=True, check=True).stdout.split()
     return int(out[0]), int(out[1]), int(out[2]), int(out[3])
 
@@ -68,19 +70,21 @@ def main() -> None:
     p.add_argument("--src", default=str(Path(__file__).resolve().parents[1] / "src"))
     p.add_argument("--label", default="after")
     p.add_argument("--spaces", default=",".join(SPACES), help="which of %(default)s to measure")
+    p.add_argument("--model", default=None, help="local HF model directory (default: the embedded model)")
     args = p.parse_args()
     here = str(Path(__file__).resolve().parents[1] / "src")
-    weights, hidden, imports, runtime = model_bytes(here)
+    weights, hidden, imports, runtime = model_bytes(here, args.model)
+    model = ["--model", str(Path(args.model).resolve())] if args.model else []
     cache_gb = float(os.environ.get("EVOPRESS_DB_CACHE_GB", "8"))
     rows = []
     for space in args.spaces.split(","):
         build, target = SPACES[space]
         db = args.out / f"db-{args.label}-{space}"
         if not (db / "manifest.json").is_file():
-            evopress(["build-db", "--space", space, *build, *CALIB, "--out", str(db), "--quiet"], args.src)
+            evopress(["build-db", *model, "--space", space, *build, *CALIB, "--out", str(db), "--quiet"], args.src)
         db_bytes = json.loads((db / "manifest.json").read_text())["bytes"]
         run = args.out / f"{args.label}-{space}"
-        _, err = evopress(["search", "--space", space, "--target", target, "--db", str(db), *CALIB, *SEARCH,
+        _, err = evopress(["search", *model, "--space", space, "--target", target, "--db", str(db), *CALIB, *SEARCH,
                            "--out", str(run), "--restart"], args.src)
         (args.out / f"{args.label}-{space}.phases").write_text(err)
         peak = int(err.split("peak_rss_kib")[-1].split()[0]) * 1024
