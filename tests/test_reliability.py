@@ -10,6 +10,7 @@ import time
 import pytest
 import torch
 
+from evopress import fitness
 from evopress.cli import main
 
 from .conftest import write_tiny_checkpoint
@@ -333,10 +334,24 @@ def test_killed_database_build_resumes_to_the_uninterrupted_database(space, tmp_
     assert len(saved) == 14
 
 
-def test_fixed_sample_track_is_recorded_reported_and_changes_nothing_else(tiny_checkpoint, tmp_path):
+def test_fixed_sample_track_is_recorded_reported_and_changes_nothing_else(tiny_checkpoint, tmp_path, monkeypatch):
     model, text = tiny_checkpoint
     tracked = search_args(model, text, tmp_path / "tracked", 5) + ["--track-every", "2", "--track-tokens", "128"]
+    events = []
+    ensure, measure = fitness.TeacherCache.ensure, fitness.Evaluator.measure
+
+    def recording_ensure(self, *args, **kwargs):
+        positions = ensure(self, *args, **kwargs)
+        if positions:
+            events.append("teacher")
+        return positions
+
+    monkeypatch.setattr(fitness.TeacherCache, "ensure", recording_ensure)
+    monkeypatch.setattr(fitness.Evaluator, "measure",
+                        lambda self, *a, **k: events.append("measure") or measure(self, *a, **k))
     assert main(tracked) == 0
+    # both teacher passes (pool and held-aside track) run while the model is dense, before any candidate
+    assert events.count("teacher") == 2 and "teacher" not in events[events.index("measure"):]
     assert main(search_args(model, text, tmp_path / "plain", 5) + ["--track-every", "0"]) == 0
     with_track, without = comparable(tmp_path / "tracked"), comparable(tmp_path / "plain")
     assert [h["generation"] for h in with_track["history"] if h["track"] is not None] == [0, 2, 4, 5]

@@ -212,6 +212,9 @@ def _fixed_sample_track(ctx: Context, log: Callable[[str], None]) -> Callable[[C
         return None
     held = TokenPool(more.windows[n:], r.data, more.bos)
     evaluator = Evaluator(ctx.space, held, r.fitness)
+    # its teacher now, while the model is still dense from the pool's pass: later, it would restore
+    # every layer to dense mid-search and then put every level back
+    evaluator.warm()
     sample = held.first(held.tokens)
     log(f"fixed-sample track: the parent on {held.tokens} held-aside calibration tokens every "
         f"{r.track_every} generations")
