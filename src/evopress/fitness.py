@@ -24,8 +24,11 @@ candidates' sums are read back once per stage: a GPU then never waits for the ho
 Prefix reuse: all candidates of a stage share one sample, and a child differs from its parent in a
 few units. Candidates are evaluated in lexicographic order of their per-block configuration; the
 residual stream at block boundaries is kept for the previous candidate, so the next one starts at
-the first block where the two differ. Boundaries are kept every ``stride`` blocks so their memory
-stays under ``cache_bytes``; results are identical with or without reuse.
+the first block where the two differ. Only boundaries up to that block are kept: in lexicographic
+order no later candidate shares more with this one than the next does, so a boundary past it would
+never be read (a stage of one candidate, e.g. the final or held-aside score, keeps none). Boundaries are
+kept every ``stride`` blocks so their memory stays under ``cache_bytes``; results are identical with or
+without reuse.
 """
 
 from __future__ import annotations
@@ -356,8 +359,10 @@ class Evaluator:
         cache: dict[int, list[torch.Tensor]] = {0: [inp.hidden for inp in inputs]}
         previous: tuple | None = None
         sums = torch.zeros(len(configs), 3, dtype=torch.float64, device=self.decoder.device)
-        for i in sorted(range(len(configs)), key=keys.__getitem__):
+        order = sorted(range(len(configs)), key=keys.__getitem__)
+        for n, i in enumerate(order):
             shared = _common_prefix(keys[i], previous) if previous is not None else 0
+            reused = _common_prefix(keys[i], keys[order[n + 1]]) if n + 1 < len(order) else 0
             for b in [b for b in cache if b > shared]:
                 del cache[b]
             start = max(cache)
@@ -368,7 +373,7 @@ class Evaluator:
             self.stats.apply_seconds += t0 - t_apply
             for b in range(start, L):
                 states = [self.decoder.run_block(b, h, inp) for h, inp in zip(states, inputs)]
-                if (b + 1) % stride == 0 and b + 1 < L:
+                if (b + 1) % stride == 0 and b + 1 <= reused:
                     cache[b + 1] = states
             t1 = self._clock()
             sums[i] = self._compare(states, targets)
