@@ -9,9 +9,10 @@ import pytest
 import torch
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
-from evopress import data
+from evopress import data, tokens
 from evopress.data import (PROTOCOL, SEPARATOR, TokenPool, calibration_windows, evaluation_windows, load_pool,
-                           sample_documents, token_ids)
+                           sample_documents)
+from evopress.tokens import token_ids
 from evopress.errors import UserError
 from evopress.recipe import make_recipe
 
@@ -48,7 +49,7 @@ def _one_shot(tok, text: str) -> np.ndarray:
 
 @pytest.mark.parametrize("kind", ["bytelevel", "metaspace"])
 def test_tokenizing_in_pieces_equals_tokenizing_the_joined_text_at_once(kind, monkeypatch):
-    monkeypatch.setattr(data, "CONTEXT_CHARS", 64)  # little context: the cuts are tested hard
+    monkeypatch.setattr(tokens, "CONTEXT_CHARS", 64)  # little context: the cuts are tested hard
     tok = _trained(kind)
     text = SEPARATOR.join(_docs())
     encoded: list[int] = []
@@ -73,10 +74,50 @@ def test_pieces_that_disagree_at_a_cut_are_tokenized_as_one(monkeypatch):
     """BPE without pre-tokenizer on 'aaaa...': the pairing depends on where the text starts, at any distance."""
     from tokenizers import Tokenizer, models
 
-    monkeypatch.setattr(data, "CONTEXT_CHARS", 16)
+    monkeypatch.setattr(tokens, "CONTEXT_CHARS", 16)
     tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.BPE({"a": 0, "aa": 1}, [("a", "a")])))
     text = "a" * 3001
     assert np.array_equal(token_ids(tok, text, piece_chars=101), _one_shot(tok, text))
+
+
+def _refusing_here(tok, spec: str | None = None):
+    """``tok``'s backend, which can be serialized but refuses to tokenize in this process."""
+    class Remote:
+        class backend_tokenizer:
+            to_str = staticmethod(lambda: spec if spec is not None else tok.backend_tokenizer.to_str())
+
+            @staticmethod
+            def encode_batch(*args, **kwargs):
+                raise AssertionError("tokenized in this process")
+    return Remote()
+
+
+def test_a_long_text_is_tokenized_in_a_child_process_with_the_same_ids(monkeypatch):
+    """The tokenizer's threads would keep their memory in this process to its end (``tokens`` module doc)."""
+    monkeypatch.setattr(tokens, "APART_CHARS", 1000)
+    tok = _trained("metaspace")
+    text = SEPARATOR.join(_docs())  # with non-ASCII characters: offsets are counted in characters
+    assert len(text) > 1000
+    assert np.array_equal(token_ids(_refusing_here(tok), text, piece_chars=500), _one_shot(tok, text))
+    first = token_ids(_refusing_here(tok), text, max_tokens=10, piece_chars=100)  # stops after one batch
+    assert np.array_equal(first, tokens._in_pieces(tok.backend_tokenizer, text, 10, 100))
+    assert 10 <= len(first) < len(_one_shot(tok, text))
+
+
+def test_a_failing_tokenizer_child_says_why(monkeypatch):
+    monkeypatch.setattr(tokens, "APART_CHARS", 10)
+    with pytest.raises(RuntimeError, match="child process failed.*: Exception: key must be a string"):
+        token_ids(_refusing_here(_trained("bytelevel"), spec="{not json"), SEPARATOR.join(_docs(3)))
+
+
+def test_importing_the_package_does_not_import_torch():
+    """The tokenizing child imports the package; the API still loads on first use."""
+    import subprocess
+    import sys
+
+    code = ("import sys, evopress; assert 'torch' not in sys.modules; "
+            "from evopress import search, load_compressed; assert 'torch' in sys.modules and callable(search)")
+    subprocess.run([sys.executable, "-c", code], check=True)
 
 
 def test_a_tokenizer_without_offsets_tokenizes_the_text_in_one_call(tiny_checkpoint):

@@ -15,15 +15,7 @@ padding, which matters more on our hardware than the reference's unpacked variab
   seeded random sample of its documents of about that size, so the token ids held (4 bytes each) and the
   tokenizing time stay bounded; the text itself is read whole.
 
-Tokenizing "as a whole" is done in pieces of ``PIECE_CHARS`` characters, so the tokenizer's temporaries
-stay bounded whatever the text's length and pieces tokenize in parallel. A cut can change tokens (a
-blank line at the end of a piece becomes one token instead of two; SentencePiece tokenizers add a
-leading space to every string), so each piece is tokenized with ``CONTEXT_CHARS`` of the neighbouring
-text on both sides and keeps only the tokens that start inside it. Two neighbouring pieces must agree
-on the tokens around the cut; where they do not (a run of text longer than the context that the
-tokenizer splits differently depending on where it starts), the two pieces are tokenized as one. The
-result equals one-shot tokenization of the joined text (tested on BPE and SentencePiece-style
-tokenizers).
+Tokenizing "as a whole" is ``tokens.token_ids``: in pieces, exactly, and apart from this process.
 
 Sources: ``wiki`` (the calibration split of the embedded Wikipedia summaries), ``ptb`` (Penn
 Treebank, the standard second set) or a local UTF-8 ``.txt`` (documents separated by blank lines) or
@@ -45,6 +37,7 @@ import torch
 
 from . import assets
 from .errors import UserError
+from .tokens import token_ids
 
 WIKI_SPLIT_SEED = 0
 WIKI_EVAL_ARTICLES = 2000
@@ -54,9 +47,6 @@ POOL_SEED = 0
 DEFAULT_CALIBRATION = "wiki+ptb"  # two domains in equal tokens: encyclopedic prose and news
 DEFAULT_EVAL = ("wiki", "ptb")  # held out: the Wikipedia evaluation split and PTB test, reported apart
 TEXT_BUDGET_CHARS = 2**26
-PIECE_CHARS = 2**20
-CONTEXT_CHARS = 2**12
-PIECES_PER_CALL = 8  # pieces handed to the tokenizer at once: it tokenizes them in parallel
 BINARY_SHARE = 0.01  # a .txt with more undecodable or NUL characters than this is not text
 MIN_POOL_TOKENS = 32768  # the smallest default calibration pool
 STAGE_SHARE = 4  # a default pool holds at least 4x the largest stage sample (overlap 25% or less)
@@ -139,59 +129,6 @@ def sample_documents(docs: list[str], budget: int = TEXT_BUDGET_CHARS) -> list[s
         if used >= budget:
             break
     return [docs[i][:budget] for i in sorted(chosen)]
-
-
-@dataclass
-class _Piece:
-    """The tokens of ``text[start:end]``, and the window's tokens around its two cuts for the seam check."""
-
-    start: int
-    end: int
-    ids: np.ndarray
-    head: list[tuple[int, int]]  # (offset, id) of its tokens starting in [start, start + CONTEXT_CHARS / 2)
-    ahead: list[tuple[int, int]]  # (offset, id) of the window's tokens starting in [end, end + CONTEXT_CHARS / 2)
-
-
-def _starting_in(starts: np.ndarray, ids: np.ndarray, a: int, b: int) -> list[tuple[int, int]]:
-    """(offset, id) of the tokens that start in [a, b)."""
-    m = (starts >= a) & (starts < b)
-    return list(zip(starts[m].tolist(), ids[m].tolist()))
-
-
-def _pieces(backend: Any, text: str, spans: list[tuple[int, int]]) -> list[_Piece]:
-    """Tokenize each span with ``CONTEXT_CHARS`` of context on both sides; keep the tokens starting inside."""
-    los = [max(0, s - CONTEXT_CHARS) for s, _ in spans]
-    windows = [text[lo: min(len(text), e + CONTEXT_CHARS)] for lo, (_, e) in zip(los, spans)]
-    seam = CONTEXT_CHARS // 2
-    out = []
-    for lo, (s, e), enc in zip(los, spans, backend.encode_batch(windows, add_special_tokens=False)):
-        ids = np.asarray(enc.ids, dtype=np.int32)
-        starts = np.fromiter((o[0] for o in enc.offsets), dtype=np.int64, count=len(ids)) + lo
-        out.append(_Piece(s, e, ids[(starts >= s) & (starts < e)], _starting_in(starts, ids, s, s + seam),
-                          _starting_in(starts, ids, e, e + seam)))
-    return out
-
-
-def token_ids(tokenizer: Any, text: str, max_tokens: int | None = None,
-              piece_chars: int = PIECE_CHARS) -> np.ndarray:
-    """Token ids of ``text`` (no special tokens), equal to tokenizing it in one call; see the module doc.
-
-    With ``max_tokens``, tokenizing stops once at least that many tokens are known.
-    """
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is None:  # no offsets to stitch pieces with: one call over the whole text
-        return np.asarray(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=np.int32)
-    done: list[_Piece] = []
-    starts = list(range(0, len(text), piece_chars))
-    for b in range(0, len(starts), PIECES_PER_CALL):
-        spans = [(s, min(len(text), s + piece_chars)) for s in starts[b: b + PIECES_PER_CALL]]
-        for piece in _pieces(backend, text, spans):
-            while done and done[-1].ahead != piece.head:  # the cut changed tokens: tokenize both as one
-                piece = _pieces(backend, text, [(done.pop().start, piece.end)])[0]
-            done.append(piece)
-        if max_tokens is not None and sum(len(p.ids) for p in done) >= max_tokens:
-            break
-    return np.concatenate([p.ids for p in done]) if done else np.zeros(0, dtype=np.int32)
 
 
 def _grid(ids: np.ndarray, seq_len: int) -> torch.Tensor:
