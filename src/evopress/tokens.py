@@ -24,6 +24,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -89,9 +90,11 @@ def _serialized(backend: Any) -> str | None:
         return None
 
 
-def _apart(spec: str, text: str, max_tokens: int | None, piece_chars: int) -> np.ndarray:
+def _apart(spec: str, text: str, max_tokens: int | None, piece_chars: int) -> np.ndarray | None:
     """``_in_pieces`` run by ``python -m evopress.tokens`` on the tokenizer ``spec``: the text on its
-    standard input, the ids (int32) on its standard output."""
+    standard input, the ids (int32) on its standard output. None if the child failed: where the tokenizer
+    runs is not worth a failed run (an interpreter that cannot start a child, a tokenizer that does not
+    load from its own JSON), and a fault of the text itself shows again, in this process."""
     package_root = str(Path(__file__).resolve().parents[1])
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")]))}
     with tempfile.TemporaryDirectory(prefix="evopress-tokens-") as tmp:
@@ -101,7 +104,9 @@ def _apart(spec: str, text: str, max_tokens: int | None, piece_chars: int) -> np
                               input=text.encode("utf-8", "surrogatepass"), capture_output=True, env=env)
     if proc.returncode != 0:
         lines = proc.stderr.decode(errors="replace").strip().splitlines() or ["no message"]
-        raise RuntimeError(f"tokenizing the text in a child process failed (exit {proc.returncode}): {lines[-1]}")
+        warnings.warn(f"tokenizing the text in a child process failed (exit {proc.returncode}: {lines[-1]}); "
+                      "tokenizing it in this process, which keeps the tokenizer threads' memory", stacklevel=3)
+        return None
     return np.frombuffer(proc.stdout, dtype="<i4").astype(np.int32)
 
 
@@ -115,7 +120,9 @@ def token_ids(tokenizer: Any, text: str, max_tokens: int | None = None,
     if backend is None:  # no offsets to stitch pieces with: one call over the whole text
         return np.asarray(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=np.int32)
     if len(text) > APART_CHARS and (spec := _serialized(backend)) is not None:
-        return _apart(spec, text, max_tokens, piece_chars)
+        ids = _apart(spec, text, max_tokens, piece_chars)
+        if ids is not None:
+            return ids
     return _in_pieces(backend, text, max_tokens, piece_chars)
 
 
