@@ -1,13 +1,15 @@
 """Micro-benchmarks behind docs/speed.md's profile: where a candidate-token's time goes besides the blocks.
 
-    python benchmarks/micro.py [--hidden 576 --vocab 49152 --tokens 1024]
+    python benchmarks/micro.py [--hidden 576 --vocab 49152 --tokens 1024 --blocks 16,32,64]
 
 (1) The LM head and KL for one chunk of positions: the head matmul, then either the reference's
 full-vocabulary KL (log-softmax, KL against cached teacher log-probs) or ours, KL = a + logsumexp(z) -
 u.s with the teacher's u = W^T p and a = sum p log p cached per position (``evopress.fitness``). (2) Decoding one sparse level (1-bit mask + fp16
 values) into a dense 1536 x 576 weight, the sparsity space's `apply`. (3) One SparseGPT level of that
 layer with one and with two intra-op threads (why the database builders run solvers single-threaded).
-Shapes default to SmolLM2-135M.
+(4) ``fitness.compare`` over ``--tokens`` positions with the embedded default model's head, for each
+LM-head block size in ``--blocks`` (MiB; ``fitness.block_bytes_for`` picks the CPU default): process CPU
+time, which a busy shared machine inflates less than wall time. Shapes default to SmolLM2-135M.
 """
 
 from __future__ import annotations
@@ -20,7 +22,8 @@ import torch.nn.functional as F
 
 from evopress.compressors.packing import pack_codes, unpack_codes
 from evopress.compressors.sparsegpt import sparsegpt_prune_levels
-from evopress.fitness import logsumexp_
+from evopress.fitness import compare, logsumexp_, teacher_targets
+from evopress.models import Hardware
 from evopress.spaces.sparsity.storage import decode_level
 
 
@@ -38,6 +41,7 @@ def main() -> None:
     p.add_argument("--vocab", type=int, default=49152)
     p.add_argument("--tokens", type=int, default=1024)
     p.add_argument("--repeat", type=int, default=5)
+    p.add_argument("--blocks", default="16,32,64", help="LM-head block sizes for (4), MiB")
     args = p.parse_args()
     torch.manual_seed(0)
     head = torch.randn(args.vocab, args.hidden) / args.hidden**0.5
@@ -72,6 +76,25 @@ def main() -> None:
             seconds = timed(lambda: sparsegpt_prune_levels(weight, hessian, [weight.numel() // 2]), 3)
             print(f"  {n} thread(s)                       {seconds:.3f} s")
         torch.set_num_threads(threads)
+        head_blocks(args.tokens, [int(b) for b in args.blocks.split(",")], args.repeat)
+
+
+def head_blocks(tokens: int, blocks: list[int], repeat: int) -> None:
+    decoder = Hardware("cpu").load(None).decoder
+    hidden, vocab = decoder.head.weight.shape[1], decoder.head.weight.shape[0]
+    dense = decoder.norm(torch.randn(1, tokens + 1, hidden))
+    labels = torch.randint(0, vocab, (tokens,))
+    targets = {**teacher_targets(decoder, dense[0, :-1], labels, tokens), "labels": labels}
+    student = decoder.norm(dense + 0.1 * torch.randn_like(dense))
+    print(f"compare() over {tokens} positions, the default model's head ({vocab} x {hidden}), CPU seconds:")
+    for rounds in range(2):  # interleaved, so a change in the machine's load hits every size alike
+        for mib in blocks:
+            fn = lambda: compare(decoder, student, targets, tokens, mib << 20)  # noqa: E731
+            fn()
+            start = time.process_time()
+            for _ in range(repeat):
+                fn()
+            print(f"  round {rounds + 1}, blocks of {mib:3d} MiB          {(time.process_time() - start) / repeat:.3f} s")
 
 
 if __name__ == "__main__":

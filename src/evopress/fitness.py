@@ -112,7 +112,7 @@ def _fp32_product(p: torch.Tensor, weight: torch.Tensor, rows: int) -> torch.Ten
     return out
 
 
-HOST_BLOCK_BYTES = 64 << 20  # LM-head temporaries of a CPU model: host RAM, next to the database cache
+HOST_BLOCK_BYTES = 32 << 20  # LM-head temporaries of a CPU model: host RAM, next to the database cache
 
 
 def block_bytes_for(device: torch.device) -> int:
