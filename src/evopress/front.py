@@ -27,7 +27,7 @@ from .evaluate import EVAL, EvalSettings, HeldOut, result_id, write_eval
 from .io import locked_dir, read_json, write_json
 from .pipeline import RESULT, Context, WarmStart, claim_output, prepare, retarget, run_baseline, run_search
 from .recipe import Recipe, make_recipe
-from .spaces import baselines, get_plugin
+from .spaces import baseline, get_plugin
 from .spaces.base import Config, Problem
 
 FRONT = "front.json"
@@ -236,12 +236,9 @@ def _at(base: Recipe, target: float) -> Recipe:
 
 
 def _methods(base: Recipe, wanted: list[str] | None) -> list[str]:
-    available = baselines(base.space)
     methods = list(get_plugin(base.space).baselines) if wanted is None else wanted
     for m in methods:
-        if m not in available:
-            raise UserError(f"--baselines: unknown method '{m}' for space '{base.space}' "
-                            f"(choose from {', '.join(available)})")
+        baseline(base.space, m, "--baselines")
     return methods
 
 

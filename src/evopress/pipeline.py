@@ -27,7 +27,7 @@ from .io import locked_dir, read_json, write_json
 from .models import Decoder, Hardware, LoadedModel
 from .evolution import SearchState, evolve
 from .recipe import IMPORTED, Recipe, make_recipe
-from .spaces import Space, baselines, get_plugin, make_space
+from .spaces import Space, baseline, get_plugin, make_space
 from .spaces.base import BaselineInputs, Config, NoMoveError, switch
 from .version import __version__
 
@@ -276,12 +276,9 @@ def _warm_start(ctx: Context, initial: list[Config], log: Callable[[str], None])
     blocks) may miss the search's budget window: it is repaired into it by single-level moves
     (``Space.repair``, from its own random stream, so the result stays a function of the seed).
     """
-    methods = baselines(ctx.recipe.space)
     rng = np.random.default_rng((ctx.recipe.search.seed, 3))
     for method in ctx.recipe.init_from:
-        if method not in methods:
-            raise UserError(f"--init-from: unknown method '{method}' for space '{ctx.recipe.space}' "
-                            f"(choose from {', '.join(methods)})")
+        baseline(ctx.recipe.space, method, "--init-from")
         config = _feasible(ctx, method, baseline_config(ctx, method)[0], rng, log)
         log(f"initial population: adding the '{method}' configuration")
         initial = initial + [config]
@@ -325,17 +322,14 @@ def baseline_config(ctx: Context, method: str) -> tuple[Config, float]:
     key = (method, inputs.tokens, inputs.seed, inputs.candidates, inputs.batch_size)
     if key not in ctx.baseline_runs:
         start = time.perf_counter()
-        config = baselines(ctx.recipe.space)[method](inputs)
+        config = baseline(ctx.recipe.space, method)(inputs)
         ctx.baseline_runs[key] = (config, time.perf_counter() - start)
     return ctx.baseline_runs[key]
 
 
 def run_baseline(ctx: Context, out: Path, log: Callable[[str], None] = print) -> dict[str, Any]:
     recipe = ctx.recipe
-    methods = baselines(recipe.space)
-    if recipe.method not in methods:
-        raise UserError(f"unknown method '{recipe.method}' for space '{recipe.space}' "
-                        f"(choose from {', '.join(methods)})")
+    baseline(recipe.space, recipe.method)
     config, seconds = baseline_config(ctx, recipe.method)
     result = _result(ctx, config, [], seconds)
     if is_main():

@@ -37,6 +37,16 @@ def baselines(name: str) -> dict[str, Baseline]:
     return {**get_plugin(name).baselines, "random": best_of_random}
 
 
+def baseline(name: str, method: str, flag: str = "") -> Baseline:
+    """Baseline ``method`` of space ``name``; refused with the choices if the space has none by that name.
+    ``flag``: the option that named it, for the message (e.g. ``--init-from``)."""
+    methods = baselines(name)
+    if method not in methods:
+        raise UserError(f"{flag + ': ' if flag else ''}unknown method '{method}' for space '{name}' "
+                        f"(choose from {', '.join(methods)})")
+    return methods[method]
+
+
 def default_init(name: str, options: dict[str, Any]) -> list[str]:
     """The baselines that warm-start a search of space ``name`` unless told otherwise (``--init-from auto``)."""
     plugin = get_plugin(name)
