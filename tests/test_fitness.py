@@ -1,6 +1,7 @@
 """KL fitness: zero for the dense model, cache and prefix reuse change nothing but speed."""
 
 import collections
+import itertools
 import weakref
 
 import numpy as np
@@ -8,6 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from evopress.evolution import mutate
 from evopress.fitness import Evaluator, FitnessConfig
 from evopress.spaces.drop import DropSpace
 
@@ -58,9 +60,9 @@ def test_prefix_reuse_equals_full_forward(decoder, pool, granularity, cache_byte
 
 
 def test_prefix_cache_keeps_only_boundaries_a_later_candidate_reads(decoder, pool, monkeypatch):
-    """A boundary is kept only up to the block where the next candidate differs: no later one reads past
-    it. Why: the boundaries of a 1,024-token stage are 70 MiB of host RAM on the 135M default model, and
-    a stage of one candidate (the final score, the held-aside track) kept all of them for nothing."""
+    """A candidate keeps only the boundaries later candidates start from. Why: every boundary of a
+    1,024-token stage is 70 MiB of host RAM on the 135M default model, and a stage of one candidate (the
+    final score, the held-aside track) kept all of them for nothing."""
     space, run, live = DropSpace(decoder, 0.34, "sublayer"), decoder.run_block, {"now": set(), "peak": 0}
 
     def counted(b, hidden, inputs):
@@ -76,13 +78,34 @@ def test_prefix_cache_keeps_only_boundaries_a_later_candidate_reads(decoder, poo
     sample = pool.sample(48, np.random.default_rng(0))
     assert len(pool.batches(sample, ev.batch_size)) == 1  # so that each count is one batch's states
     assert decoder.num_blocks == 6
+
+    def dropping(block: int) -> tuple:  # drops one unit of ``block``
+        return tuple(int(u == space.unit_block.index(block)) for u in range(len(space.unit_block)))
+
     dense = tuple([0] * len(space.unit_block))
-    early = tuple(int(u == space.unit_block.index(1)) for u in range(len(dense)))  # drops a unit of block 1
-    for configs, kept in ([dense], 0), ([dense, early], 1):
+    # in order dense, dropping(4), dropping(1): dense keeps boundaries 4 and 1, not 1 to 4
+    for configs, kept in ([dense], 0), ([dense, dropping(1)], 1), ([dropping(1), dense, dropping(4)], 2):
         live["peak"] = 0
         ev.measure(configs, sample)
         assert live["peak"] <= kept + 2, configs  # the kept ones, the block's input and its output
         assert not live["now"]
+
+
+@pytest.mark.parametrize("cache_bytes", [1 << 30, 48 * 32 * 4 * 2])  # every boundary, or every 3rd one
+def test_each_candidate_starts_where_it_first_differs_from_the_one_before(decoder, pool, cache_bytes):
+    """Keeping fewer boundaries costs no blocks: each candidate starts at the last kept boundary within
+    the blocks it shares with the candidate before it, as when every boundary was kept."""
+    space = DropSpace(decoder, 0.34, "block")
+    parent = space.random_config(np.random.default_rng(1))
+    configs = [parent] + [mutate(parent, space.problem, np.random.default_rng(s), 3) for s in range(8)]
+    sample = pool.sample(48, np.random.default_rng(0))
+    ev = Evaluator(space, pool, FitnessConfig(cache_bytes=cache_bytes))
+    ev.measure(configs, sample)
+    stride = 1 if cache_bytes > 1 << 20 else 3
+    keys = sorted(space.block_keys(c) for c in configs)
+    starts = [0] + [sum(1 for _ in itertools.takewhile(lambda p: p[0] == p[1], zip(a, b))) // stride * stride
+                    for a, b in zip(keys, keys[1:])]
+    assert ev.stats.block_tokens == sum(decoder.num_blocks - s for s in starts) * sample.tokens
 
 
 def test_ppl_fitness_is_the_candidate_nll(decoder, pool):

@@ -24,11 +24,10 @@ candidates' sums are read back once per stage: a GPU then never waits for the ho
 Prefix reuse: all candidates of a stage share one sample, and a child differs from its parent in a
 few units. Candidates are evaluated in lexicographic order of their per-block configuration; the
 residual stream at block boundaries is kept for the previous candidate, so the next one starts at
-the first block where the two differ. Only boundaries up to that block are kept: in lexicographic
-order no later candidate shares more with this one than the next does, so a boundary past it would
-never be read (a stage of one candidate, e.g. the final or held-aside score, keeps none). Boundaries are
-kept every ``stride`` blocks so their memory stays under ``cache_bytes``; results are identical with or
-without reuse.
+the first block where the two differ. Only the boundaries later candidates start from are kept
+(``_read_later``): at most one per later candidate, none in a stage of one candidate (e.g. the final or
+held-aside score). Boundaries are kept every ``stride`` blocks when that many would not fit
+``cache_bytes``; results are identical with or without reuse.
 """
 
 from __future__ import annotations
@@ -211,6 +210,23 @@ class TeacherCache:
         return sum(tensor_bytes(entry) for entry in self.store.values())
 
 
+def _read_later(shares: list[int], stride: int) -> set[int]:
+    """The block boundaries that later candidates of a stage start from, of one that shares ``shares[k]``
+    leading blocks with the candidate after it (``shares[0]``: with the next one).
+
+    In lexicographic order the (k+1)-th later candidate shares ``min(shares[:k + 1])`` blocks with this
+    one, and it starts at the last kept boundary within them (every ``stride``-th). Keeping just those,
+    not every boundary up to ``shares[0]``, leaves the blocks run unchanged and holds at most one
+    boundary per later candidate.
+    """
+    kept, least = set(), math.inf
+    for share in shares:
+        least = min(least, share)
+        kept.add(least // stride * stride)
+    kept.discard(0)
+    return kept
+
+
 def _common_prefix(a: tuple, b: tuple) -> int:
     n = 0
     for x, y in zip(a, b):
@@ -312,15 +328,18 @@ class Evaluator:
         results = self.measure(configs, sample)
         return [m.kl if self.config.metric == "kl" else m.nll for m in results]
 
-    def _stride(self, tokens: int) -> int:
-        """Keep every stride-th block boundary so cached activations fit in ``cache_bytes``."""
+    def _stride(self, tokens: int, candidates: int) -> int:
+        """Keep every stride-th block boundary so cached activations fit in ``cache_bytes``. At most one
+        boundary per later candidate is kept (``_read_later``), so a stage of few candidates keeps all."""
         L = self.decoder.num_blocks
         if not self.config.prefix_reuse:
             return L + 1
         param = self.decoder.head.weight
         per_boundary = tokens * param.shape[-1] * param.element_size()
         allowed = self.config.cache_bytes // max(per_boundary, 1)
-        return L + 1 if allowed < 1 else max(1, math.ceil((L - 1) / allowed))
+        if allowed < 1:
+            return L + 1
+        return 1 if candidates - 1 <= allowed else max(1, math.ceil((L - 1) / allowed))
 
     def measure(self, configs: Sequence[Config], sample: Sample) -> list[Measurement]:
         start = time.perf_counter()
@@ -355,14 +374,15 @@ class Evaluator:
             inputs = [self.decoder.enter(ids) for ids, _ in batches]
         L = self.decoder.num_blocks
         keys = [self.space.block_keys(c) for c in configs]
-        stride = self._stride(sample.tokens)
+        stride = self._stride(sample.tokens, len(configs))
         cache: dict[int, list[torch.Tensor]] = {0: [inp.hidden for inp in inputs]}
         previous: tuple | None = None
         sums = torch.zeros(len(configs), 3, dtype=torch.float64, device=self.decoder.device)
         order = sorted(range(len(configs)), key=keys.__getitem__)
+        shares = [_common_prefix(keys[a], keys[b]) for a, b in zip(order, order[1:])]  # with the next one
         for n, i in enumerate(order):
             shared = _common_prefix(keys[i], previous) if previous is not None else 0
-            reused = _common_prefix(keys[i], keys[order[n + 1]]) if n + 1 < len(order) else 0
+            kept = _read_later(shares[n:], stride)
             for b in [b for b in cache if b > shared]:
                 del cache[b]
             start = max(cache)
@@ -373,7 +393,7 @@ class Evaluator:
             self.stats.apply_seconds += t0 - t_apply
             for b in range(start, L):
                 states = [self.decoder.run_block(b, h, inp) for h, inp in zip(states, inputs)]
-                if (b + 1) % stride == 0 and b + 1 <= reused:
+                if b + 1 in kept:
                     cache[b + 1] = states
             t1 = self._clock()
             sums[i] = self._compare(states, targets)
