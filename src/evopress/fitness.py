@@ -376,12 +376,11 @@ class Evaluator:
         keys = [self.space.block_keys(c) for c in configs]
         stride = self._stride(sample.tokens, len(configs))
         cache: dict[int, list[torch.Tensor]] = {0: [inp.hidden for inp in inputs]}
-        previous: tuple | None = None
         sums = torch.zeros(len(configs), 3, dtype=torch.float64, device=self.decoder.device)
         order = sorted(range(len(configs)), key=keys.__getitem__)
         shares = [_common_prefix(keys[a], keys[b]) for a, b in zip(order, order[1:])]  # with the next one
         for n, i in enumerate(order):
-            shared = _common_prefix(keys[i], previous) if previous is not None else 0
+            shared = shares[n - 1] if n else 0  # with the candidate before
             kept = _read_later(shares[n:], stride)
             for b in [b for b in cache if b > shared]:
                 del cache[b]
@@ -399,7 +398,6 @@ class Evaluator:
             sums[i] = self._compare(states, targets)
             self.stats.block_seconds += t1 - t0
             self.stats.head_seconds += self._clock() - t1
-            previous = keys[i]
             self.stats.candidates += 1
             self.stats.block_tokens += (L - start) * sample.tokens
             self.stats.naive_block_tokens += L * sample.tokens
