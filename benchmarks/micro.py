@@ -87,14 +87,15 @@ def head_blocks(tokens: int, blocks: list[int], repeat: int) -> None:
     targets = {**teacher_targets(decoder, dense[0, :-1], labels, tokens), "labels": labels}
     student = decoder.norm(dense + 0.1 * torch.randn_like(dense))
     print(f"compare() over {tokens} positions, the default model's head ({vocab} x {hidden}), CPU seconds:")
-    for rounds in range(2):  # interleaved, so a change in the machine's load hits every size alike
+    for round_ in range(2):  # interleaved, so a change in the machine's load hits every size alike
         for mib in blocks:
             fn = lambda: compare(decoder, student, targets, tokens, mib << 20)  # noqa: E731
             fn()
             start = time.process_time()
             for _ in range(repeat):
                 fn()
-            print(f"  round {rounds + 1}, blocks of {mib:3d} MiB          {(time.process_time() - start) / repeat:.3f} s")
+            seconds = (time.process_time() - start) / repeat
+            print(f"  round {round_ + 1}, blocks of {mib:3d} MiB          {seconds:.3f} s")
 
 
 if __name__ == "__main__":

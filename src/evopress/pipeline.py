@@ -329,8 +329,7 @@ def baseline_config(ctx: Context, method: str) -> tuple[Config, float]:
 
 def run_baseline(ctx: Context, out: Path, log: Callable[[str], None] = print) -> dict[str, Any]:
     recipe = ctx.recipe
-    baseline(recipe.space, recipe.method)
-    config, seconds = baseline_config(ctx, recipe.method)
+    config, seconds = baseline_config(ctx, recipe.method)  # refuses an unknown method
     result = _result(ctx, config, [], seconds)
     if is_main():
         save_result(ctx.space, Path(out), result)

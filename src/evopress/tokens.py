@@ -14,8 +14,8 @@ gets the tokenizer's own serialization, so its ids are the same. Why: the tokeni
 much of what they allocated after the text is tokenized (glibc's per-thread arenas, which
 ``malloc_trim`` does not hand back), and a search would hold it to its end: 70 MiB of host RAM with 2
 threads and 190 MiB with 8 on the default calibration text (docs/scaling.md). A child gives all of it
-back when it exits. It imports only
-numpy and tokenizers (this module imports nothing else), a fraction of a second next to the tokenizing.
+back when it exits. It imports only numpy and tokenizers (this module imports nothing else), a fraction
+of a second next to the tokenizing.
 """
 
 from __future__ import annotations
@@ -100,7 +100,8 @@ def _apart(spec: str, text: str, max_tokens: int | None, piece_chars: int) -> np
     with tempfile.TemporaryDirectory(prefix="evopress-tokens-") as tmp:
         path = Path(tmp) / "tokenizer.json"
         path.write_text(spec, encoding="utf-8")
-        proc = subprocess.run([sys.executable, "-m", __name__, str(path), str(-1 if max_tokens is None else max_tokens), str(piece_chars)],
+        limit = -1 if max_tokens is None else max_tokens
+        proc = subprocess.run([sys.executable, "-m", __name__, str(path), str(limit), str(piece_chars)],
                               input=text.encode("utf-8", "surrogatepass"), capture_output=True, env=env)
     if proc.returncode != 0:
         lines = proc.stderr.decode(errors="replace").strip().splitlines() or ["no message"]
