@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from evopress.fitness import Evaluator, FitnessConfig, TeacherCache, _flat
+from evopress.fitness import Evaluator, FitnessConfig, TeacherCache, predicted
 
 MODES = ("naive", "optimised")
 
@@ -48,10 +48,10 @@ class ReferenceEvaluator(Evaluator):
         super().__init__(space, pool, config)
         self.teacher = FullLogitTeacher(self.decoder, pool, config.batch_size, config.chunk_tokens)
 
-    def _compare(self, states, targets) -> torch.Tensor:
+    def _compare(self, states, targets, resident=True) -> torch.Tensor:
         kl = nll = dense_nll = 0.0
         for h, t in zip(states, targets):
-            s = _flat(self.decoder.norm(h))
+            s = predicted(self.decoder.norm(h))
             labels = t["labels"]
             for i in range(0, len(s), self.config.chunk_tokens):
                 log_q = F.log_softmax(self.decoder.logits(s[i: i + self.config.chunk_tokens]), dim=-1)

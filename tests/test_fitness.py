@@ -164,12 +164,12 @@ def test_warm_computes_every_window_once(decoder, pool):
 
 
 def test_fp32_product_of_a_half_precision_head_in_row_blocks():
-    from evopress.fitness import _fp32_product
+    from evopress.fitness import fp32_product
 
     g = torch.Generator().manual_seed(0)
     p = torch.softmax(torch.randn(5, 10, generator=g), -1)
     weight = torch.randn(10, 4, generator=g).to(torch.bfloat16)
-    out = _fp32_product(p, weight, rows=3)  # 4 blocks, the last one short
+    out = fp32_product(p, weight, rows=3)  # 4 blocks, the last one short
     assert out.dtype == torch.float32
     assert torch.allclose(out, p @ weight.float(), atol=1e-6)
 
@@ -230,13 +230,25 @@ def test_timings_sync_the_device_only_when_profiling(decoder, pool, monkeypatch)
     assert calls == [torch.device("cuda", 0)]
 
 
-def test_a_stage_too_big_for_the_device_gives_the_same_scores(decoder, pool):
-    """Over ``teacher_device_bytes`` a stage's teacher entries stay in host memory and are copied per batch."""
+def test_a_stage_too_big_for_the_device_streams_per_batch_with_the_same_scores(decoder, pool, monkeypatch):
+    """Over ``teacher_device_bytes`` a stage's teacher entries stay in host memory and each candidate copies
+    them batch by batch; under it they are copied once per batch for the whole stage. Counting the copies
+    tells the two paths apart on a CPU, where both copies are no-ops; equal scores show the streamed
+    batches are the right ones."""
+    from evopress.fitness import evaluator as module
+
+    copies: list[int] = []
+    monkeypatch.setattr(module, "to_device", lambda t, device: copies.append(len(t["labels"])) or dict(t))
     space = DropSpace(decoder, 0.34, "sublayer")
     sample = pool.sample(70, np.random.default_rng(13))
     configs = space.initial_configs(np.random.default_rng(14), 3)
+    batches = len(pool.batches(sample, FitnessConfig().batch_size))
     resident = Evaluator(space, pool).measure(configs, sample)
+    assert len(copies) == batches
+    copies.clear()
     assert Evaluator(space, pool, FitnessConfig(teacher_device_bytes=0)).measure(configs, sample) == resident
+    assert len(copies) == batches * len(configs) and sum(copies) == len(configs) * sum(
+        ids.shape[0] * (ids.shape[1] - 1) for ids, _ in pool.batches(sample, FitnessConfig().batch_size))
 
 
 def test_batches_by_tokens(decoder, pool):

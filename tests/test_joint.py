@@ -15,7 +15,8 @@ from evopress.errors import UserError
 from evopress.evolution import offspring
 from evopress.models import Decoder
 from evopress.spaces import make_space
-from evopress.spaces.base import BaselineInputs, Problem, settle, switch
+from evopress.spaces.plugin import BaselineInputs
+from evopress.spaces.problem import Problem, settle, switch
 from evopress.spaces.drop.space import DropSpace
 from evopress.spaces.joint import baselines
 from evopress.spaces.joint.export import export

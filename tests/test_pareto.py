@@ -11,7 +11,8 @@ from evopress.cli import main
 from evopress.database import Database
 from evopress.front import project
 from evopress.spaces import make_space
-from evopress.spaces.base import Problem, RetargetableSpace
+from evopress.spaces.problem import Problem
+from evopress.spaces.space import RetargetableSpace
 from evopress.spaces.layerwise import LayerwiseSpace
 
 from .conftest import tiny_model

@@ -16,7 +16,9 @@ import torch
 
 from evopress import spaces
 from evopress.cli import main
-from evopress.spaces.base import BaselineInputs, CliOption, Config, Problem, Space, SpacePlugin
+from evopress.spaces.plugin import BaselineInputs, CliOption, SpacePlugin
+from evopress.spaces.problem import Config, Problem
+from evopress.spaces.space import Space
 
 
 class RoundingSpace(Space):

@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 from evopress.compressors.packing import packed_numel
 from evopress.database import layer_file
 from evopress.errors import UserError
-from evopress.spaces.base import BaselineInputs
+from evopress.spaces.plugin import BaselineInputs
 from evopress.spaces.quant.baselines import dp, uniform
 from evopress.spaces.quant.export import (GPTQMODEL, PROFILE, RECIPE, export_quantized, load_compressed,
                                           pack_rows_int32, read_compressed_weights, unpack_rows_int32)

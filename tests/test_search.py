@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from evopress.evolution import (NoMoveError, SearchConfig, SearchState, evolve, mutate, num_switches,
                              offspring, select)
-from evopress.spaces.base import Problem
+from evopress.spaces.problem import Problem
 
 
 @st.composite

@@ -18,7 +18,7 @@ from evopress.errors import UserError
 from evopress.evolution import mutate
 from evopress.fitness import Evaluator
 from evopress.models import Decoder
-from evopress.spaces.base import BaselineInputs
+from evopress.spaces.plugin import BaselineInputs
 from evopress.spaces.sparsity.baselines import owl, owl_configs, owl_sparsities, uniform
 from evopress.spaces.sparsity.bitmask import export_bitmask
 from evopress.spaces.sparsity.export import PROFILE, export

@@ -26,7 +26,7 @@ from .io import atomic_write
 from .models import Hardware
 from .recipe import AUTO, IMPORTED, NO_INIT, Recipe, make_recipe
 from .spaces import DEFAULT_SPACE, PLUGINS, SpacePlugin, baselines, get_plugin
-from .spaces.base import CliOption
+from .spaces.plugin import CliOption
 
 Log = Callable[[str], None]
 

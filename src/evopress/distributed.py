@@ -30,7 +30,7 @@ import torch.distributed as dist
 from torch.distributed.rendezvous import rendezvous
 
 from .errors import UserError
-from .spaces.base import Config
+from .spaces.problem import Config
 
 T = TypeVar("T")
 

@@ -19,7 +19,8 @@ from .errors import UserError
 from .fitness import Evaluator, FitnessConfig, TeacherCache
 from .io import read_json, write_json
 from .models import Decoder, LoadedModel
-from .spaces.base import Config, Space
+from .spaces.problem import Config
+from .spaces.space import Space
 
 EVAL = "eval.json"
 

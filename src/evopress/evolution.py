@@ -14,7 +14,7 @@ from typing import Any, Callable, Protocol, Sequence
 
 import numpy as np
 
-from .spaces.base import Config, NoMoveError, Problem, switch
+from .spaces.problem import Config, NoMoveError, Problem, switch
 
 
 class Evaluator(Protocol):

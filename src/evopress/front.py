@@ -28,7 +28,7 @@ from .io import locked_dir, read_json, write_json
 from .pipeline import RESULT, Context, WarmStart, claim_output, prepare, retarget, run_baseline, run_search
 from .recipe import Recipe, make_recipe
 from .spaces import baseline, get_plugin
-from .spaces.base import Config, Problem
+from .spaces.problem import Config, Problem
 
 FRONT = "front.json"
 FRONT_PNG = "front.png"

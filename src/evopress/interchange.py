@@ -15,7 +15,9 @@ from .errors import UserError
 from .io import atomic_write
 from .models import Decoder
 from .spaces import PLUGINS, get_plugin
-from .spaces.base import Config, ConfigFormat, Space
+from .spaces.plugin import ConfigFormat
+from .spaces.problem import Config
+from .spaces.space import Space
 from .spaces.textconfig import LABELLED, content_lines
 
 OWN = "evopress"

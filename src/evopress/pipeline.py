@@ -28,7 +28,8 @@ from .models import Decoder, Hardware, LoadedModel
 from .evolution import SearchState, evolve
 from .recipe import IMPORTED, Recipe, make_recipe
 from .spaces import Space, baseline, get_plugin, make_space
-from .spaces.base import BaselineInputs, Config, NoMoveError, switch
+from .spaces.plugin import BaselineInputs
+from .spaces.problem import Config, NoMoveError, switch
 from .version import __version__
 
 RESULT = "result.json"

@@ -12,7 +12,9 @@ from typing import Any
 from ..errors import UserError
 from ..models import Decoder
 from . import drop, joint, quant, sparsity
-from .base import Baseline, Config, Problem, Space, SpacePlugin
+from .plugin import Baseline, SpacePlugin
+from .problem import Config, Problem
+from .space import Space
 from .constraints import ConstrainedSpace, parse_rules
 from .random_search import best_of_random
 

@@ -24,7 +24,8 @@ from typing import Any
 import numpy as np
 
 from ..errors import UserError
-from .base import Config, Problem, Space
+from .problem import Config, Problem
+from .space import Space
 
 
 @dataclass(frozen=True)

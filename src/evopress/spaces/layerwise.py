@@ -27,7 +27,9 @@ from ..errors import UserError
 from ..hostmem import long_lived, release_file_pages
 from ..models import Decoder
 from ..placement import WeightOverride, offload_hook, to_device
-from .base import CliOption, Config, RetargetableSpace
+from .plugin import CliOption
+from .problem import Config
+from .space import RetargetableSpace
 
 
 def absolute_path(path: str | None) -> str | None:

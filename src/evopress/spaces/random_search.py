@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from .base import BaselineInputs, Config
+from .plugin import BaselineInputs
+
+from .problem import Config
 
 
 def best_of(inputs: BaselineInputs, configs: list[Config], rng: np.random.Generator) -> Config:

@@ -14,7 +14,9 @@ import re
 from typing import Callable, Sequence
 
 from ..errors import UserError
-from .base import Config, ConfigFormat, Space
+from .plugin import ConfigFormat
+from .problem import Config
+from .space import Space
 
 NAME = r"[^\s,:#]+"  # a module name: no blanks, commas, colons or comment marks
 

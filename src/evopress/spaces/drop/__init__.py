@@ -1,6 +1,6 @@
 """Depth: drop attention and/or MLP sub-blocks, or whole blocks."""
 
-from ..base import CliOption, SpacePlugin
+from ..plugin import CliOption, SpacePlugin
 from . import baselines, export, formats
 from .space import DropSpace, check_target, drop_count
 

@@ -19,7 +19,8 @@ import torch.nn.functional as F
 
 from ...data import Sample, TokenPool
 from ...errors import UserError
-from ..base import BaselineInputs, Config
+from ..plugin import BaselineInputs
+from ..problem import Config
 from .space import DropSpace
 
 

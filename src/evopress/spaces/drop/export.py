@@ -22,7 +22,7 @@ from torch import nn
 from ...errors import UserError
 from ...io import write_json
 from ...models import Decoder
-from ..base import Config
+from ..problem import Config
 from .space import DropSpace, DroppedAttention, DroppedMLP
 
 DROPPED = "evopress_dropped"  # config.json key: {"attention": [block, ...], "mlp": [block, ...]}

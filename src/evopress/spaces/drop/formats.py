@@ -11,7 +11,8 @@ with whatever ``--granularity`` was given (sub-block by default, the paper's spa
 from __future__ import annotations
 
 from ...errors import UserError
-from ..base import Config, ConfigFormat
+from ..plugin import ConfigFormat
+from ..problem import Config
 from .space import DropSpace
 
 LINES = {"none": (False, False), "attn": (True, False), "mlp": (False, True), "attn+mlp": (True, True)}

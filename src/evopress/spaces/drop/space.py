@@ -19,7 +19,8 @@ from torch import nn
 
 from ...errors import UserError
 from ...models import Decoder
-from ..base import Config, Problem, Space, module_bytes
+from ..problem import Config, Problem
+from ..space import Space, module_bytes
 
 GRANULARITIES = ("sublayer", "block")
 

@@ -1,6 +1,6 @@
 """Joint compression: drop sub-blocks, choose every remaining layer's bitwidth (and sparsity) under one byte budget."""
 
-from ..base import CliOption, SpacePlugin
+from ..plugin import CliOption, SpacePlugin
 from ..layerwise import DB_OPTION, absolute_path
 from . import baselines, export
 from .space import TOLERANCE, JointSpace, check_target

@@ -24,7 +24,8 @@ from typing import Callable, Iterable
 import numpy as np
 
 from ...errors import UserError
-from ..base import BaselineInputs, Config
+from ..plugin import BaselineInputs
+from ..problem import Config
 from ..drop.baselines import angular_run, shortgpt_order
 from ..random_search import best_of
 from .space import JointSpace

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from ...compressors.gptq import QuantGrid, QuantizedWeight
-from ..base import Config
+from ..problem import Config
 from ..drop.export import DROPPED, remove_blocks
 from ..quant.export import GPTQMODEL, PROFILE, RECIPE, WEIGHTS, write_quantized
 from ..quant.levels import packed_bytes

@@ -34,7 +34,8 @@ import numpy as np
 from ...compressors.gptq import QuantizedWeight
 from ...errors import UserError
 from ...models import Decoder
-from ..base import Config, Problem, RetargetableSpace, settle
+from ..problem import Config, Problem, settle
+from ..space import RetargetableSpace
 from ..drop.space import DropSpace
 from ..quant.space import QuantSpace
 from .layers import LayerLevel, SparseQuantLayers, quant_levels

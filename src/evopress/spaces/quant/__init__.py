@@ -1,6 +1,6 @@
 """Quantization: a bitwidth per linear layer, from a GPTQ level database."""
 
-from ..base import CliOption, SpacePlugin
+from ..plugin import CliOption, SpacePlugin
 from ..layerwise import DB_OPTION, group_rule_option
 from . import baselines, build, export, formats
 from .space import QuantSpace, check_target

@@ -15,7 +15,9 @@ sum of its members', and pinned or bounded layers only offer their allowed level
 from __future__ import annotations
 
 from ...errors import UserError
-from ..base import BaselineInputs, Config, Space
+from ..plugin import BaselineInputs
+from ..problem import Config
+from ..space import Space
 from ..constraints import ConstrainedSpace
 from .levels import exact_knapsack
 from .space import QuantSpace

@@ -45,7 +45,7 @@ from torch import Tensor
 from ...compressors.gptq import QuantGrid, QuantizedWeight
 from ...compressors.packing import pack_codes, unpack_codes
 from ...io import atomic_write, write_json
-from ..base import Config
+from ..problem import Config
 from ..checkpoint import WEIGHTS, load_decoded, model_tensors, write_checkpoint
 from .space import QuantSpace
 

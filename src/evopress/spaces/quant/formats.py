@@ -14,7 +14,9 @@ from __future__ import annotations
 import re
 from functools import partial
 
-from ..base import Config, ConfigFormat
+from ..plugin import ConfigFormat
+
+from ..problem import Config
 from ..textconfig import joined, labelled_line, labelled_lines, read_labelled
 from .space import QuantSpace
 

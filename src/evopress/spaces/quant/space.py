@@ -42,7 +42,7 @@ from ...compressors.gptq import QuantGrid, QuantizedWeight
 from ...errors import UserError
 from ...models import Decoder
 from ...placement import to_device
-from ..base import Config, Problem, shortest_decimal
+from ..problem import Config, Problem, shortest_decimal
 from ..layerwise import LayerwiseSpace
 from .build import packed_keys
 from .levels import MAX_BITS, default_levels, exact_knapsack, level_cost, max_reachable, packed_bytes

@@ -1,6 +1,6 @@
 """Unstructured sparsity: a non-zero count per linear layer, from a SparseGPT level database."""
 
-from ..base import CliOption, SpacePlugin
+from ..plugin import CliOption, SpacePlugin
 from ..layerwise import DB_OPTION, group_rule_option
 from . import baselines, bitmask, build, export, formats
 from .space import SparsitySpace, check_target

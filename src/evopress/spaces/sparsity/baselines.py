@@ -21,7 +21,11 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from ..base import BaselineInputs, Config, Space
+from ..plugin import BaselineInputs
+
+from ..problem import Config
+
+from ..space import Space
 from ..constraints import ConstrainedSpace
 from ..random_search import best_of
 from .space import SparsitySpace

@@ -29,7 +29,7 @@ from torch import Tensor
 
 from ...errors import UserError
 from ...io import write_json
-from ..base import Config
+from ..problem import Config
 from ..checkpoint import WEIGHTS, load_decoded, model_tensors, write_checkpoint
 from .export import PROFILE, profile
 from .space import SparsitySpace

@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from ...io import write_json
-from ..base import Config
+from ..problem import Config
 from .space import SparsitySpace
 
 PROFILE = "sparsity_profile.json"

@@ -12,7 +12,11 @@ the order of its database's directory listing, layer names sorted as text (``mod
 
 from __future__ import annotations
 
-from ..base import Config, ConfigFormat, Space
+from ..plugin import ConfigFormat
+
+from ..problem import Config
+
+from ..space import Space
 from ..textconfig import joined, labelled_line, labelled_lines, read_labelled
 
 

@@ -10,7 +10,7 @@ import heapq
 from fractions import Fraction
 from typing import Sequence
 
-from ..base import Config, Problem
+from ..problem import Config, Problem
 
 def default_step(numels: Sequence[int]) -> int:
     """Δ = min(largest layer / 50, smallest layer / 4).

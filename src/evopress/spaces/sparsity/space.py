@@ -40,7 +40,7 @@ import torch
 from ...errors import UserError
 from ...models import Decoder
 from ...placement import to_device
-from ..base import Config, NoMoveError, shortest_decimal, switch
+from ..problem import Config, NoMoveError, shortest_decimal, switch
 from ..layerwise import LayerwiseSpace
 from .levels import nearest_levels, sparsity_problem
 from .storage import decode_level, level_keys
