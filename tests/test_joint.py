@@ -2,6 +2,7 @@
 
 import copy
 import json
+from dataclasses import replace
 from types import SimpleNamespace
 
 import numpy as np
@@ -67,26 +68,48 @@ def test_every_mutation_stays_in_the_byte_window(built, target, seed):
     assert_mutations_stay_in_the_byte_window(joint(built, target), seed)
 
 
-@settings(max_examples=60, deadline=None)
+def reachable(problem: Problem, config: list[int], units: range) -> tuple[int, int]:
+    """The least and greatest cost ``settle`` can reach moving ``units`` (levels 0..2, costs ascending); a mask's
+    controller and the units it switches off stay put."""
+    movable = {u for u in units if u not in problem.controllers and problem.active(config, u)}
+    return tuple(problem.cost([lv if u in movable else v for u, v in enumerate(config)]) for lv in (0, 2))
+
+
+@settings(max_examples=90, deadline=None)
 @given(data=st.data())
 def test_masked_cost_delta_and_settle(data):
-    """Problem arithmetic with masks: ``delta`` is the cost difference; ``settle`` lands in the window."""
+    """Problem arithmetic with masks: ``delta`` is the cost difference. ``settle`` lands in the window when its
+    units can reach it by steps no wider than the window (it cannot jump over it), never when they cannot reach
+    it; with coarser steps it may miss, but never lands outside."""
     n = data.draw(st.integers(3, 8))
     costs = tuple(tuple(sorted(data.draw(st.lists(st.integers(1, 50), min_size=3, max_size=3)))) for _ in range(n))
     members = tuple(range(data.draw(st.integers(1, n - 1))))
-    problem = Problem((3,) * n + (2,), costs + ((0, 0),), data.draw(st.integers(10, 150)), (tuple(range(n + 1)),),
-                      slack=data.draw(st.integers(0, 20)), masks=((n, 1, members),))
     config = data.draw(st.lists(st.integers(0, 2), min_size=n, max_size=n)) + [data.draw(st.integers(0, 1))]
+    problem = Problem((3,) * n + (2,), costs + ((0, 0),), 0, (tuple(range(n + 1)),), masks=((n, 1, members),))
     plain = sum(costs[u][config[u]] for u in range(n) if not (config[n] and u in members))
     assert problem.cost(config) == plain
     for u in range(n + 1):
         for lv in range(problem.num_levels[u]):
             moved = config[:u] + [lv] + config[u + 1:]
             assert problem.delta(config, u, lv) == problem.cost(moved) - problem.cost(config)
-    rng = np.random.default_rng(data.draw(st.integers(0, 99)))
+    units = range(n + 1)
+    low, high = reachable(problem, config, units)
+    case = data.draw(st.sampled_from(["must land", "cannot land", "may land"]))
+    if case == "must land":  # a window the units reach, at least as wide as their widest step
+        slack = max(0, max(c[2] - c[0] for c in costs) - 1) + data.draw(st.integers(0, 10))
+        budget = data.draw(st.integers(low, high + slack))
+    elif case == "cannot land":  # a window wholly below or above what the units reach
+        slack = data.draw(st.integers(0, 20))
+        budget = data.draw(st.sampled_from([low - 1 - data.draw(st.integers(0, 30)),
+                                            high + slack + 1 + data.draw(st.integers(0, 30))]))
+    else:
+        slack, budget = data.draw(st.integers(0, 20)), data.draw(st.integers(10, 150))
+    problem = replace(problem, budget=budget, slack=slack)
     before = list(config)
-    if settle(config, problem, rng, range(n + 1)):
-        assert problem.feasible(config)
+    landed = settle(config, problem, np.random.default_rng(data.draw(st.integers(0, 99))), units)
+    assert landed == problem.feasible(config)
+    if case != "may land":
+        assert landed is (case == "must land")
     assert config[n] == before[n]  # repairs never switch a mask
     assert all(config[m] == before[m] for m in members) or not before[n]  # masked units never move
 

@@ -1,9 +1,11 @@
 """``evopress pareto``: several budgets in one run, the front file, resume after a kill, bad --targets."""
 
 import json
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
+import torch
 
 import evopress
 from evopress import pipeline
@@ -16,6 +18,7 @@ from evopress.spaces.space import RetargetableSpace
 from evopress.spaces.layerwise import LayerwiseSpace
 
 from .conftest import tiny_model
+from .test_joint import TOL
 
 TARGETS = "0.17,0.34,0.5"
 
@@ -44,12 +47,46 @@ def comparable(out):
     return front, results
 
 
-def test_pareto_writes_one_result_per_budget_and_the_front(tiny_checkpoint, tmp_path):
+def saved_figures(monkeypatch) -> list:
+    """Every matplotlib figure saved from now on (still written), to read what it plots."""
+    from matplotlib.figure import Figure
+
+    figures, real = [], Figure.savefig
+    monkeypatch.setattr(Figure, "savefig", lambda fig, *a, **k: figures.append(fig) or real(fig, *a, **k))
+    return figures
+
+
+def assert_plots_the_front(figures: list, front: dict, png) -> None:
+    """One figure whose KL and PPL panels draw exactly front.json's points, one line per method and the dense
+    star, saved as a PNG of about 10 x 4 inches at 110 dpi (the tight box trims the margins) that shows them."""
+    from matplotlib.image import imread
+
+    (fig,) = figures
+    source = front["eval"]["data"][0]
+    panels = {ax.get_ylabel(): ax for ax in fig.axes}
+    assert set(panels) == {f"held-out {key.upper()} ({source})" for key in ("kl", "ppl")}
+    for key in ("kl", "ppl"):
+        drawn = {line.get_label(): (list(line.get_xdata()), list(line.get_ydata()))
+                 for line in panels[f"held-out {key.upper()} ({source})"].get_lines()}
+        expected = {m: ([p["model_gb"] for p in points], [p["held_out"][source][key] for p in points])
+                    for m, points in front["methods"].items()}
+        expected["dense"] = ([front["dense"]["model_gb"]], [front["dense"]["held_out"][source][key]])
+        assert drawn == expected, key
+    image = imread(png)
+    height, width, _ = image.shape
+    assert 900 <= width <= 1150 and 380 <= height <= 480, image.shape
+    rgb = image[..., :3]
+    ink, colour = (rgb < 0.9).any(axis=-1).mean(), (rgb.max(axis=-1) - rgb.min(axis=-1) > 0.3).mean()
+    assert 0.02 < ink < 0.5 and colour > 0.003, (ink, colour)  # axes and text, and the methods' coloured lines
+
+
+def test_pareto_writes_one_result_per_budget_and_the_front(tiny_checkpoint, tmp_path, monkeypatch):
     model, text = tiny_checkpoint
     out = tmp_path / "front"
+    figures = saved_figures(monkeypatch)
     assert main(pareto_args(model, text, out)) == 0
     front = json.loads((out / "front.json").read_text())
-    assert (out / "front.png").stat().st_size > 0
+    assert_plots_the_front(figures, front, out / "front.png")
     assert front["targets"] == [0.17, 0.34, 0.5]
     assert set(front["methods"]) == {"evopress", "shortgpt", "angular"}
     for method, points in front["methods"].items():
@@ -181,21 +218,74 @@ def test_bad_targets_are_one_line_exit_2(targets, message, tmp_path, capsys):
     assert not (tmp_path / "o").exists()
 
 
-def test_projection_reaches_the_new_budget_by_feasible_steps():
-    from evopress.models import Decoder
+@pytest.fixture(scope="module")
+def checkpoint_decoder(tiny_checkpoint):
+    """The tiny checkpoint as the CLI loads it: the model the ``databases`` were built for."""
+    from evopress.models import load_model
 
-    decoder = Decoder(tiny_model())
-    low, high = (make_space("drop", decoder, t, {}) for t in (0.34, 0.67))
-    start = low.random_config(np.random.default_rng(0))
-    for a, b in ((low, high), (high, low)):
-        config = project(start if a is low else high.random_config(np.random.default_rng(1)), b.problem,
-                         np.random.default_rng(2))
-        assert b.problem.feasible(config)
-        report = b.budget_report(config)
-        assert report["dropped_attention"] == report["dropped_mlp"] == b.k
-    # unequal costs that no single-level walk can close: None, never an infeasible configuration
-    problem = Problem((2, 2), ((0, 3), (0, 3)), 4, ((0, 1),))
-    assert project((0, 0), problem, np.random.default_rng(0)) is None
+    return load_model(str(tiny_checkpoint[0]), torch.device("cpu"), torch.float32).decoder
+
+
+def moves_against_the_budget(x, y, start, config) -> list[int]:
+    """Units whose cost moved away from ``y``'s budget on the way from ``x``'s: none on a fewest-moves walk."""
+    gap, costs = y.problem.budget - x.problem.budget, y.problem.costs
+    return [u for u, (a, b) in enumerate(zip(start, config)) if (costs[u][b] - costs[u][a]) * gap < 0]
+
+
+def moved(start, config) -> int:
+    return sum(abs(a - b) for a, b in zip(start, config))
+
+
+def check_drop(x, y, start, config) -> None:
+    """Depth: as many attention as MLP sub-blocks, each walked one way only (two per block of difference)."""
+    report = y.budget_report(config)
+    assert report["dropped_attention"] == report["dropped_mlp"] == y.k
+    assert not moves_against_the_budget(x, y, start, config) and moved(start, config) == 2 * abs(y.k - x.k)
+
+
+def check_sparsity(x, y, start, config) -> None:
+    """Sparsity: every level step is ``step`` weights, so the fewest moves are the budgets' difference in steps."""
+    assert not moves_against_the_budget(x, y, start, config)
+    assert moved(start, config) == abs(y.problem.budget - x.problem.budget) // y.step == 138
+
+
+def check_quant(x, y, start, config) -> None:
+    """Quant: steps differ between size groups; each unit moves towards the new budget only."""
+    assert not moves_against_the_budget(x, y, start, config)
+
+
+def check_joint(x, y, start, config) -> None:
+    """Joint (the repair): up, bits suffice and the dropped sub-blocks stay; down, 2 bits are above 2.5 with
+    scales, so a sub-block must go."""
+    if y.target > x.target:
+        assert y.dropped(config) == x.dropped(start)
+    else:
+        assert any(a or m for a, m in y.dropped(config))
+
+
+@pytest.mark.parametrize("name, db, low, high, check", [
+    ("drop", None, 0.34, 0.67, check_drop),
+    ("sparsity", "sparsity", 0.45, 0.55, check_sparsity),
+    ("quant", "quant", 2.5, 3.5, check_quant),
+    ("joint", "quant", 2.5, 3.5, check_joint),
+])
+def test_projection_reaches_the_new_budget(name, db, low, high, check, databases, checkpoint_decoder):
+    """Both ways between two budgets, from random configurations of the other (the joint ones drop sub-blocks)."""
+    options = {} if db is None else {"db": str(databases[db][0]), **({"tolerance": TOL} if name == "joint" else {})}
+    a, b = (make_space(name, checkpoint_decoder, t, options) for t in (low, high))
+    for x, y in ((a, b), (b, a)):
+        for seed in range(3):
+            start = x.random_config(np.random.default_rng(seed))
+            config = project(start, y, np.random.default_rng(seed))
+            assert config is not None and y.problem.feasible(config), (x.target, seed)
+            check(x, y, start, config)
+
+
+def test_projection_refuses_what_it_cannot_place():
+    """Unequal costs that no single-level walk can close, and a configuration of another space: None."""
+    space = SimpleNamespace(problem=Problem((2, 2), ((0, 3), (0, 3)), 4, ((0, 1),)))
+    for config in ((0, 0), (0, 0, 0), (0, 2)):
+        assert project(config, space, np.random.default_rng(0)) is None
 
 
 def test_space_sizes_in_bytes():
@@ -232,3 +322,22 @@ def test_each_baseline_runs_once_per_budget(tiny_checkpoint, tmp_path, monkeypat
                  "--out", str(alone), "--quiet"]) == 0
     from_front = json.loads((out / "baselines" / "angular" / "target-0.34" / "result.json").read_text())
     assert json.loads((alone / "result.json").read_text())["levels"] == from_front["levels"]
+
+
+def test_joint_pareto_warm_starts_every_budget_inside_its_byte_window(databases, tiny_checkpoint, tmp_path,
+                                                                        monkeypatch):
+    """The first budget must drop sub-blocks (2 bits cost 2.66 with this database's scales); each later one starts
+    from its neighbour's result moved into its byte window, where a dropped sub-block's layers cost nothing."""
+    model, text = tiny_checkpoint
+    no_plot(monkeypatch)
+    out, targets = tmp_path / "front", [2.5, 3.0, 3.5]
+    assert main(pareto_args(model, text, out, "2.5,3,3.5", generations=0) + [
+        "--space", "joint", "--db", str(databases["quant"][0]), "--byte-tolerance", str(TOL), "--baselines", "",
+        "--init-from", "none"]) == 0
+    results = [json.loads((out / f"target-{t:g}" / "result.json").read_text()) for t in targets]
+    assert results[0]["budget"]["dropped_attention"] or results[0]["budget"]["dropped_mlp"]
+    for previous, result in zip([None, *targets], results):
+        budget = result["budget"]
+        assert budget["lowest_bytes"] <= budget["bytes"] <= budget["budget_bytes"]
+        assert result["warm_start"]["from_target"] == previous
+        assert result["warm_start"]["projected"] is (previous is not None)

@@ -34,15 +34,23 @@ def problems_and_configs(draw):
     return Problem(tuple(num_levels), tuple(costs), budget, tuple(groups)), tuple(config)
 
 
+def can_trade(problem: Problem, config: tuple[int, ...]) -> bool:
+    """Whether a group holds one unit that can go a level up and another that can go a level down."""
+    return any(u != v and config[u] < problem.num_levels[u] - 1 and config[v] > 0
+               for group in problem.groups for u in group for v in group)
+
+
 @settings(max_examples=200, deadline=None)
 @given(problems_and_configs(), st.integers(0, 2**31 - 1))
 def test_mutation_preserves_budget_and_group_sums(pc, seed):
+    """A child keeps the budget and every group's level sum; ``NoMoveError`` exactly when no group can trade."""
     problem, config = pc
     rng = np.random.default_rng(seed)
-    try:
-        child = mutate(config, problem, rng, 3)
-    except NoMoveError:
-        return  # every unit is pinned at one level: nothing to move
+    if not can_trade(problem, config):  # every group all at its lowest or all at its highest level
+        with pytest.raises(NoMoveError):
+            mutate(config, problem, rng, 3)
+        return
+    child = mutate(config, problem, rng, 3)
     assert problem.feasible(child)
     assert problem.cost(child) == problem.budget
     for group in problem.groups:
@@ -76,23 +84,32 @@ def test_no_feasible_move_raises_instead_of_hanging():
 
 
 class FakeEvaluator:
-    """Deterministic fitness; records which candidates each stage saw."""
+    """Fitness ``f``, plus ``noise`` that depends on the sample; records every stage's candidates and sample.
 
-    def __init__(self, f):
-        self.f = f
+    Like the real ``Evaluator.sample`` it draws windows from the search's rng, so the search's random
+    stream interleaves mutation and sample draws: a resume that restores the rng at another point, or a
+    stage that reuses a sample, changes what the search sees.
+    """
+
+    WINDOWS = 64
+
+    def __init__(self, f, noise: float = 0.0):
+        self.f, self.noise = f, noise
         self.stages: list[list] = []
+        self.samples: list[tuple[int, tuple[int, ...]]] = []
         self.evaluations = 0
 
     def sample(self, tokens, rng):
-        return tokens
+        return tokens, tuple(int(w) for w in rng.permutation(self.WINDOWS)[:8])
 
     def sample_tokens(self, sample):
-        return sample
+        return sample[0]
 
     def score(self, configs, sample):
         self.stages.append(list(configs))
+        self.samples.append(sample)
         self.evaluations += len(configs)
-        return [self.f(c) for c in configs]
+        return [self.f(c) + self.noise * np.random.default_rng([*sample[1], *c]).random() for c in configs]
 
 
 def test_selection_keeps_the_best_and_parent_joins_only_last_stage():
@@ -143,42 +160,29 @@ def test_ea_finds_the_optimum(kind):
 
 
 def test_resume_gives_the_same_result_as_an_uninterrupted_run():
+    """Noisy fitness: which child wins depends on the samples, so every draw after the checkpoint must match."""
     n, k = 12, 4
     problem, start = drop_problem(n, k)
     w = np.random.default_rng(5).normal(size=(n, n))
-    noisy = lambda c: float(np.array(c) @ w @ np.array(c))  # noqa: E731
-    full = evolve(problem, FakeEvaluator(noisy), [start], SearchConfig(generations=10, offspring=6, seed=7))
+    f = lambda c: float(np.array(c) @ w @ np.array(c))  # noqa: E731
+    run = lambda generations, **kw: evolve(  # noqa: E731
+        problem, FakeEvaluator(f, noise=2.0), [start], SearchConfig(generations=generations, offspring=6, seed=7), **kw)
+    full = run(10)
     saved: list[dict] = []
-    evolve(problem, FakeEvaluator(noisy), [start], SearchConfig(generations=4, offspring=6, seed=7),
-           on_generation=lambda s: saved.append(json.loads(json.dumps(s.to_json()))))
-    resumed = evolve(problem, FakeEvaluator(noisy), [start], SearchConfig(generations=10, offspring=6, seed=7),
-                     state=SearchState.from_json(saved[-1]))
+    run(4, on_generation=lambda s: saved.append(json.loads(json.dumps(s.to_json()))))
+    resumed = run(10, state=SearchState.from_json(saved[-1]))
     assert resumed.parent == full.parent
+    assert [h.parent for h in resumed.history] == [h.parent for h in full.history]
     assert [h.fitness for h in resumed.history] == [h.fitness for h in full.history]
-
-
-class RngEvaluator(FakeEvaluator):
-    """Samples that depend on the search's random stream: reusing one across stages would show."""
-
-    def sample(self, tokens, rng):
-        return (tokens, int(rng.integers(1 << 40)))
-
-    def sample_tokens(self, sample):
-        return sample[0]
-
-    def score(self, configs, sample):
-        self.stages.append(sample)
-        self.evaluations += len(configs)
-        return [self.f(c) for c in configs]
 
 
 def test_every_stage_of_every_generation_draws_a_fresh_sample():
     problem = Problem((2,) * 8, ((0, 1),) * 8, 3, (tuple(range(8)),))
-    ev = RngEvaluator(lambda c: sum(i * x for i, x in enumerate(c)))
+    ev = FakeEvaluator(lambda c: sum(i * x for i, x in enumerate(c)))
     config = SearchConfig(generations=5, offspring=4, stages=[(2, 8), (1, 16)], initial_candidates=1)
     evolve(problem, ev, [(1, 1, 1, 0, 0, 0, 0, 0)], config)
-    assert len(ev.stages) == 10 and [t for t, _ in ev.stages] == [8, 16] * 5
-    assert len({draw for _, draw in ev.stages}) == 10
+    assert len(ev.samples) == 10 and [t for t, _ in ev.samples] == [8, 16] * 5
+    assert len({windows for _, windows in ev.samples}) == 10
 
 
 def test_convergence_verdict_reads_the_fixed_sample_track():

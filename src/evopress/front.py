@@ -29,6 +29,7 @@ from .pipeline import RESULT, Context, WarmStart, claim_output, prepare, retarge
 from .recipe import Recipe, make_recipe
 from .spaces import baseline, get_plugin
 from .spaces.problem import Config, Problem
+from .spaces.space import Space
 
 FRONT = "front.json"
 FRONT_PNG = "front.png"
@@ -75,17 +76,28 @@ def target_dir(out: Path, target: float, method: str = SEARCH) -> Path:
     return out / name if method == SEARCH else out / "baselines" / method / name
 
 
-def project(config: Config, problem: Problem, rng: np.random.Generator) -> Config | None:
-    """A configuration of ``problem`` reached from ``config`` by single-level steps, or None.
+def project(config: Config, space: Space, rng: np.random.Generator) -> Config | None:
+    """A configuration at ``space``'s budget reached from ``config`` (a neighbouring budget's result), or None.
 
-    Each step moves one unit one level so that the cost gets closer to the budget without passing
-    it, so the walk ends; it goes round the switch groups in turn, so a space whose groups must
-    change together (depth: as many attention as MLP sub-blocks dropped) stays balanced. None when
-    no step closes the remaining gap (unequal costs), or the configuration does not fit the problem.
+    Under a budget window or masks (the joint space) it is the space's own repair (``Space.repair``, the
+    mutation's ``settle``): only that reads a move's real cost (a layer of a dropped sub-block costs
+    nothing) and accepts any total inside the window. Under an exact budget it is ``_walk``, which keeps
+    what the switch keeps and the repair does not (the per-group balance). None when neither gets there,
+    or the configuration does not fit the space.
     """
+    problem = space.problem
     if len(config) != len(problem.num_levels) or not all(0 <= c < n for c, n in zip(config, problem.num_levels)):
         return None
-    c, costs, groups = list(config), problem.costs, problem.groups
+    return space.repair(config, rng) if problem.slack or problem.masks else _walk(list(config), problem, rng)
+
+
+def _walk(c: list[int], problem: Problem, rng: np.random.Generator) -> Config | None:
+    """Single-level steps to an exact budget, each closing the gap without passing it (no unit moves back).
+
+    It goes round the switch groups in turn, so a space whose groups must change together (depth: as
+    many attention as MLP sub-blocks dropped) stays balanced. None when no step closes the remaining gap.
+    """
+    costs, groups = problem.costs, problem.groups
     gap, turn, idle = problem.budget - problem.cost(c), 0, 0
     while gap and idle < len(groups):
         group, turn = groups[turn % len(groups)], turn + 1
@@ -105,7 +117,7 @@ def _warm_start(ctx: Context, previous: dict[str, Any] | None, index: int) -> Wa
     if previous is None:
         return WarmStart([], {"from_target": None, "projected": False,
                               "initial": "the space's initial configurations (first budget)"})
-    config = project(ctx.space.from_model_levels(tuple(previous["levels"])), ctx.space.problem,
+    config = project(ctx.space.from_model_levels(tuple(previous["levels"])), ctx.space,
                      np.random.default_rng((ctx.recipe.search.seed, 2, index)))
     return WarmStart([config] if config else [], {
         "from_target": previous["target"], "projected": config is not None,
