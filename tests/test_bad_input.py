@@ -2,7 +2,10 @@
 traceback, and an existing result directory given as --out left byte-identical."""
 
 import fcntl
+import hashlib
+import json
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -13,6 +16,18 @@ from evopress.io import LOCK
 
 def snapshot(root: Path) -> dict[str, bytes]:
     return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file() and p.name != LOCK}
+
+
+def hashes(root: Path) -> dict[str, str]:
+    """Every file under ``root``, hidden ones and the lock included, by content hash."""
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def one_error_line(capsys, message: str) -> str:
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("evopress: error:") and message in err[0], err
+    return err[0]
 
 
 @pytest.fixture(scope="module")
@@ -82,11 +97,21 @@ CASES = {
                                                                      b"target: 0.3\nspace_options: {bits: 3}\n"))],
                                     "has no option 'bits'"),
     "eval tokens 0": (lambda t, m, x: ["eval", "{out}", "--eval-tokens", "0"], "--eval-tokens 0"),
+    "target inf": (lambda t, m, x: ["search", "--space", "joint", "--db", "db", "--target", "inf"], "finite number"),
+    "model is a file": (lambda t, m, x: [*SEARCH, "--model", str(_file(t, "notes.txt", b"notes"))],
+                        "is not a model directory or a .gguf file"),
+    "no --db": (lambda t, m, x: ["search", "--space", "quant", "--target", "3"], "needs --db"),
+    "--db not a database": (lambda t, m, x: ["search", "--space", "quant", "--target", "3", "--db", str(t)],
+                            ": no database there"),
+    "unknown part of a data mix": (lambda t, m, x: [*SEARCH, "--data", "wiki+bogus"], "data 'bogus' not found"),
+    "negative max-memory": (lambda t, m, x: [*SEARCH, "--max-memory", "cpu=-5GiB"], "--max-memory cpu=-5GiB"),
+    "export into its own result": (lambda t, m, x: ["export", "{out}", "--out", "{out}"], "no evopress_export.json"),
 }
 
 
-# checked after --out is claimed
-FRESH_OUT = {"no cuda", "truncated gguf", "import-config not utf-8", "warm start over the pool"}
+# checked after --out is claimed, or on settings that differ from the finished result's (which is refused first)
+FRESH_OUT = {"no cuda", "truncated gguf", "import-config not utf-8", "warm start over the pool", "model is a file",
+             "no --db", "--db not a database", "unknown part of a data mix"}
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -96,18 +121,18 @@ def test_bad_input_is_one_line_exit_2_and_keeps_the_result(case, finished, tiny_
     argv = [a.replace("{out}", str(finished)) for a in build(tmp_path, model, text)]
     if argv[0] in ("search", "baseline", "import-config"):
         argv += ["--out", str(tmp_path / "new" if case in FRESH_OUT else finished)]
-        if "--model" not in argv:
-            argv += ["--model", str(model)]
-        argv += ["--data", str(text), "--quiet"]
+        for flag, value in (("--model", model), ("--data", text)):
+            if flag not in argv:
+                argv += [flag, str(value)]
+        argv += ["--quiet"]
     elif argv[0] == "run":
         argv += ["--out", str(finished), "--quiet"]
     before = snapshot(finished)
     capsys.readouterr()
     assert main(argv) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("evopress: error:") and message in err[0], err
-    assert "Traceback" not in err[0]
+    assert "Traceback" not in one_error_line(capsys, message)
     assert snapshot(finished) == before
+    assert not (tmp_path / "new").exists()  # a refusal after the claim leaves no new --out behind
 
 
 def test_a_checkpoint_of_the_wrong_shape_is_one_line_and_kept(tiny_checkpoint, tmp_path, capsys):
@@ -147,3 +172,145 @@ def test_a_locked_out_is_refused(tiny_checkpoint, tmp_path, capsys):
     finally:
         os.close(fd)
     assert main([*SEARCH, "--model", str(model), "--data", str(text), "--out", str(out), "--quiet"]) == 0
+
+
+def test_a_refusal_after_the_claim_keeps_an_existing_out_as_it_was(tiny_checkpoint, tmp_path, capsys):
+    model, text = tiny_checkpoint
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "notes.md").write_text("mine")
+    assert main([*SEARCH, "--model", str(model), "--data", str(text), "--device", "cuda", "--out", str(out),
+                 "--quiet"]) == 2
+    one_error_line(capsys, "no usable CUDA")
+    assert hashes(out) == {"notes.md": hashlib.sha256(b"mine").hexdigest()}  # no lock file left either
+
+
+# Each would otherwise be found only once the model has loaded (15-115 s on a real one).
+BEFORE_LOADING = {
+    "no --db": (["search", "--space", "quant", "--target", "3"], "needs --db"),
+    "--db not a database": (["search", "--space", "quant", "--target", "3", "--db", "{tmp}"], ": no database there"),
+    "--with-sparsity not a database": (["search", "--space", "joint", "--target", "3", "--db", "{db}",
+                                        "--with-sparsity", "{tmp}"], "--with-sparsity {tmp}: no database"),
+    "unknown part of a data mix": ([*SEARCH, "--data", "wiki+bogus"], "data 'bogus' not found"),
+    "data names no text": ([*SEARCH, "--data", "+"], "names no text"),
+    "negative max-memory": ([*SEARCH, "--max-memory", "cpu=-5GiB"], "--max-memory cpu=-5GiB"),
+    "max-memory not a size": ([*SEARCH, "--max-memory", "0=lots"], "--max-memory 0=lots"),
+    "import-config without a target, no --db": (["import-config", "{cfg}", "--space", "quant"], "needs --db"),
+    "build-db on an unknown text": (["build-db", "--space", "quant", "--bits", "2,3", "--data", "wiki+bogus"],
+                                    "data 'bogus' not found"),
+    "eval on an unknown text": (["eval", "{out}", "--eval-data", "wiki,bogus"], "data 'bogus' not found"),
+}
+
+
+@pytest.mark.parametrize("case", list(BEFORE_LOADING))
+def test_refused_before_the_model_loads(case, finished, quant_db, tiny_checkpoint, tmp_path, monkeypatch, capsys):
+    def load(*args, **kwargs):
+        raise AssertionError("the model was loaded before the mistake was found")
+
+    monkeypatch.setattr("evopress.models.load_model", load)
+    model, text = tiny_checkpoint
+    argv, message = BEFORE_LOADING[case]
+    fill = {"{tmp}": str(tmp_path), "{db}": str(quant_db), "{out}": str(finished),
+            "{cfg}": str(_file(tmp_path, "c.txt", b"model.layers.0.self_attn: 0\n"))}
+    argv = [fill.get(a, a) for a in argv]
+    if argv[0] != "eval":
+        argv += ["--out", str(tmp_path / "new"), "--model", str(model)]
+        if "--data" not in argv:
+            argv += ["--data", str(text)]
+    assert main([*argv, "--quiet"]) == 2
+    one_error_line(capsys, message.replace("{tmp}", str(tmp_path.resolve())))
+    assert not (tmp_path / "new").exists()
+
+
+@pytest.fixture(scope="module")
+def quant_db(tiny_checkpoint, tmp_path_factory):
+    """A finished level database of the tiny checkpoint."""
+    model, text = tiny_checkpoint
+    out = tmp_path_factory.mktemp("qdb") / "db"
+    assert main(["build-db", "--space", "quant", "--bits", "2,3,4", "--model", str(model), "--data", str(text),
+                 "--seq-len", "32", "--calib-tokens", "128", "--out", str(out), "--quiet"]) == 0
+    return out
+
+
+def _result_on(model: Path, finished: Path, tmp: Path) -> Path:
+    """A copy of the finished result that names ``model`` as the model it was searched on."""
+    result = shutil.copytree(finished, tmp / "result")
+    data = json.loads((result / "result.json").read_text())
+    data["recipe"]["model"] = str(model)
+    (result / "result.json").write_text(json.dumps(data))
+    return result
+
+
+@pytest.mark.parametrize("into", ["its model", "its result", "a level database"])
+def test_export_never_writes_into_what_it_reads_or_another_runs_directory(into, finished, quant_db, tiny_checkpoint,
+                                                                          tmp_path, capsys):
+    model = shutil.copytree(tiny_checkpoint[0], tmp_path / "model")
+    result = _result_on(model, finished, tmp_path)
+    out = {"its model": model, "its result": result,
+           "a level database": shutil.copytree(quant_db, tmp_path / "db")}[into]
+    before = hashes(out)
+    assert main(["export", str(result), "--out", str(out), "--quiet"]) == 2
+    one_error_line(capsys, "is the model this result was searched on" if into == "its model" else
+                   "no evopress_export.json")
+    assert hashes(out) == before  # nothing overwritten, nothing added (not even a lock file)
+
+
+def test_export_claims_its_out_and_replaces_only_its_own_files(finished, tmp_path, capsys):
+    out = tmp_path / "export"
+    assert main(["export", str(finished), "--out", str(out), "--quiet"]) == 0
+    written = json.loads((out / "evopress_export.json").read_text())
+    assert "model.safetensors" in written["files"] and written["result"] == str(finished.resolve())
+    assert set(hashes(out)) == {*written["files"], "evopress_export.json"}  # no lock or staging left behind
+    (out / "README.md").write_text("the user's")
+    (out / "old_profile.json").write_text("{}")  # a file an earlier export wrote that this one does not
+    (out / "evopress_export.json").write_text(json.dumps({**written, "files": [*written["files"], "old_profile.json"]}))
+    assert main(["export", str(finished), "--out", str(out), "--quiet"]) == 0
+    assert (out / "README.md").read_text() == "the user's" and not (out / "old_profile.json").exists()
+    assert json.loads((out / "evopress_export.json").read_text())["files"] == written["files"]
+    capsys.readouterr()
+    (out / "evopress_export.json").unlink()  # now a directory with files no export claims
+    before = hashes(out)
+    assert main(["export", str(finished), "--out", str(out), "--quiet"]) == 2
+    one_error_line(capsys, "no evopress_export.json")
+    assert hashes(out) == before
+    assert main(["export", str(finished), "--out", str(tmp_path / "new"), "--device", "cuda", "--quiet"]) == 2
+    one_error_line(capsys, "no usable CUDA")
+    assert not (tmp_path / "new").exists()
+
+
+# Run without --quiet: each printed an info line before its error line.
+SCHEDULE = SEARCH[1:3] + SEARCH[5:]  # SEARCH's options but --target
+ALONE = {
+    "import-config, a file that does not parse": lambda t, m, x, db: [
+        "import-config", str(_file(t, "c.txt", b"garbage\n")), "--target", "0.34", "--model", str(m), "--data",
+        str(x), "--out", str(t / "o")],
+    "import-config without a target, a file that does not parse": lambda t, m, x, db: [
+        "import-config", str(_file(t, "c.txt", b"garbage\n")), "--model", str(m), "--out", str(t / "o")],
+    "eval with a missing lm-eval include": lambda t, m, x, db: [
+        "eval", str(t / "result"), "--eval-data", str(x), "--eval-tokens", "64", "--eval-seq-len", "32",
+        "--lm-eval", "arc_easy", "--lm-eval-include", str(t / "nope")],
+    "build-db with bad --bits": lambda t, m, x, db: [
+        "build-db", "--space", "quant", "--bits", "2,9", "--model", str(m), "--data", str(x), "--seq-len", "32",
+        "--calib-tokens", "128", "--out", str(t / "db")],
+    "build-db into a finished database": lambda t, m, x, db: [
+        "build-db", "--space", "quant", "--bits", "2,3", "--model", str(m), "--data", str(x), "--seq-len", "32",
+        "--calib-tokens", "128", "--out", str(db)],
+    "a truncated gguf": lambda t, m, x, db: [*SEARCH, *_gguf_truncated(t, m, x), "--data", str(x), "--out",
+                                            str(t / "o")],
+    "joint: a byte target below any kept sub-block": lambda t, m, x, db: [
+        "search", "--space", "joint", "--db", str(db), "--target", "1", "--target-bytes", *SCHEDULE, "--model",
+        str(m), "--data", str(x), "--out", str(t / "o")],
+    "pareto: the baselines' --tokens over the pool": lambda t, m, x, db: [
+        "pareto", "--targets", "0.2,0.4", *SCHEDULE, "--model", str(m), "--data", str(x), "--out", str(t / "p")],
+}
+
+
+@pytest.mark.parametrize("case", list(ALONE))
+def test_an_error_is_the_only_line_printed(case, finished, quant_db, tiny_checkpoint, tmp_path, capsys):
+    model, text = tiny_checkpoint
+    shutil.copytree(finished, tmp_path / "result")
+    argv = ALONE[case](tmp_path, model, text, quant_db)
+    capsys.readouterr()
+    assert main(argv) == 2
+    err = [line for line in capsys.readouterr().err.replace("\r", "\n").splitlines() if line.strip()]
+    assert len(err) == 1 and err[0].startswith("evopress: error:"), err

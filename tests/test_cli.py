@@ -18,6 +18,9 @@ from evopress.errors import UserError
     (["search", "--target", "0.25", "--batch-tokens", "0", "--out", "x"], "--batch-tokens"),
     (["eval", "/does/not/exist"], "not found"),
     (["frobnicate"], "invalid choice"),
+    (["search", "--target", "inf", "--out", "x"], "finite number"),
+    (["pareto", "--space", "joint", "--db", "db", "--targets", "2,inf", "--out", "x"], "--targets inf"),
+    (["search", "--target", "0.25", "--max-memory", "cpu=-5GiB", "--out", "x"], "--max-memory cpu=-5GiB"),
 ])
 def test_errors_are_one_line_and_exit_2(argv, message, capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)

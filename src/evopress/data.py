@@ -102,6 +102,9 @@ def _txt_documents(path: Path) -> list[str]:
     return [d for d in text.split(SEPARATOR) if d.strip()]
 
 
+BUILTIN_SOURCES = ("wiki", "ptb")
+
+
 def documents(source: str, role: str) -> list[str]:
     """``role`` is 'calibration' or 'evaluation'; built-in sources return disjoint splits."""
     if source == "wiki":
@@ -111,7 +114,29 @@ def documents(source: str, role: str) -> list[str]:
     path = Path(source).expanduser()
     if path.is_file():
         return _jsonl_documents(path) if path.suffix == ".jsonl" else _txt_documents(path)
-    raise UserError(f"data '{source}' not found (use wiki, ptb, or a local .txt/.jsonl file)")
+    raise _not_found(source)
+
+
+def _not_found(part: str) -> UserError:
+    return UserError(f"data '{part}' not found (use wiki, ptb, or a local .txt/.jsonl file)")
+
+
+def source_parts(source: str) -> list[str]:
+    """The texts a data setting names: one file (whose name may hold '+'), or the parts of a mix ``a+b``."""
+    return [source] if Path(source).expanduser().is_file() else [s for s in source.split("+") if s]
+
+
+def check_source(source: str) -> None:
+    """Refuse a data setting that names no text, or a part that is neither built in nor a file.
+
+    Called before a model loads (``recipe.check_inputs``), so a typo in ``wiki+ptbb`` costs no load.
+    """
+    parts = source_parts(source)
+    if not parts:
+        raise UserError(f"data '{source}' names no text (use wiki, ptb, or a local .txt/.jsonl file)")
+    for part in parts:
+        if part not in BUILTIN_SOURCES and not Path(part).expanduser().is_file():
+            raise _not_found(part)
 
 
 def sample_documents(docs: list[str], budget: int = TEXT_BUDGET_CHARS) -> list[str]:
@@ -275,7 +300,8 @@ def load_pool(tokenizer, source: str, role: str, seq_len: int, max_tokens: int |
     """
     if seq_len < 2 + (bos is not None):
         raise UserError(f"--seq-len must be at least {2 + (bos is not None)}")
-    sources = [source] if Path(source).expanduser().is_file() else [s for s in source.split("+") if s]
+    check_source(source)
+    sources = source_parts(source)
     if len(sources) == 1:
         length = seq_len - (bos is not None)
         if role == "calibration":

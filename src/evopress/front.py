@@ -213,6 +213,7 @@ def run_pareto(base: Recipe, settings: ParetoSettings, out: Path, restart: bool 
     recipes = [_at(base, t) for t in settings.targets]
     methods = _methods(base, settings.baselines)
     evaluation = settings.eval or EvalSettings(["wiki", "ptb"], bos=base.bos)
+    _check_baseline_sample(methods, base, base.pool_tokens())  # before the model loads
     with locked_dir(out):
         _check_neighbours(out, settings.targets, restart)
         ctx: Context | None = None
@@ -220,9 +221,7 @@ def run_pareto(base: Recipe, settings: ParetoSettings, out: Path, restart: bool 
         previous = None
         for i, recipe in enumerate(recipes):
             ctx = prepare(recipe, log) if ctx is None else retarget(ctx, recipe)
-            if methods and recipe.baseline_tokens > ctx.pool.tokens:
-                raise UserError(f"--tokens {recipe.baseline_tokens} (the baselines' sample) is more than the "
-                                f"calibration pool of {ctx.pool.tokens} tokens; give fewer or a larger --calib-tokens")
+            _check_baseline_sample(methods, recipe, ctx.pool.tokens)  # a text shorter than the pool asked for
             front = front or _Front(ctx, evaluation)
             log(f"budget {i + 1}/{len(recipes)}: target {recipe.target:g}")
             previous = _search(ctx, target_dir(out, recipe.target), previous, i, restart, progress, log)
@@ -239,6 +238,12 @@ def run_pareto(base: Recipe, settings: ParetoSettings, out: Path, restart: bool 
         log(f"wrote {out / FRONT} and {out / FRONT_PNG}")
     return data
 
+
+
+def _check_baseline_sample(methods: list[str], recipe: Recipe, pool_tokens: int) -> None:
+    if methods and recipe.baseline_tokens > pool_tokens:
+        raise UserError(f"--tokens {recipe.baseline_tokens} (the baselines' sample) is more than the calibration "
+                        f"pool of {pool_tokens} tokens; give fewer or a larger --calib-tokens")
 
 def _at(base: Recipe, target: float) -> Recipe:
     try:

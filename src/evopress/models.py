@@ -138,10 +138,11 @@ def convert_gguf(gguf: Path, log: Callable[[str], None] = lambda msg: None) -> P
         return target
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    log(f"converting {gguf.name} to an fp32 checkpoint cached in {target.parent} (once per file; dequantizing "
-        "takes minutes on a CPU)")
     try:
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        # said once the file reads as GGUF: a truncated or foreign file is refused in one line
+        log(f"converting {gguf.name} to an fp32 checkpoint cached in {target.parent} (once per file; dequantizing "
+            "takes minutes on a CPU)")
         model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     except (ValueError, KeyError, OSError, struct.error, IndexError) as e:  # struct/index: a truncated file
         detail = str(e).splitlines()[0] if str(e) else type(e).__name__
@@ -169,13 +170,14 @@ def resolve_model_path(spec: str | None, log: Callable[[str], None] = lambda msg
         if not (path / "config.json").is_file():
             raise UserError(f"model directory {path} has no config.json")
         return str(path), path
-    raise UserError(f"model '{spec}' not found (give a local HF model directory, a .gguf file, "
+    found = "is not a model directory or a .gguf file" if path.exists() else "not found"
+    raise UserError(f"model '{spec}' {found} (give a local HF model directory, a .gguf file, "
                     "or omit --model for the embedded default)")
 
 
 def load_model(spec: str | None, device: torch.device, dtype: torch.dtype,
                log: Callable[[str], None] = lambda msg: None, device_map: str | dict[str, Any] | None = None,
-               max_memory: dict[Any, str] | None = None) -> LoadedModel:
+               max_memory: dict[Any, str | int] | None = None) -> LoadedModel:
     """The model straight onto its device(s) from memory-mapped safetensors: no full copy in host RAM.
 
     Without ``device_map``/``max_memory`` everything goes to ``device``; with them the decoder
@@ -203,7 +205,7 @@ def load_model(spec: str | None, device: torch.device, dtype: torch.dtype,
 
 
 def _block_map(path: Path, device: torch.device, dtype: torch.dtype, device_map: str | dict[str, Any],
-               max_memory: dict[Any, str] | None) -> dict[str, Any]:
+               max_memory: dict[Any, str | int] | None) -> dict[str, Any]:
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
 

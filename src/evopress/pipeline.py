@@ -15,7 +15,7 @@ from typing import Any, Callable, Iterator
 import numpy as np
 import torch
 
-from .data import DEFAULT_CALIBRATION, TokenPool, bos_token, check_samples, load_pool
+from .data import DEFAULT_CALIBRATION, TokenPool, bos_token, check_samples, check_source, load_pool
 from .distributed import from_main, is_main, sharded
 from .evaluate import EVAL, EvalSettings, HeldOut, lm_eval_tasks, write_eval
 from .errors import UserError
@@ -23,10 +23,10 @@ from .fitness import Evaluator
 from .hostmem import trim_heap
 from .interchange import (choose_format, format_config, get_format, implied_target, parse_config, read_text,
                           write_config)
-from .io import locked_dir, read_json, write_json
+from .io import locked_dir, owned_dir, read_json, write_json
 from .models import Decoder, Hardware, LoadedModel
 from .evolution import SearchState, evolve
-from .recipe import IMPORTED, Recipe, make_recipe
+from .recipe import IMPORTED, Recipe, check_inputs, make_recipe
 from .spaces import Space, baseline, get_plugin, make_space
 from .spaces.plugin import BaselineInputs
 from .spaces.problem import Config, NoMoveError, switch
@@ -36,6 +36,7 @@ RESULT = "result.json"
 CHECKPOINT = "checkpoint.json"
 RECIPE = "recipe.json"
 CONFIG_TXT = "config.txt"
+EXPORTED = "evopress_export.json"  # the files an export wrote into its --out (io.owned_dir)
 
 
 @dataclass
@@ -50,12 +51,15 @@ class Context:
     baseline_runs: dict[tuple, tuple[Config, float]] = field(default_factory=dict)
 
 
-def prepare(recipe: Recipe, log: Callable[[str], None] = print, loaded: LoadedModel | None = None) -> Context:
-    """Model, space and calibration pool of a run.
+def prepare(recipe: Recipe, log: Callable[[str], None] = print, loaded: LoadedModel | None = None,
+            summary: Callable[[str], None] | None = None) -> Context:
+    """Model, space and calibration pool of a run; ``summary`` takes the line saying so (default: ``log``).
 
-    The samples are checked against the pool before the model loads (the pool size is in the recipe);
-    a text too short for it is only known once tokenized, and is refused or warned about then.
+    The samples are checked against the pool before the model loads (the pool size is in the recipe),
+    and so are the text and database named; a text too short for the pool is only known once
+    tokenized, and is refused or warned about then.
     """
+    check_inputs(recipe)
     check_samples(recipe.samples(), recipe.largest_stage(), recipe.pool_tokens(),
                   "the calibration pool", log)
     loaded = loaded or recipe.hardware.load(recipe.model, log)
@@ -66,7 +70,8 @@ def prepare(recipe: Recipe, log: Callable[[str], None] = print, loaded: LoadedMo
     trim_heap()
     space = make_space(recipe.space, decoder, recipe.target, recipe.space_options)
     space.check_calibration(pool)
-    log(f"model {loaded.name}: {decoder.num_blocks} blocks, head on {decoder.device} ({decoder.head.weight.dtype}); "
+    (summary or log)(
+        f"model {loaded.name}: {decoder.num_blocks} blocks, head on {decoder.device} ({decoder.head.weight.dtype}); "
         f"calibration {pool.tokens} tokens of '{recipe.data}' in {len(pool.windows)} windows of {pool.seq_len}, "
         "drawn across the whole text" + ("" if pool.bos is None else f", each starting with BOS ({pool.bos})"))
     return Context(recipe, loaded, decoder, pool, space, Evaluator(space, pool, recipe.fitness))
@@ -422,20 +427,23 @@ def import_config(path: Path, recipe: Recipe, out: Path, log: Callable[[str], No
     """A configuration found elsewhere (a text file in any format of the space, see interchange) as a result.
 
     ``fmt`` None: recognised from the text. ``recipe.target`` None: the file's own, so the model is
-    loaded first to find it and ``out`` is claimed after; with a target it is claimed before.
+    loaded first to find it and ``out`` is claimed after; with a target it is claimed before. The
+    model's summary is said once the file has parsed: a bad file is one line, alone.
     """
+    check_inputs(recipe)
     text = read_text(path)
     name, form = choose_format(recipe.space, text, fmt, str(path))
-    log(f"reading {path} as {name}")
     loaded = None
     if recipe.target is None:
         loaded = recipe.hardware.load(recipe.model, log)
         target = implied_target(text, form, recipe.space, loaded.decoder, recipe.space_options, str(path))
         recipe = make_recipe({**recipe.to_json(), "target": target})
-        log(f"{path} meets target {target:g}")
     with claim_output(out, recipe, restart):
-        ctx = prepare(recipe, log, loaded)
+        said: list[str] = []
+        ctx = prepare(recipe, log, loaded, summary=said.append)
         config = parse_config(text, ctx.space, str(path), form)
+        for line in [f"read {path} as {name} (target {recipe.target:g})", *said]:
+            log(line)
         result = _result(ctx, config, [], 0.0)
         save_result(ctx.space, Path(out), result)
     return result
@@ -490,31 +498,52 @@ def build_database(request: DatabaseRequest, progress: bool = True,
     plugin = get_plugin(request.space)
     if plugin.build is None:
         raise UserError(f"space '{request.space}' needs no database")
+    check_source(request.data)
     loaded = Hardware(request.device, request.dtype, request.device_map, request.max_memory).load(request.model, log)
     pool = load_pool(loaded.tokenizer, request.data, "calibration", request.seq_len, request.calib_tokens,
                      bos_token(loaded.tokenizer, request.bos))
-    log(f"building a '{request.space}' database for {loaded.name} on {pool.tokens} tokens of '{request.data}'")
-    start = time.perf_counter()
+    start = time.perf_counter()  # the builder checks its options first: a refusal is its one line
     manifest = plugin.build(loaded.decoder, pool, request.options, Path(request.out), request.batch_size, progress)
-    log(f"database written to {request.out} in {time.perf_counter() - start:.0f} s")
+    log(f"'{request.space}' database for {loaded.name} on {pool.tokens} tokens of '{request.data}' written to "
+        f"{request.out} in {time.perf_counter() - start:.0f} s")
     return manifest
 
 
 def export_result(out: Path, target: Path, hardware: Hardware = Hardware(),
                   log: Callable[[str], None] = print, fmt: str | None = None) -> dict[str, Any]:
-    """Write a saved result as a checkpoint: the space's default layout, or its export format ``fmt``."""
-    plugin = get_plugin(read_json(Path(out) / RESULT)["space"])
+    """Write a saved result as a checkpoint: the space's default layout, or its export format ``fmt``.
+
+    ``target`` is claimed before the model loads (``io.owned_dir``): new, empty, or an earlier export
+    (``EXPORTED`` lists its files, which this one replaces), never the model or a database the result
+    reads; the files appear there only once all are written.
+    """
+    saved = read_json(Path(out) / RESULT)
+    plugin = get_plugin(saved["space"])
     exporter = plugin.export if fmt is None else plugin.export_formats.get(fmt)
     if exporter is None:
         if plugin.export is None:
             raise UserError(f"export is not supported for space '{plugin.name}'")
         raise UserError(f"space '{plugin.name}' has no export format '{fmt}' "
                         f"(its formats: {', '.join(plugin.export_formats) or 'only the default'})")
-    result, loaded, space, config = load_result(out, hardware)
-    summary = exporter(space.model_space, space.to_model_levels(config), Path(target), loaded.tokenizer)
+    record = {"evopress_version": __version__, "result": str(Path(out).resolve()), "format": fmt}
+    with owned_dir(target, EXPORTED, _read_dirs(saved), record=record) as stage:
+        result, loaded, space, config = load_result(out, hardware)
+        summary = exporter(space.model_space, space.to_model_levels(config), stage, loaded.tokenizer)
     log(f"exported {result['method']} {result['space']} {result['target']:g} to {target}"
         + (f" as {fmt}" if fmt else ""))
-    return summary
+    return {k: v.replace(str(stage), str(target)) if isinstance(v, str) else v for k, v in summary.items()}
+
+
+def _read_dirs(result: dict[str, Any]) -> dict[Path, str]:
+    """The directories exporting ``result`` reads, which its --out must not be: the model it was searched
+    on and its databases (the space options stored by absolute path)."""
+    options = result.get("space_options") or {}
+    reads = {Path(v): "a level database this result reads" for v in options.values()
+             if isinstance(v, str) and Path(v).is_absolute()}
+    model = (result.get("recipe") or {}).get("model")
+    if model:
+        reads[Path(model)] = "the model this result was searched on"
+    return reads
 
 
 def evaluate_results(dirs: list[Path], settings: EvalSettings, hardware: Hardware = Hardware(),
@@ -522,12 +551,15 @@ def evaluate_results(dirs: list[Path], settings: EvalSettings, hardware: Hardwar
     """Held-out PPL and KL for each saved result; results of one model share the model and teachers."""
     from tqdm.auto import tqdm
 
-    # every directory is checked before the first (long) evaluation: a typo fails at once
+    # every directory and text is checked before the first (long) evaluation: a typo fails at once
     models = [Recipe.from_json(read_json(Path(out) / RESULT)["recipe"]).model for out in dirs]
+    for source in settings.data:
+        check_source(source)
     reports = []
     loaded: LoadedModel | None = None
     held_out: HeldOut | None = None
-    for out, model in zip(tqdm(dirs, desc="eval", unit="result", disable=not progress), models):
+    bar = None  # shown once the first result is done: a mistake found on the way to it is one line, alone
+    for out, model in zip(dirs, models):
         if loaded is not None and model != loaded.name and not (model is None and loaded.name == "default"):
             loaded = held_out = None
         result, loaded, space, config = load_result(out, hardware, loaded)
@@ -535,4 +567,8 @@ def evaluate_results(dirs: list[Path], settings: EvalSettings, hardware: Hardwar
         extra = {"lm_eval": lm_eval_tasks(loaded, space, config, settings)} if settings.lm_eval else None
         log(f"evaluating {out} ({result['method']}, {result['space']} {result['target']:g})")
         reports.append(write_eval(Path(out), result, held_out.measure(space, config, log), log, extra))
+        bar = bar or tqdm(total=len(dirs), desc="eval", unit="result", disable=not progress)
+        bar.update()
+    if bar is not None:
+        bar.close()
     return reports

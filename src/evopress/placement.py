@@ -169,7 +169,7 @@ class CheckpointReader:
         return torch.equal(row, weight[0:1].detach().cpu())
 
 
-def parse_max_memory(text: str | None) -> dict[Any, str] | None:
+def parse_max_memory(text: str | None) -> dict[Any, str | int] | None:
     """``"0=70GiB,1=70GiB,cpu=200GiB"`` (or the same as JSON) -> accelerate's max_memory mapping."""
     if not text:
         return None
@@ -179,7 +179,23 @@ def parse_max_memory(text: str | None) -> dict[Any, str] | None:
         raw = None
     if not isinstance(raw, dict) or not raw:
         raise UserError(f"--max-memory '{text}' must look like '0=70GiB,cpu=200GiB' (device=size, ...)")
-    return {int(k) if str(k).strip().isdigit() else str(k).strip(): str(v).strip() for k, v in raw.items()}
+    return {int(k) if str(k).strip().isdigit() else str(k).strip(): _memory_size(k, v) for k, v in raw.items()}
+
+
+def _memory_size(device: Any, value: Any) -> str | int:
+    """A size as accelerate reads it (bytes as an int, or a number with a unit), refused now if it cannot
+    be read: accelerate would refuse it only once the model loads."""
+    from accelerate.utils import convert_file_size_to_int
+
+    text = str(value).strip()
+    if text.isdigit():
+        return int(text)
+    try:
+        convert_file_size_to_int(text)
+    except ValueError:
+        raise UserError(f"--max-memory {str(device).strip()}={text}: a size is a number of bytes or a positive "
+                        "number with a unit, e.g. 70GiB or 500MB") from None
+    return text
 
 
 def parse_device_map(text: str | None) -> str | dict[str, Any] | None:
@@ -220,7 +236,7 @@ def torchrun_share() -> list[int] | None:
                      torch.cuda.device_count())
 
 
-def for_share(device_map: str | dict[str, Any], max_memory: dict[Any, str] | None, share: list[int],
+def for_share(device_map: str | dict[str, Any], max_memory: dict[Any, str | int] | None, share: list[int],
               available: dict[Any, Any]) -> tuple[str | dict[str, Any], dict[Any, Any]]:
     """A rank's placement: GPU indices in ``device_map`` and ``max_memory`` count within its ``share``.
 
@@ -243,7 +259,7 @@ def for_share(device_map: str | dict[str, Any], max_memory: dict[Any, str] | Non
 
 
 def device_map_for(empty: nn.Module, blocks_prefix: str, num_blocks: int, main: torch.device,
-                   device_map: str | dict[str, Any], max_memory: dict[Any, str] | None,
+                   device_map: str | dict[str, Any], max_memory: dict[Any, str | int] | None,
                    dtype: torch.dtype) -> dict[str, Any]:
     """Blocks spread by ``device_map`` (over GPUs, CPU RAM, disk); everything else on ``main``."""
     if isinstance(device_map, dict):

@@ -9,19 +9,22 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import types
 import typing
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Mapping
 
-from .data import DEFAULT_CALIBRATION, default_pool_tokens
+from .data import DEFAULT_CALIBRATION, check_source, default_pool_tokens
 from .data import BOS_POLICIES
+from .database import MANIFEST
 from .errors import UserError
 from .evolution import SearchConfig
 from .fitness import FitnessConfig
 from .models import Hardware
-from .spaces import DEFAULT_SPACE, baseline, check_space_settings, default_init
+from .spaces import DEFAULT_SPACE, baseline, check_space_settings, default_init, get_plugin
+from .spaces.layerwise import DB_OPTION, absolute_path
 
 IMPORTED = "imported"  # the method of a configuration found elsewhere (``import-config``)
 AUTO, NO_INIT = "auto", "none"  # init_from: the space's default warm start; random only
@@ -163,6 +166,8 @@ def _check_types(settings: Mapping[str, Any], cls: type, section: str = "") -> N
 
 
 def _check_ranges(recipe: Recipe) -> None:
+    if recipe.target is not None and not math.isfinite(recipe.target):  # a space's range check may let inf by
+        raise UserError(f"target (--target) must be a finite number, not {recipe.target}")
     if recipe.seq_len < 2:
         raise UserError(f"seq_len (--seq-len) must be at least 2, not {recipe.seq_len}")
     if recipe.bos not in BOS_POLICIES:
@@ -225,3 +230,22 @@ def make_recipe(mapping: Mapping[str, Any] | None = None, /, **settings: Any) ->
     for method in [recipe.method] * (recipe.method not in ("evopress", "imported")) + recipe.init_from:
         baseline(recipe.space, method)
     return recipe
+
+
+def check_inputs(recipe: Recipe) -> None:
+    """Refuse a run whose calibration text or level database is missing, before its model loads (15-115 s).
+
+    Not part of ``make_recipe``: a saved recipe.json is read again (to compare a rerun's settings, to
+    evaluate its result) after its text or database may have moved, which must not refuse those. A
+    database option is the one every database-backed space declares (``DB_OPTION``, required) or any
+    other stored by absolute path (``absolute_path``: databases only); what it holds (its space, its
+    model) is checked by the space once the model is loaded.
+    """
+    check_source(recipe.data)
+    for option in get_plugin(recipe.space).options:
+        path = recipe.space_options.get(option.key)
+        if path is None and option is DB_OPTION:
+            raise UserError(f"space '{recipe.space}' needs {option.flags[0]}, a {option.help}")
+        if path is not None and option.convert is absolute_path and not (Path(path) / MANIFEST).is_file():
+            raise UserError(f"{option.flags[0]} {path}: no database there (no {MANIFEST}: not built, or its "
+                            "build-db did not finish)")

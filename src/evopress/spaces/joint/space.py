@@ -85,6 +85,12 @@ class JointSpace(RetargetableSpace):
             raise UserError(f"--target {target:g} is above the most expensive configuration: {top:,} bytes "
                             f"({8 * top / self.numel:.4f} bits per weight) with every layer at "
                             f"{self.quant.bits[-1]} bits; database {self.quant.db.root}")
+        cheapest = min(sum(costs[u][0] for u in members) for _, _, members in self.drop_masks)
+        if 0 < budget < cheapest:  # only the empty configuration is cheaper, and it is below any byte window
+            need = cheapest if self.target_bytes else math.ceil(8e4 * cheapest / self.numel) / 1e4
+            raise UserError(f"--target {target:g} is below the cheapest configuration that keeps a sub-block "
+                            f"({cheapest:,} bytes: one at its cheapest levels, every other dropped); give --target "
+                            f"{need:g} or more")
         self.target = target
         self.problem = Problem(num_levels=tuple(map(len, self.levels)) + (2,) * subs,
                                costs=costs + ((0, 0),) * subs, budget=budget, groups=(tuple(range(len(self.units))),),
