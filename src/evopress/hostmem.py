@@ -64,8 +64,8 @@ def _file_mapped(first: int, last: int) -> bool:
 
 def trim_heap() -> None:
     """Return the free memory glibc holds at the top of its heaps to the OS (``malloc_trim(0)``), after a
-    phase whose temporaries were freed; a no-op elsewhere. Measured on the default model: 180 MiB after
-    tokenizing the calibration text (``benchmarks/memory_phases.py``)."""
+    phase whose temporaries were freed (tokenizing leaves hundreds of MiB there: docs/scaling.md); a
+    no-op elsewhere."""
     libc = _glibc()
     if libc is not None:
         libc.malloc_trim(0)
@@ -79,7 +79,7 @@ def map_large_allocations(threshold: int = MMAP_THRESHOLD) -> bool:
     first large temporary a model's activations and logit blocks come from the heap, which fragments
     and stays resident. A fixed threshold bounds that; together with ``long_lived`` (below) it can sit
     above the small, frequent temporaries, which the heap then reuses without a page fault each time.
-    Measured on the default model (quant search, ``benchmarks/mmap_threshold.py``, docs/scaling.md).
+    The trade of memory against system time is measured in docs/scaling.md.
     A user's own ``MALLOC_MMAP_THRESHOLD_`` (read by glibc at start) is left alone; a no-op off glibc.
     """
     global _held

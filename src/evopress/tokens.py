@@ -12,9 +12,8 @@ tokenization of the joined text (tested on BPE and SentencePiece-style tokenizer
 A text longer than ``APART_CHARS`` is tokenized in a child process (``python -m evopress.tokens``), which
 gets the tokenizer's own serialization, so its ids are the same. Why: the tokenizer's worker threads keep
 much of what they allocated after the text is tokenized (glibc's per-thread arenas, which
-``malloc_trim`` does not hand back), and a search would hold it to its end: 70 MiB of host RAM with 2
-threads and 150-210 MiB with 8 on the default calibration text (docs/scaling.md). A child gives all of it
-back when it exits. It imports only numpy and tokenizers (this module imports nothing else), a fraction
+``malloc_trim`` does not hand back), and a search would hold it to its end: tens of MiB of host RAM per
+tokenizer thread (docs/scaling.md). A child gives all of it back when it exits. It imports only numpy and tokenizers (this module imports nothing else), a fraction
 of a second next to the tokenizing.
 """
 
