@@ -212,7 +212,7 @@ class FewerDrops:
 
 
 def _warm_start(built, space, init_from, **options):
-    """``pipeline._warm_start`` on ``space`` with the ``FewerDrops`` scorer: (configurations, log lines)."""
+    """``pipeline.warm_start`` on ``space`` with the ``FewerDrops`` scorer: (configurations, log lines)."""
     from evopress import pipeline
     from evopress.recipe import make_recipe
 
@@ -221,7 +221,7 @@ def _warm_start(built, space, init_from, **options):
     ctx = SimpleNamespace(recipe=recipe, space=space, evaluator=FewerDrops(space), pool=built[2],
                           baseline_runs={})
     logged = []
-    return pipeline._warm_start(ctx, [], logged.append), logged
+    return pipeline.warm_start(ctx, [], logged.append), logged
 
 
 def test_the_warm_start_repairs_baselines_into_the_byte_window(built):

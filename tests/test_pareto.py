@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import evopress
-from evopress import pipeline
+from evopress.pipeline import search as pipeline_search
 from evopress.cli import main
 from evopress.database import Database
 from evopress.front import project
@@ -126,7 +126,7 @@ def test_killed_pareto_resumes_to_the_uninterrupted_front(tiny_checkpoint, tmp_p
     no_plot(monkeypatch)
     args = lambda out: pareto_args(model, text, out, "0.17,0.34") + ["--baselines", "shortgpt"]  # noqa: E731
     assert main(args(tmp_path / "straight")) == 0
-    real_evolve, calls = pipeline.evolve, []
+    real_evolve, calls = pipeline_search.evolve, []
 
     def evolve_then_die(problem, evaluator, initial, config, state, on_generation):
         calls.append(1)
@@ -138,14 +138,14 @@ def test_killed_pareto_resumes_to_the_uninterrupted_front(tiny_checkpoint, tmp_p
 
         return real_evolve(problem, evaluator, initial, config, state, die_after_two)
 
-    monkeypatch.setattr(pipeline, "evolve", evolve_then_die)
+    monkeypatch.setattr(pipeline_search, "evolve", evolve_then_die)
     killed = tmp_path / "killed"
     assert main(args(killed)) == 130  # as the CLI ends on Ctrl-C
     assert (killed / "target-0.17" / "result.json").is_file()
     checkpoint = json.loads((killed / "target-0.34" / "checkpoint.json").read_text())
     assert checkpoint["state"]["generation"] == 2 and not (killed / "target-0.34" / "result.json").exists()
     assert not (killed / "front.json").exists()
-    monkeypatch.setattr(pipeline, "evolve", real_evolve)
+    monkeypatch.setattr(pipeline_search, "evolve", real_evolve)
     assert main(args(killed)) == 0
     assert comparable(killed) == comparable(tmp_path / "straight")
 
