@@ -5,9 +5,11 @@
 (venv setup: ``benchmarks/llmcompressor_recipe.py``.) RESULT_DIR is a quant search result on the
 default model. Steps: ``evopress export`` writes our checkpoint and ``llmcompressor_recipe.yaml``;
 ``oneshot`` runs that recipe (GPTQModifier, one config group per bitwidth) on the dense default model
-with ``--calib-windows`` Wikipedia calibration windows of 256 tokens (our database's calibration
-text and window length); then the bits llm-compressor applied per layer are compared with the
-profile, and both models are scored on the same held-out Wikipedia windows (512 tokens, no BOS):
+with ``--calib-windows`` calibration windows of 256 tokens of ``--data`` (default: the same default
+as ``evopress build-db``, the ``wiki+ptb`` mix; give the data the RESULT's database was built on, so
+both sides calibrate on the same text); then the bits llm-compressor applied per layer are compared
+with the profile, and both models are scored on the same held-out windows of ``--eval-data`` (default
+the Wikipedia evaluation split; 512 tokens, no BOS):
 perplexity and mean per-token KL(dense || model), ours loaded by ``evopress.load_compressed``,
 llm-compressor's as ``oneshot`` leaves it in memory (quantize-dequantize forward).
 """
@@ -24,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 import evopress
-from evopress.data import load_pool
+from evopress.data import DEFAULT_CALIBRATION, load_pool
 from evopress.io import read_json
 from evopress.models import resolve_model_path
 from evopress.pipeline import export_result
@@ -46,6 +48,9 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("result", type=Path)
     parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--data", default=DEFAULT_CALIBRATION, help="oneshot's calibration text: wiki, ptb, "
+                        "a file or a+b, as evopress --data (default: %(default)s, evopress's default)")
+    parser.add_argument("--eval-data", default="wiki", help="held-out text (default: %(default)s)")
     parser.add_argument("--calib-windows", type=int, default=32)
     parser.add_argument("--eval-windows", type=int, default=8)
     args = parser.parse_args()
@@ -58,13 +63,14 @@ def main() -> None:
     profile = read_json(ours_dir / "evopress_profile.json")["layer_bits"]
     _, dense_path = resolve_model_path(None)
     tokenizer = AutoTokenizer.from_pretrained(dense_path)
-    calib = load_pool(tokenizer, "wiki", "calibration", 256, args.calib_windows * 256).windows
-    held_out = load_pool(tokenizer, "wiki", "evaluation", 512, args.eval_windows * 512).windows
+    calib = load_pool(tokenizer, args.data, "calibration", 256, args.calib_windows * 256).windows
+    held_out = load_pool(tokenizer, args.eval_data, "evaluation", 512, args.eval_windows * 512).windows
     dense = AutoModelForCausalLM.from_pretrained(dense_path, dtype=torch.float32).eval()
     with torch.inference_mode():
         dense_logp = [F.log_softmax(dense(input_ids=ids, use_cache=False).logits[:, :-1].double(), dim=-1)
                       for ids in held_out.split(4)]
-    report = {"result": str(args.result), "dense": scores(dense, dense_logp, held_out)}
+    report = {"result": str(args.result), "database_data": read_json(args.result / "result.json")["data"],
+              "oneshot_data": args.data, "eval_data": args.eval_data, "dense": scores(dense, dense_logp, held_out)}
     report["evopress"] = scores(evopress.load_compressed(ours_dir), dense_logp, held_out)
     model = AutoModelForCausalLM.from_pretrained(dense_path, dtype=torch.float32)
     data = Dataset.from_dict({"input_ids": calib.tolist(), "attention_mask": torch.ones_like(calib).tolist()})

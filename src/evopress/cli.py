@@ -239,7 +239,7 @@ def _add_build_db(sub: Any) -> None:
 
 
 def _add_export(sub: Any) -> None:
-    x = sub.add_parser("export", help="write a compressed checkpoint that transformers loads")
+    x = sub.add_parser("export", help="write a compressed checkpoint (which loader reads it: README, Export)")
     x.add_argument("dir", type=Path)
     formats = sorted({f for plugin in PLUGINS.values() for f in plugin.export_formats})
     x.add_argument("--format", default=None, choices=formats or None,
