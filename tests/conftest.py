@@ -135,18 +135,21 @@ def assert_random_and_mutants_reuse_exactly(space, pool, randoms, mutants):
 
 
 def assert_prefix_reuse_matches_full_forward(space, pool, configs, cache_bytes, tokens=96, seed=4):
-    """The optimised evaluator (prefix reuse, cached teacher) gives the naive evaluator's KL and NLL.
+    """The optimised evaluator (prefix reuse, cached teacher) gives the naive evaluator's KL and NLL, bit
+    for bit.
 
-    Shared by every space's tests: the evaluator must be exact whatever ``apply`` rewrites.
+    Shared by every space's tests: the evaluator must be exact whatever ``apply`` rewrites. Both run the
+    same batches through the same blocks, and a reused boundary holds the very tensors the naive run
+    recomputes, so nothing may differ, not even in the last bit: measured identical on every case of
+    every space under ATEN_CPU_CAPABILITY=default, avx2 and avx512 with 1 and 2 threads. A tolerance
+    would hide a boundary taken from a candidate that differs in a block after it by a small amount.
     """
     configs = list(configs) + [configs[0]]  # a duplicate shares its whole prefix
     sample = pool.sample(tokens, np.random.default_rng(seed))
     naive = Evaluator(space, pool, FitnessConfig(prefix_reuse=False))
     reuse = Evaluator(space, pool, FitnessConfig(cache_bytes=cache_bytes))
     a, b = naive.measure(configs, sample), reuse.measure(configs, sample)
-    for x, y in zip(a, b):
-        assert y.kl == pytest.approx(x.kl, rel=1e-5, abs=1e-7)
-        assert y.nll == pytest.approx(x.nll, rel=1e-5)
+    assert [(m.kl, m.nll, m.dense_nll, m.positions) for m in b] == [(m.kl, m.nll, m.dense_nll, m.positions) for m in a]
     if cache_bytes > 1:
         assert reuse.stats.block_tokens < naive.stats.block_tokens
     assert naive.stats.block_tokens == naive.stats.naive_block_tokens

@@ -235,8 +235,51 @@ def test_fingerprints_of_recipes_that_set_the_pool_are_unchanged():
                        init_from=[]).fingerprint() == "c0a049eafa7b0a0d"
 
 
-def test_the_default_calibration_mixes_two_domains():
-    assert make_recipe().data == data.DEFAULT_CALIBRATION == "wiki+ptb"
+def _documented_default_calibration() -> str:
+    """The default calibration as README.md states it to users."""
+    import re
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    stated = re.search(r"\*\*The default calibration is `([^`]+)`\*\*", readme)
+    assert stated, "README.md no longer states the default calibration as **The default calibration is `...`**"
+    return stated.group(1)
+
+
+def test_the_default_calibration_is_the_documented_equal_token_mix(tiny_checkpoint, monkeypatch):
+    """A search without --data calibrates on the mix the README names, in equal tokens of each source.
+
+    Why: the default decides what every profile is optimised for (docs/depth.md). The built-in texts
+    are replaced by distinct word sets per source, so each pool window tells which source it came from;
+    the pool is the one ``prepare`` (what every run goes through) draws from a bare command line.
+    """
+    from evopress.cli import build_parser, recipe_from_args
+    from evopress.pipeline import prepare
+
+    documented = _documented_default_calibration()
+    sources = documented.split("+")
+    assert sources == ["wiki", "ptb"]  # two domains: encyclopedic prose and news
+    vocab = {s: WORDS[i * 20: (i + 1) * 20] for i, s in enumerate(sources)}
+    rng = random.Random(0)
+    fake = {s: [" ".join(rng.choice(vocab[s]) for _ in range(40)) for _ in range(60)] for s in sources}
+    monkeypatch.setattr(data, "documents", lambda source, role: fake[source])
+    data._calibration_ids.cache_clear()  # token ids of the real texts must not be reused, nor these kept
+    model, _ = tiny_checkpoint
+    args = build_parser().parse_args(["search", "--target", "0.34", "--model", str(model), "--seq-len", "16",
+                                      "--calib-tokens", "320", "--stages", "1:64", "--initial-tokens", "64",
+                                      "--final-tokens", "64", "--init-from", "none", "--out", "unused"])
+    db_args = build_parser().parse_args(["build-db", "--space", "sparsity", "--out", "unused"])
+    try:
+        pool = prepare(recipe_from_args(args, "evopress"), log=lambda m: None).pool
+    finally:
+        data._calibration_ids.cache_clear()
+    assert args.data == db_args.data == make_recipe().data == documented
+    assert pool.source == documented and pool.tokens == 320
+    tok = AutoTokenizer.from_pretrained(model)
+    words = [set(tok.convert_ids_to_tokens(w.tolist())) for w in pool.windows]
+    for k, s in enumerate(sources):  # windows alternate between the sources, 10 windows of 16 tokens each
+        assert all(w <= set(vocab[s]) for w in words[k::len(sources)]), s
+        assert len(words[k::len(sources)]) == 10
 
 
 def test_check_samples_refuses_or_warns_with_the_numbers():

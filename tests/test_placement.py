@@ -166,17 +166,56 @@ def test_torchrun_ranks_place_their_replicas_over_disjoint_gpu_shares():
         for_share("auto", parse_max_memory("2=70GiB"), [2, 3], available)
 
 
+def _checkpoint_rss_kib(path) -> int:
+    """Resident KiB of this process's mappings of the file ``path`` (``/proc/self/smaps``)."""
+    from pathlib import Path
+
+    target, total, inside = str(Path(path).resolve()), 0, False
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        fields = line.split()
+        if not fields[0].endswith(":"):  # a mapping's header line: range, perms, offset, dev, inode[, path]
+            inside = len(fields) >= 6 and fields[5] == target
+        elif inside and fields[0] == "Rss:":
+            total += int(fields[1])
+    return total
+
+
+def _whole_pages(t: torch.Tensor) -> int:
+    """How many whole pages lie inside a tensor's bytes."""
+    import os
+
+    page = os.sysconf("SC_PAGE_SIZE")
+    start = t.data_ptr()
+    first = -(-start // page)  # index of the first page that starts inside the tensor
+    stop = (start + t.numel() * t.element_size()) // page  # one past the last page that ends inside it
+    return max(0, stop - first)
+
+
 def test_released_checkpoint_pages_read_back_the_same_values(tiny_checkpoint):
-    """A CPU model views its safetensors file; releasing a weight's pages frees RSS, never changes values."""
+    """A CPU model views its safetensors file; releasing a weight's pages frees RSS, never changes values.
+
+    Exactly the whole pages inside each weight go: its partial first and last pages are shared with the
+    neighbouring tensors, which stay in use. The tiny layers' fp32 weights are 8 KiB (MLP, always more
+    than a page), 4 KiB (q, o: a whole page only if page-aligned) and 2 KiB (k, v: never a whole page).
+    """
+    import os
+
     from evopress.hostmem import release_file_pages
 
+    assert os.sysconf("SC_PAGE_SIZE") == 4096  # x86-64 Linux; the sizes above assume it
     model, _ = tiny_checkpoint
     loaded = Hardware("cpu").load(str(model))
-    weights = [m.weight for m in loaded.decoder.linear_layers().values()]
-    before = [w.detach().clone() for w in weights]
-    released = [release_file_pages(w.data) for w in weights]
-    assert any(released)  # the tiny layers are smaller than a page or two: the larger ones span whole pages
-    assert all(torch.equal(w, b) for w, b in zip(weights, before))
+    named = {n: m.weight for n, m in loaded.decoder.linear_layers().items()}
+    before = {n: w.detach().clone() for n, w in named.items()}  # also makes every page resident
+    pages = {n: _whole_pages(w) for n, w in named.items()}
+    rss = _checkpoint_rss_kib(model / "model.safetensors")
+    released = {n for n, w in named.items() if release_file_pages(w.data)}
+    freed = rss - _checkpoint_rss_kib(model / "model.safetensors")
+    assert released == {n for n, k in pages.items() if k > 0}
+    assert {n for n in named if ".mlp." in n} <= released  # measured: the MLP weights, and only they
+    assert not {n for n in released if n.endswith(("k_proj", "v_proj"))}
+    assert freed == 4 * sum(pages.values()) > 0  # measured 72 KiB: 18 MLP weights of one whole page each
+    assert all(torch.equal(w, before[n]) for n, w in named.items())
     anonymous = torch.randn(1 << 16)
     copy = anonymous.clone()
     assert not release_file_pages(anonymous) and torch.equal(anonymous, copy)  # anonymous memory is left alone
