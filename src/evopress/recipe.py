@@ -233,7 +233,7 @@ def make_recipe(mapping: Mapping[str, Any] | None = None, /, **settings: Any) ->
 
 
 def check_inputs(recipe: Recipe) -> None:
-    """Refuse a run whose calibration text or level database is missing, before its model loads (a load can take minutes).
+    """Refuse a run whose calibration text or level database is missing, before its model loads (minutes).
 
     Not part of ``make_recipe``: a saved recipe.json is read again (to compare a rerun's settings, to
     evaluate its result) after its text or database may have moved, which must not refuse those. A
