@@ -9,7 +9,9 @@
 # unstructured sparsity 50/60/70% (vs uniform SparseGPT, OWL), quantization 3.0 and 2.5 bits per
 # weight (vs uniform GPTQ, DP over per-layer errors, best-of-16 random).
 #
-# Today's defaults: calibration on the `wiki+ptb` mix (no --data anywhere), the default search shape
+# The settings the README table was measured with, pinned: calibration on the `wiki+ptb` mix, the
+# token-mean fitness and the paper's acceptance rule (--data wiki+ptb --fitness-aggregate tokens
+# --accept-sigmas 0; today's defaults differ: docs/generalization.md), the default search shape
 # (16 offspring, stages 2@256 -> 1@1024 tokens, 16 random initial candidates ranked on 512 tokens, the
 # space's warm start `--init-from auto`: ShortGPT + angular for depth, OWL for sparsity, DP for quant;
 # the parent tracked on 2,048 held-aside tokens every 5 generations), 256-token calibration windows,
@@ -62,7 +64,8 @@ report() {  # report DIR: table and profile plots of every result under a pareto
     evopress report "${dirs[@]}" --out "$1/report" --quiet
 }
 
-COMMON=(--seq-len 256 --calib-tokens 8192 --final-tokens 2048 --seed 0 --tokens 1024
+COMMON=(--data wiki+ptb --fitness-aggregate tokens --accept-sigmas 0
+        --seq-len 256 --calib-tokens 8192 --final-tokens 2048 --seed 0 --tokens 1024
         --eval-data wiki,ptb --eval-tokens "$EVAL_TOKENS" --eval-seq-len 512 --quiet)
 FRONTS=()
 
@@ -77,6 +80,7 @@ for SPACE in $SPACES; do
     quant)
         DB="$OUT/quant-db"
         [ -f "$DB/manifest.json" ] || timed quant-db evopress build-db --space quant --bits 2,3,4,5,6,8 \
+            --data wiki+ptb \
             --calib-tokens 8192 --seq-len 256 --out "$DB" --quiet
         timed quant evopress pareto --space quant --db "$DB" --targets 2.5,3 --generations "$GEN_QUANT" \
             --baselines uniform,dp "${COMMON[@]}" --out "$OUT/quant"
@@ -86,6 +90,7 @@ for SPACE in $SPACES; do
     sparsity)
         DB="$OUT/sparsity-db"
         [ -f "$DB/manifest.json" ] || timed sparsity-db evopress build-db --space sparsity --center 0.6 \
+            --data wiki+ptb \
             --levels 5 --step 27648 --calib-tokens 8192 --seq-len 256 --out "$DB" --quiet
         timed sparsity evopress pareto --space sparsity --db "$DB" --targets 0.5,0.6,0.7 \
             --generations "$GEN_SPARSITY" --baselines uniform,owl "${COMMON[@]}" --out "$OUT/sparsity"

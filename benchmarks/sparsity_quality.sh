@@ -4,7 +4,8 @@
 #
 # Per target: a SparseGPT level database centred at the target (so "uniform" is exactly uniform),
 # step 27,648 weights (3.1% of an MLP layer, 8.3% of q/o, 25% of k/v), ±3 levels; calibration and
-# search on 8,192 tokens of the default calibration (the wiki+ptb mix) in 256-token windows. OWL: the paper's 20-point (lambda, M) grid,
+# search on 8,192 tokens of the default calibration (wiki+ptb+docs+tweets; the tables in docs/sparsity.md
+# were measured on the wiki+ptb mix, then the default) in 256-token windows. OWL: the paper's 20-point (lambda, M) grid,
 # best on 1,024 calibration tokens. EvoPress: warm-started from uniform and OWL (the better of the two
 # on 512 tokens becomes the first parent), offspring 16, stages 2@256 -> 1@1024 tokens, $GENERATIONS
 # generations. Held-out: Wikipedia summaries (last 2,000 articles) and PTB test, 8,192 tokens each,

@@ -229,10 +229,13 @@ def test_the_default_pool_is_sized_from_the_schedule():
 def test_fingerprints_of_recipes_that_set_the_pool_are_unchanged():
     """Values computed before calib_tokens could be unset: checkpoints written then still resume.
 
-    (``data="wiki"``: the default calibration was Wikipedia alone then.)"""
-    assert make_recipe(data="wiki", calib_tokens=32768, init_from=[]).fingerprint() == "4dabdcaf318bbd66"
-    assert make_recipe(data="wiki", calib_tokens=1024, seq_len=32, stages=[(1, 64)],
-                       init_from=[]).fingerprint() == "c0a049eafa7b0a0d"
+    (``data="wiki"``: the default calibration was Wikipedia alone then; the fitness was the token mean
+    and any better child replaced its parent.)"""
+    old = dict(data="wiki", init_from=[], aggregate="tokens", accept_sigmas=0)
+    assert make_recipe(calib_tokens=32768, **old).fingerprint() == "4dabdcaf318bbd66"
+    assert make_recipe(calib_tokens=1024, seq_len=32, stages=[(1, 64)], **old).fingerprint() == "c0a049eafa7b0a0d"
+    assert make_recipe(calib_tokens=1024, seq_len=32, stages=[(1, 64)], **{**old, "accept_sigmas": 1}
+                       ).fingerprint() != "c0a049eafa7b0a0d"
 
 
 def _documented_default_calibration() -> str:
@@ -258,8 +261,9 @@ def test_the_default_calibration_is_the_documented_equal_token_mix(tiny_checkpoi
 
     documented = _documented_default_calibration()
     sources = documented.split("+")
-    assert sources == ["wiki", "ptb"]  # two domains: encyclopedic prose and news
-    vocab = {s: WORDS[i * 20: (i + 1) * 20] for i, s in enumerate(sources)}
+    assert sources == ["wiki", "ptb", "docs", "tweets"]  # encyclopedic, news, technical docs, social media
+    n = len(WORDS) // len(sources)
+    vocab = {s: WORDS[i * n: (i + 1) * n] for i, s in enumerate(sources)}
     rng = random.Random(0)
     fake = {s: [" ".join(rng.choice(vocab[s]) for _ in range(40)) for _ in range(60)] for s in sources}
     monkeypatch.setattr(data, "documents", lambda source, role: fake[source])
@@ -277,9 +281,10 @@ def test_the_default_calibration_is_the_documented_equal_token_mix(tiny_checkpoi
     assert pool.source == documented and pool.tokens == 320
     tok = AutoTokenizer.from_pretrained(model)
     words = [set(tok.convert_ids_to_tokens(w.tolist())) for w in pool.windows]
-    for k, s in enumerate(sources):  # windows alternate between the sources, 10 windows of 16 tokens each
+    for k, s in enumerate(sources):  # windows alternate between the sources, 5 windows of 16 tokens each
         assert all(w <= set(vocab[s]) for w in words[k::len(sources)]), s
-        assert len(words[k::len(sources)]) == 10
+        assert len(words[k::len(sources)]) == 5
+    assert pool.names == tuple(sources) and pool.labels.tolist() == list(range(len(sources))) * 5
 
 
 def test_check_samples_refuses_or_warns_with_the_numbers():

@@ -128,7 +128,7 @@ def test_killed_pareto_resumes_to_the_uninterrupted_front(tiny_checkpoint, tmp_p
     assert main(args(tmp_path / "straight")) == 0
     real_evolve, calls = pipeline_search.evolve, []
 
-    def evolve_then_die(problem, evaluator, initial, config, state, on_generation):
+    def evolve_then_die(problem, evaluator, initial, config, state, on_generation, on_start=None):
         calls.append(1)
 
         def die_after_two(s):
@@ -136,7 +136,7 @@ def test_killed_pareto_resumes_to_the_uninterrupted_front(tiny_checkpoint, tmp_p
             if len(calls) == 2 and s.generation == 2:
                 raise KeyboardInterrupt
 
-        return real_evolve(problem, evaluator, initial, config, state, die_after_two)
+        return real_evolve(problem, evaluator, initial, config, state, die_after_two, on_start=on_start)
 
     monkeypatch.setattr(pipeline_search, "evolve", evolve_then_die)
     killed = tmp_path / "killed"

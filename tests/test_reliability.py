@@ -7,6 +7,7 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 import torch
 
@@ -356,10 +357,40 @@ def test_fixed_sample_track_is_recorded_reported_and_changes_nothing_else(tiny_c
     with_track, without = comparable(tmp_path / "tracked"), comparable(tmp_path / "plain")
     assert [h["generation"] for h in with_track["history"] if h["track"] is not None] == [0, 2, 4, 5]
     assert all(h["track"] is None for h in without["history"])
-    assert with_track["levels"] == without["levels"] and with_track["fitness"] == without["fitness"]
+    # the same trajectory; the track only adds its best parent to the final choice
     assert [h["fitness"] for h in with_track["history"]] == [h["fitness"] for h in without["history"]]
+    last = [c["fitness"] for r in (with_track, without) for c in r["final_choice"]["candidates"]
+            if c["from"] == "last parent"]
+    assert last[0] == last[1]
+    best = min(c["fitness"] for c in with_track["final_choice"]["candidates"])
+    assert with_track["fitness"]["kl"] == pytest.approx(best, rel=1e-12)
     assert main(["report", str(tmp_path / "tracked"), "--out", str(tmp_path / "report"), "--quiet"]) == 0
     assert "fixed-sample kl" in (tmp_path / "report" / "report.md").read_text()
+
+
+def test_a_search_never_returns_worse_than_where_it_started(tiny_checkpoint, tmp_path, monkeypatch):
+    """A last parent that noise led below the initial winner is not the answer: the final choice scores
+    it, the best tracked parent and the initial contenders on the final sample and returns the best."""
+    from evopress.pipeline import search as pipeline_search
+
+    real, worst = pipeline_search.evolve, []
+
+    def evolve_to_worse(problem, evaluator, initial, config, state=None, on_generation=None, on_start=None):
+        s = real(problem, evaluator, initial, config, state, on_generation, on_start=on_start)
+        scores = [float(x) for x in evaluator.score(initial, evaluator.pool.first(128))]
+        worst.append(max(scores))
+        s.parent = initial[int(np.argmax(scores))]  # the worst start, as if noise had led there
+        return s
+
+    monkeypatch.setattr(pipeline_search, "evolve", evolve_to_worse)
+    model, text = tiny_checkpoint
+    assert main(search_args(model, text, tmp_path / "run", 3)) == 0
+    result = json.loads((tmp_path / "run" / "result.json").read_text())
+    choice = result["final_choice"]
+    assert choice["chosen"] != "last parent" and choice["tokens"] == 128
+    assert {c["from"] for c in choice["candidates"]} >= {"last parent", "initial winner"}
+    best = min(c["fitness"] for c in choice["candidates"])
+    assert result["fitness"]["kl"] == pytest.approx(best, rel=1e-12) and best < worst[0]
 
 
 def test_a_database_is_refused_for_a_text_that_changed_under_the_same_name(tiny_checkpoint, tmp_path, capsys):

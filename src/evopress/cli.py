@@ -19,7 +19,7 @@ from typing import Any, Callable
 from .distributed import RankFailed, is_main, main_only, session
 from .errors import UserError
 from .evolution import SearchConfig
-from .fitness import METRICS, FitnessConfig
+from .fitness import AGGREGATES, METRICS, FitnessConfig
 from .data import BOS_POLICIES, DEFAULT_CALIBRATION, DEFAULT_EVAL, MIN_POOL_TOKENS, STAGE_SHARE
 from .interchange import OWN, all_formats
 from .io import atomic_write
@@ -109,6 +109,9 @@ def _common(p: argparse.ArgumentParser, target: str = "required") -> None:
                    "pin | min | max: level, tie: true} (see docs/constraints.md)")
     _model_args(p)
     p.add_argument("--fitness", default=f.metric, choices=METRICS)
+    p.add_argument("--fitness-aggregate", default=f.aggregate, choices=AGGREGATES,
+                   help="one number from a mix of calibration sources: tokens (mean over all tokens), sources "
+                   "(mean over sources of each one's ratio to the initial parent's), worst (the largest ratio)")
     p.add_argument("--batch-size", type=int, default=f.batch_size)
     p.add_argument("--final-tokens", type=int, default=4096,
                    help="calibration tokens on which every method's final fitness is reported")
@@ -139,6 +142,9 @@ def _search_args(s: argparse.ArgumentParser) -> None:
     s.add_argument("--stages", default=",".join(f"{a}:{b}" for a, b in d.stages),
                    help="multi-step selection, survivors:tokens per stage (paper depth: 2:2048,1:32768)")
     s.add_argument("--max-switches", type=int, default=d.max_switches)
+    s.add_argument("--accept-sigmas", type=float, default=d.accept_sigmas, help="a child replaces its parent only "
+                   "when better by more than this many standard errors of their paired difference over the "
+                   "last stage's windows (0: by any margin, the paper's rule)")
     s.add_argument("--initial-candidates", type=int, default=d.initial_candidates)
     s.add_argument("--initial-tokens", type=int, default=d.initial_tokens)
     s.add_argument("--init-from", default=AUTO, help="comma-separated baselines whose configurations join "
@@ -302,10 +308,12 @@ def recipe_from_args(args: argparse.Namespace, method: str, target: float | None
         space=args.space, target=args.target if target is None else target, method=method, model=args.model,
         data=args.data, device=args.device, dtype=args.dtype, device_map=args.device_map, max_memory=args.max_memory,
         bos=args.bos, seq_len=args.seq_len, calib_tokens=args.calib_tokens, space_options=options,
-        final_tokens=args.final_tokens, seed=args.seed, metric=args.fitness, batch_size=args.batch_size)
+        final_tokens=args.final_tokens, seed=args.seed, metric=args.fitness, aggregate=args.fitness_aggregate,
+        batch_size=args.batch_size)
     if args.command in ("search", "pareto"):
         settings.update(generations=args.generations, offspring=args.offspring, stages=parse_stages(args.stages),
-                        max_switches=args.max_switches, initial_candidates=args.initial_candidates,
+                        max_switches=args.max_switches, accept_sigmas=args.accept_sigmas,
+                        initial_candidates=args.initial_candidates,
                         initial_tokens=args.initial_tokens, prefix_reuse=not args.no_prefix_reuse,
                         cache_bytes=int(args.prefix_cache_gb * 2**30), batch_tokens=args.batch_tokens,
                         track_every=args.track_every, track_tokens=args.track_tokens,

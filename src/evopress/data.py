@@ -17,11 +17,12 @@ padding, which matters more on our hardware than the reference's unpacked variab
 
 Tokenizing "as a whole" is ``tokens.token_ids``: in pieces, exactly, and apart from this process.
 
-Sources: ``wiki`` (the calibration split of the embedded Wikipedia summaries), ``ptb`` (Penn
-Treebank, the standard second set) or a local UTF-8 ``.txt`` (documents separated by blank lines) or
-``.jsonl`` (one ``{"text": ...}`` object per line) file; ``a+b`` mixes sources in equal shares. The
-default calibration is the ``wiki+ptb`` mix (``DEFAULT_CALIBRATION``): a profile calibrated on one
-domain specialises to it (docs/depth.md), and users rarely know what their model will serve.
+Sources: a built-in text (``corpora.CORPORA``: each split into calibration and evaluation documents)
+or a local UTF-8 ``.txt`` (documents separated by blank lines) or ``.jsonl`` (one ``{"text": ...}``
+object per line) file; ``a+b`` mixes sources in equal shares, and every window remembers its source,
+so stages sample the sources equally and the fitness can be scored per source (``fitness.aggregate``).
+The default calibration mixes four genres (``DEFAULT_CALIBRATION``): a profile calibrated on one domain
+specialises to it (docs/generalization.md), and users rarely know what their model will serve.
 """
 
 from __future__ import annotations
@@ -30,44 +31,24 @@ import functools
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
 
-from . import assets
+from .corpora import CORPORA
 from .errors import UserError
 from .tokens import token_ids
 
-WIKI_SPLIT_SEED = 0
-WIKI_EVAL_ARTICLES = 2000
 SEPARATOR = "\n\n"
 PROTOCOL = "GPTQ protocol: documents joined with blank lines, tokenized as one text without special tokens"
 POOL_SEED = 0
-DEFAULT_CALIBRATION = "wiki+ptb"  # two domains in equal tokens: encyclopedic prose and news
+DEFAULT_CALIBRATION = "wiki+ptb+docs+tweets"  # encyclopedic, news, technical docs, social media (corpora.py)
 DEFAULT_EVAL = ("wiki", "ptb")  # held out: the Wikipedia evaluation split and PTB test, reported apart
 TEXT_BUDGET_CHARS = 2**26
 BINARY_SHARE = 0.01  # a .txt with more undecodable or NUL characters than this is not text
 MIN_POOL_TOKENS = 32768  # the smallest default calibration pool
 STAGE_SHARE = 4  # a default pool holds at least 4x the largest stage sample (overlap 25% or less)
-
-
-def _wiki_documents(role: str) -> list[str]:
-    """Disjoint by article: a seeded permutation, the last 2,000 articles held out for evaluation."""
-    data = json.loads(assets.wiki_summaries_json().read_text(encoding="utf-8"))
-    titles = sorted(data)
-    order = np.random.default_rng(WIKI_SPLIT_SEED).permutation(len(titles))
-    cut = len(titles) - WIKI_EVAL_ARTICLES
-    chosen = order[:cut] if role == "calibration" else order[cut:]
-    return [data[titles[i]]["extract"] for i in chosen if data[titles[i]].get("extract")]
-
-
-def _ptb_documents(role: str) -> list[str]:
-    try:
-        import treebank  # ships the PTB LM splits as module-level strings; nothing else is imported
-    except ImportError as e:
-        raise UserError(f"PTB needs the treebank package: {assets.INSTALL_HINT['treebank']}") from e
-    return [treebank.penn["train" if role == "calibration" else "test"]]
 
 
 def _jsonl_documents(path: Path) -> list[str]:
@@ -102,15 +83,10 @@ def _txt_documents(path: Path) -> list[str]:
     return [d for d in text.split(SEPARATOR) if d.strip()]
 
 
-BUILTIN_SOURCES = ("wiki", "ptb")
-
-
 def documents(source: str, role: str) -> list[str]:
     """``role`` is 'calibration' or 'evaluation'; built-in sources return disjoint splits."""
-    if source == "wiki":
-        return _wiki_documents(role)
-    if source == "ptb":
-        return _ptb_documents(role)
+    if source in CORPORA:
+        return CORPORA[source].documents(role)
     path = Path(source).expanduser()
     if path.is_file():
         return _jsonl_documents(path) if path.suffix == ".jsonl" else _txt_documents(path)
@@ -118,7 +94,7 @@ def documents(source: str, role: str) -> list[str]:
 
 
 def _not_found(part: str) -> UserError:
-    return UserError(f"data '{part}' not found (use wiki, ptb, or a local .txt/.jsonl file)")
+    return UserError(f"data '{part}' not found (use {', '.join(CORPORA)}, or a local .txt/.jsonl file)")
 
 
 def source_parts(source: str) -> list[str]:
@@ -133,9 +109,9 @@ def check_source(source: str) -> None:
     """
     parts = source_parts(source)
     if not parts:
-        raise UserError(f"data '{source}' names no text (use wiki, ptb, or a local .txt/.jsonl file)")
+        raise UserError(f"data '{source}' names no text (use {', '.join(CORPORA)}, or a local .txt/.jsonl file)")
     for part in parts:
-        if part not in BUILTIN_SOURCES and not Path(part).expanduser().is_file():
+        if part not in CORPORA and not Path(part).expanduser().is_file():
             raise _not_found(part)
 
 
@@ -213,15 +189,24 @@ class Sample:
 
 
 class TokenPool:
-    """Calibration windows; stages draw fresh random samples from it."""
+    """Calibration windows, each labelled with its source; stages draw fresh random samples from it."""
 
-    def __init__(self, windows: torch.Tensor, source: str, bos: int | None = None):
+    def __init__(self, windows: torch.Tensor, source: str, bos: int | None = None,
+                 labels: torch.Tensor | None = None):
+        """``labels``: per window, the index of its part of ``source`` (``source_parts``); None: one source."""
         if windows.ndim != 2 or windows.shape[0] == 0:
             raise UserError(f"data '{source}' yields no complete window of tokens; give more text "
                             "or a smaller --seq-len")
         self.windows = windows
         self.source = source
         self.bos = bos  # every window starts with this token (then seq_len - 1 tokens of text), or None
+        self.names = tuple(source_parts(source)) if labels is not None else (source,)
+        self.labels = labels if labels is not None else torch.zeros(len(windows), dtype=torch.long)
+
+    def tail(self, start: int) -> "TokenPool":
+        """The windows from ``start`` on, with their labels."""
+        return TokenPool(self.windows[start:], self.source, self.bos,
+                         self.labels[start:] if len(self.names) > 1 else None)
 
     @property
     def seq_len(self) -> int:
@@ -232,8 +217,12 @@ class TokenPool:
         return self.windows.numel()
 
     def sample(self, tokens: int, rng: np.random.Generator) -> Sample:
-        """Uniform windows without replacement until exactly ``tokens``."""
-        return self._take(rng.permutation(len(self.windows)), tokens)
+        """Uniform windows without replacement until exactly ``tokens``, in equal shares of the sources
+        (up to a window): a stage of a mixed pool then weighs every source alike, as the pool does."""
+        if len(self.names) == 1:
+            return self._take(rng.permutation(len(self.windows)), tokens)
+        groups = [np.flatnonzero(self.labels.numpy() == s) for s in range(len(self.names))]
+        return self._take(_round_robin([g[rng.permutation(len(g))] for g in groups]), tokens)
 
     def first(self, tokens: int) -> Sample:
         """A deterministic sample (the first windows), for scores every method must share."""
@@ -261,10 +250,9 @@ class TokenPool:
         return out
 
 
-def _interleave(parts: list[torch.Tensor]) -> torch.Tensor:
-    """Round-robin rows of several window tensors, so any prefix of the pool is a mix of all sources."""
-    rows = [p[i] for i in range(max(len(p) for p in parts)) for p in parts if i < len(p)]
-    return torch.stack(rows)
+def _round_robin(parts: list[Sequence[Any]]) -> list[Any]:
+    """The parts' items taken in turn, so any prefix holds every part in equal shares (as far as they go)."""
+    return [p[i] for i in range(max(len(p) for p in parts)) for p in parts if i < len(p)]
 
 
 BOS_POLICIES = ("auto", "always", "never")
@@ -313,7 +301,8 @@ def load_pool(tokenizer, source: str, role: str, seq_len: int, max_tokens: int |
         return TokenPool(text, source, bos)
     share = None if max_tokens is None else -(-max_tokens // len(sources))
     parts = [load_pool(tokenizer, s, role, seq_len, share, bos).windows for s in sources]
-    return TokenPool(_interleave(parts), source, bos)
+    labels = [torch.full((len(p),), n) for n, p in enumerate(parts)]
+    return TokenPool(torch.stack(_round_robin(parts)), source, bos, torch.stack(_round_robin(labels)))
 
 
 def default_pool_tokens(samples: dict[str, int], stage: int) -> int:

@@ -186,14 +186,17 @@ class ShardedEvaluator:
     def sample_tokens(self, sample: Any) -> int:
         return self.inner.sample_tokens(sample)
 
-    def score(self, configs: Sequence[Config], sample: Any) -> list[float]:
+    def noise(self, a: Any, b: Any) -> float:
+        return self.inner.noise(a, b)
+
+    def score(self, configs: Sequence[Config], sample: Any) -> list[Any]:
         n, world, me = len(configs), world_size(), rank()
         order = sorted(range(n), key=lambda i: self.inner.space.block_keys(configs[i]))
         share = order[me * n // world: (me + 1) * n // world]
         mine = self.inner.score([configs[i] for i in share], sample) if share else []
         gathered: list[Any] = [None] * world
         dist.all_gather_object(gathered, list(zip(share, mine)))
-        scores = [0.0] * n
+        scores: list[Any] = [None] * n
         for part in gathered:
             for i, s in part:
                 scores[i] = s

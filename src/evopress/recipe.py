@@ -108,6 +108,11 @@ class Recipe:
         for k in ("batch_size", "batch_tokens", "chunk_tokens", "block_bytes", "prefix_reuse", "cache_bytes",
                   "teacher_device_bytes", "profile"):
             d["fitness"].pop(k)
+        # what every run did before these settings existed: such a recipe keeps its fingerprint
+        if d["fitness"]["aggregate"] == "tokens":
+            d["fitness"].pop("aggregate")
+        if d["search"]["accept_sigmas"] == 0:
+            d["search"].pop("accept_sigmas")
         return d
 
     def fingerprint(self) -> str:

@@ -21,6 +21,7 @@ from ..hostmem import long_lived, trim_heap
 from ..models import Decoder
 from ..spaces.problem import Config
 from ..spaces.space import Space
+from .aggregate import AGGREGATES, Aggregate, Score
 from .kl import block_bytes_for, compare, linear_head
 from .prefix import boundary_stride, common_prefix, read_later
 from .teacher import TeacherCache
@@ -40,6 +41,7 @@ class FitnessConfig:
     cache_bytes: int = 1 << 30  # memory for cached block-boundary activations
     teacher_device_bytes: int = 4 << 30  # a stage's teacher entries stay on the device when they fit
     profile: bool = False  # sync the device around timed steps so EvalStats' seconds are true (benchmarks)
+    aggregate: str = "sources"  # one number from several calibration sources (``fitness.aggregate``)
 
     def windows_per_batch(self, seq_len: int) -> int:
         """Windows per forward batch: ``batch_tokens`` keeps a batch's activation memory fixed whatever
@@ -53,6 +55,9 @@ class Measurement:
     nll: float  # candidate's mean next-token NLL
     dense_nll: float  # the dense model's mean NLL on the same positions
     positions: int
+    windows: np.ndarray  # per window of the sample [W, 3]: the sums of KL, NLL and dense NLL
+    window_positions: np.ndarray  # per window: predicted positions
+    sources: np.ndarray  # per window: index of its source in the pool's ``names``
 
 
 @dataclass
@@ -93,6 +98,10 @@ class Evaluator:
         self.config = config or FitnessConfig()
         if self.config.metric not in METRICS:
             raise UserError(f"unknown fitness '{self.config.metric}' (choose from {', '.join(METRICS)})")
+        if self.config.aggregate not in AGGREGATES:
+            raise UserError(f"unknown --fitness-aggregate '{self.config.aggregate}' (choose from "
+                            f"{', '.join(AGGREGATES)})")
+        self.aggregate = Aggregate(self.config.aggregate, pool.names)
         self.batch_size = self.config.windows_per_batch(pool.seq_len)
         self.block_bytes = self.config.block_bytes or block_bytes_for(self.decoder.device)
         self.teacher = teacher or TeacherCache(self.decoder, pool, self.batch_size, self.config.chunk_tokens,
@@ -116,10 +125,31 @@ class Evaluator:
         self._ensure_teacher(range(len(self.pool.windows)), progress)
         trim_heap()  # the teacher pass's temporaries (hostmem)
 
-    def score(self, configs: Sequence[Config], sample: Sample) -> list[float]:
-        """Fitness of each configuration on the sample; lower is better."""
-        results = self.measure(configs, sample)
-        return [m.kl if self.config.metric == "kl" else m.nll for m in results]
+    def score(self, configs: Sequence[Config], sample: Sample) -> list[Score]:
+        """Fitness of each configuration on the sample (lower is better), with its per-window sums."""
+        return [self.fitness_of(m) for m in self.measure(configs, sample)]
+
+    def fitness_of(self, m: Measurement) -> Score:
+        return self.aggregate.score(*self._metric(m))
+
+    def noise(self, a: Score, b: Score) -> float:
+        """The sampling noise of ``a - b`` for two scores on the same sample (``Aggregate.noise``)."""
+        return self.aggregate.noise(a, b)
+
+    def per_source(self, m: Measurement) -> dict[str, float]:
+        """A measurement's mean KL on each calibration source its windows cover."""
+        values = self.aggregate.per_source(m.windows[:, 0], m.window_positions, m.sources)
+        return {name: float(v) for name, v in zip(self.pool.names, values) if not np.isnan(v)}
+
+    def set_reference(self, config: Config, sample: Sample) -> dict[str, float]:
+        """Normalise the per-source aggregates by ``config``'s per-source fitness on ``sample``."""
+        m = self.measure([config], sample)[0]
+        self.aggregate.reference = self.aggregate.per_source(*self._metric(m))
+        return self.per_source(m)
+
+    def _metric(self, m: Measurement) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Per window: the fitness metric's sums, the positions and the source."""
+        return m.windows[:, 0 if self.config.metric == "kl" else 1], m.window_positions, m.sources
 
     def measure(self, configs: Sequence[Config], sample: Sample) -> list[Measurement]:
         start = time.perf_counter()
@@ -166,7 +196,8 @@ class Evaluator:
         keys = [self.space.block_keys(c) for c in configs]
         stride = self._stride(sample.tokens, len(configs))
         cache: dict[int, list[torch.Tensor]] = {0: [inp.hidden for inp in inputs]}
-        sums = torch.zeros(len(configs), 3, dtype=torch.float64, device=self.decoder.device)
+        windows = [w for _, ws in batches for w in ws]
+        sums = torch.zeros(len(configs), len(windows), 3, dtype=torch.float64, device=self.decoder.device)
         order = sorted(range(len(configs)), key=keys.__getitem__)
         shares = [common_prefix(keys[a], keys[b]) for a, b in zip(order, order[1:])]  # with the next one
         for n, i in enumerate(order):
@@ -193,8 +224,11 @@ class Evaluator:
             self.stats.naive_block_tokens += L * sample.tokens
             self.stats.head_tokens += sample.tokens
             self.stats.teacher_head_tokens += sample.tokens if self._teacher_per_candidate else 0
-        positions = sum(ids.shape[0] * (ids.shape[1] - 1) for ids, _ in batches)
-        return [Measurement(*(x / max(positions, 1) for x in row), positions) for row in sums.tolist()]
+        per_window = np.array([ids.shape[1] - 1 for ids, ws in batches for _ in ws], dtype=np.float64)
+        sources = self.pool.labels[windows].numpy()
+        positions = int(per_window.sum())
+        return [Measurement(*(float(x) / max(positions, 1) for x in rows.sum(0)), positions, rows, per_window, sources)
+                for rows in np.array(sums.tolist())]
 
     def _clock(self) -> float:
         """Wall time; with ``profile``, after the device's queued work. GPU kernels run asynchronously,
@@ -207,11 +241,8 @@ class Evaluator:
 
     def _compare(self, states: list[torch.Tensor], targets: list[dict[str, torch.Tensor]],
                  resident: bool) -> torch.Tensor:
-        """One candidate's summed KL, NLL and dense NLL over the stage's batches, left on the device;
-        targets not ``resident`` on the device are copied there one batch at a time."""
+        """One candidate's summed KL, NLL and dense NLL per window of the stage's batches [W, 3], left on
+        the device; targets not ``resident`` on the device are copied there one batch at a time."""
         device = self.decoder.device
-        total = torch.zeros(3, dtype=torch.float64, device=device)
-        for h, t in zip(states, targets):
-            t = t if resident else to_device(t, device)
-            total += compare(self.decoder, self.decoder.norm(h), t, self.config.chunk_tokens, self.block_bytes)
-        return total
+        return torch.cat([compare(self.decoder, self.decoder.norm(h), t if resident else to_device(t, device),
+                                  self.config.chunk_tokens, self.block_bytes) for h, t in zip(states, targets)])

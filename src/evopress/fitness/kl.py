@@ -101,24 +101,26 @@ def _teacher_chunk(decoder: Decoder, normed: torch.Tensor, labels: torch.Tensor,
 @torch.inference_mode()
 def compare(decoder: Decoder, student: torch.Tensor, targets: dict[str, torch.Tensor], chunk_tokens: int,
             block_bytes: int = HEAD_BLOCK_BYTES) -> torch.Tensor:
-    """Sums of KL(teacher || student), student NLL and teacher NLL over all predicted positions.
+    """Per window, the sums of KL(teacher || student), student NLL and teacher NLL over its predicted positions.
 
     ``student`` holds final-normed hidden states [B, T, H]; ``targets`` the teacher's entries and the
-    labels for the same positions, on the device. The float64 sums [3] stay on the device: reading them
-    would stall the device queue, so callers read many candidates' sums at once.
+    labels for the same positions, on the device. Per window [B, 3], not one total: windows are the
+    independent units of a sample, so their spread measures its noise (``fitness.aggregate``) and their
+    sources give per-source KLs. The float64 sums stay on the device: reading them would stall the
+    device queue, so callers read many candidates' sums at once.
     """
     s = predicted(student)
-    sums = torch.zeros(3, dtype=torch.float64, device=s.device)
+    rows = torch.empty(len(s), 3, dtype=torch.float64, device=s.device)
     step = chunk_positions(chunk_tokens, block_bytes, decoder.head.weight.shape[0], 4)
     for i in range(0, len(s), step):
-        sums += _compare_chunk(decoder, s[i: i + step], {k: v[i: i + step] for k, v in targets.items()},
-                               block_bytes)
-    return sums
+        rows[i: i + step] = _compare_chunk(decoder, s[i: i + step], {k: v[i: i + step] for k, v in targets.items()},
+                                           block_bytes)
+    return rows.view(student.shape[0], -1, 3).sum(1)
 
 
 def _compare_chunk(decoder: Decoder, part: torch.Tensor, targets: dict[str, torch.Tensor],
                    block_bytes: int) -> torch.Tensor:
-    """``compare``'s sums over one chunk of positions."""
+    """``compare``'s terms at each position of one chunk [N, 3]."""
     z = decoder.logits(part, block_bytes)
     y = targets["labels"]
     z_y = z.gather(1, y[:, None]).squeeze(1)
@@ -131,4 +133,4 @@ def _compare_chunk(decoder: Decoder, part: torch.Tensor, targets: dict[str, torc
         log_p = F.log_softmax(decoder.logits(targets["hidden"], block_bytes), dim=-1)
         kl = (log_p.exp() * (log_p - (z - lse[:, None]))).sum(-1)
         dense_nll = -log_p.gather(1, y[:, None]).squeeze(1)
-    return torch.stack([kl, lse - z_y, dense_nll]).double().sum(-1)
+    return torch.stack([kl, lse - z_y, dense_nll], dim=1).double()

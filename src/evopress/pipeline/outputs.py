@@ -35,7 +35,8 @@ def final_fitness(ctx: Context, config: Config) -> dict[str, Any]:
     sample = ctx.pool.first(ctx.recipe.final_tokens)
     m = ctx.evaluator.measure([config], sample)[0]
     return {"metric": ctx.recipe.fitness.metric, "kl": m.kl, "nll": m.nll, "dense_nll": m.dense_nll,
-            "tokens": sample.tokens, "sample": f"first {sample.tokens} calibration tokens (same for every method)"}
+            "sources": ctx.evaluator.per_source(m), "tokens": sample.tokens,
+            "sample": f"first {sample.tokens} calibration tokens (same for every method)"}
 
 
 def result_record(ctx: Context, config: Config, history: list[dict], seconds: float) -> dict[str, Any]:

@@ -11,7 +11,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from ..data import TokenPool, load_pool
+from ..data import Sample, load_pool
 from ..distributed import from_main, is_main, sharded
 from ..errors import UserError
 from ..evolution import SearchState, evolve
@@ -58,21 +58,33 @@ def run_search(ctx: Context, out: Path, restart: bool = False, progress: bool = 
     if state is None and len(initial) > 1:
         log(f"ranking {len(initial)} initial candidates on {recipe.search.initial_tokens} tokens")
     track = _fixed_sample_track(ctx, log)
+    final = ctx.pool.first(recipe.final_tokens)
+    reference: dict[str, float] = {}
+
+    def on_start(s: SearchState) -> None:
+        if len(ctx.pool.names) > 1:  # the initial winner's per-source fitness, for the per-source aggregates
+            reference.update(ctx.evaluator.set_reference(s.contenders[0], final))
+
     with _SearchProgress(recipe, state, progress, log) as report:
         def on_generation(s: SearchState) -> None:
             if track is not None and s.history and s.history[-1].track is None and \
                     (s.generation % recipe.track_every == 0 or s.generation == recipe.search.generations):
-                s.history[-1].track = track(s.parent)
+                s.history[-1].track, s.history[-1].track_sources = track(s.parent)
             if is_main():
                 write_json(out / CHECKPOINT, {"fingerprint": fingerprint, "state": s.to_json()})
             report(s)
 
         try:
-            state = evolve(ctx.space.problem, sharded(ctx.evaluator), initial, recipe.search, state, on_generation)
+            state = evolve(ctx.space.problem, sharded(ctx.evaluator), initial, recipe.search, state, on_generation,
+                           on_start=on_start)
         except NoMoveError as e:
             raise UserError(f"target {recipe.target} leaves nothing to search: {e}") from e
+    config, choice = _final_choice(ctx, state, final, log)
     history = [{k: v for k, v in asdict(h).items() if k != "parent"} for h in state.history]
-    result = result_record(ctx, state.parent, history, time.perf_counter() - start)
+    result = result_record(ctx, config, history, time.perf_counter() - start)
+    result["final_choice"] = choice
+    if reference:
+        result["reference_sources"] = reference
     if warm is not None:
         result["warm_start"] = warm.record
     if is_main():
@@ -80,7 +92,33 @@ def run_search(ctx: Context, out: Path, restart: bool = False, progress: bool = 
     return result
 
 
-def _fixed_sample_track(ctx: Context, log: Callable[[str], None]) -> Callable[[Config], float] | None:
+def _final_choice(ctx: Context, state: SearchState, final: Sample, log: Callable[[str], None]
+                  ) -> tuple[Config, dict[str, Any]]:
+    """The search's answer: the best on the final sample of its last parent, the parent with the best
+    held-aside track score, and the initial contenders (the initial winner and those it did not clearly beat).
+
+    Why: a parent that looked better on one small sample can replace a better one, and the last parent
+    is then not the best the search held; and a search must never return something worse than where
+    it started on its own final measure. The last parent wins ties.
+    """
+    named = {state.parent: "last parent"}
+    tracked = [h for h in state.history if h.track is not None]
+    if tracked:
+        best = min(tracked, key=lambda h: h.track)
+        named.setdefault(best.parent, f"best tracked parent (generation {best.generation})")
+    for n, config in enumerate(state.contenders):
+        named.setdefault(config, "initial winner" if n == 0 else "initial contender")
+    configs = list(named)
+    scores = [float(s) for s in sharded(ctx.evaluator).score(configs, final)] if len(configs) > 1 else [state.fitness]
+    chosen = configs[int(np.argmin(scores))] if len(configs) > 1 else state.parent
+    if chosen != state.parent:
+        log(f"final choice: the {named[chosen]}, better on the final {final.tokens} tokens than the last parent")
+    return chosen, {"chosen": named[chosen], "tokens": final.tokens,
+                    "candidates": [{"from": named[c], "fitness": s} for c, s in zip(configs, scores)]}
+
+
+def _fixed_sample_track(ctx: Context, log: Callable[[str], None]
+                        ) -> Callable[[Config], tuple[float, dict[str, float]]] | None:
     """The parent's fitness on one fixed sample of calibration windows held aside from the pool.
 
     Why: the fitness the search reports is measured on a fresh small sample each generation, so it
@@ -97,15 +135,21 @@ def _fixed_sample_track(ctx: Context, log: Callable[[str], None]) -> Callable[[C
     if len(more.windows) <= n or not torch.equal(more.windows[:n], ctx.pool.windows):
         log("fixed-sample track: off (no calibration text left beyond the pool)")
         return None
-    held = TokenPool(more.windows[n:], r.data, more.bos)
+    held = more.tail(n)
     evaluator = Evaluator(ctx.space, held, r.fitness)
+    evaluator.aggregate = ctx.evaluator.aggregate  # the same per-source reference as the search's fitness
     # its teacher now, while the model is still dense from the pool's pass: later, it would restore
     # every layer to dense mid-search and then put every level back
     evaluator.warm()
     sample = held.first(held.tokens)
     log(f"fixed-sample track: the parent on {held.tokens} held-aside calibration tokens every "
         f"{r.track_every} generations")
-    return lambda config: evaluator.score([config], sample)[0]
+
+    def track(config: Config) -> tuple[float, dict[str, float]]:
+        m = evaluator.measure([config], sample)[0]
+        return float(evaluator.fitness_of(m)), evaluator.per_source(m)
+
+    return track
 
 
 def _initial_population(ctx: Context, fresh: bool, log: Callable[[str], None]) -> list[Config]:
@@ -142,7 +186,9 @@ class _SearchProgress:
         if not s.history:
             return
         last, wanted = s.history[-1], self.recipe.search.offspring
-        postfix = {self.recipe.fitness.metric: f"{last.fitness:.4f}"}
+        fitness = self.recipe.fitness
+        postfix = {fitness.metric if fitness.aggregate == "tokens" else f"{fitness.metric} {fitness.aggregate}":
+                   f"{last.fitness:.4f}"}
         tracked = [h.track for h in s.history if h.track is not None]
         if tracked:
             postfix["fixed"] = f"{tracked[-1]:.4f}"

@@ -14,7 +14,7 @@ def best_of(inputs: BaselineInputs, configs: list[Config], rng: np.random.Genera
     if len(configs) == 1:
         return configs[0]
     scores = inputs.evaluator.score(configs, inputs.evaluator.sample(inputs.tokens, rng))
-    return configs[int(np.argmin(scores))]
+    return configs[int(np.argmin([float(s) for s in scores]))]
 
 
 def best_of_random(inputs: BaselineInputs) -> Config:
