@@ -54,8 +54,9 @@ def _split(docs: list[str], role: str, evaluation: int | None = None) -> list[st
 
 
 def _by_document(read: Callable[[], list[str]]) -> Callable[[str], list[str]]:
-    """A text without splits of its own, split by document (``_split``)."""
-    return lambda role: _split(read(), role)
+    """A text without splits of its own, split by document (``_split``), each distinct document once: a
+    document repeated in the text (a retweet, a stock reply) would otherwise land on both sides."""
+    return lambda role: _split(list(dict.fromkeys(d for d in read() if d.strip())), role)
 
 
 def _wiki() -> list[str]:
