@@ -1,7 +1,7 @@
 """Generalization benchmark: EvoPress and the baselines on held-out genres that no calibration default uses.
 
     python benchmarks/generalization.py run [--out runs/generalization] [--arms diverse,paper]
-        [--spaces drop] [--seeds 0,1,2] [--generations 12]
+        [--spaces drop] [--seeds 0,1,2] [--generations 12] [--targets 0.25]
     python benchmarks/generalization.py table [--out runs/generalization]    (markdown on stdout)
 
 An *arm* is a way to run the search (``ARMS``: calibration text, fitness aggregate, acceptance rule); each
@@ -12,8 +12,8 @@ baselines run once per calibration text (with seed 0, in the first arm calibrate
 angular, OWL, DP and uniform do not depend on the seed, nor on the search's flags), so every arm's
 EvoPress is compared with baselines that saw the same text.
 
-The table gives, per space and budget, each method's held-out KL per genre (EvoPress: the mean over
-seeds), and over the five held-out genres the mean and the worst ratio of its KL to the best baseline's
+The table gives, per space and budget, each method's held-out KL and (in brackets) perplexity per genre
+(EvoPress: the means over seeds), and over the five held-out genres the mean and the worst ratio of its KL to the best baseline's
 on that genre (below 1: better than every baseline there). Rerunning resumes (finished runs are kept).
 Settings are scaled for a 2-core CPU; docs/generalization.md gives the measured tables and commands.
 """
@@ -55,6 +55,7 @@ def run(args: argparse.Namespace) -> None:
     for arm in arms:
         for space in args.spaces.split(","):
             targets, baselines, build = SPACES[space]
+            targets = args.targets or targets
             db = []
             if build is not None:
                 path = args.out / arm / f"{build[1]}-db"
@@ -106,15 +107,16 @@ def _space_table(arm: str, space: str, fronts: list[dict], baseline_front: dict)
                     continue  # EvoPress from this arm's runs, the baselines from their owner's
                 for p in points:
                     if p["target"] == target:
-                        methods.setdefault(method, []).append({d: p["held_out"][d]["kl"] for d in EVAL})
-        kl = {m: {d: sum(r[d] for r in rs) / len(rs) for d in EVAL} for m, rs in methods.items()}
+                        methods.setdefault(method, []).append(p["held_out"])
+        kl, ppl = ({m: {d: sum(r[d][key] for r in rs) / len(rs) for d in EVAL} for m, rs in methods.items()}
+                   for key in ("kl", "ppl"))
         baselines = [m for m in kl if m != "evopress"]
         if not baselines:
             continue
         best = {d: min(kl[b][d] for b in baselines) for d in EVAL}
         for method in sorted(kl, key=lambda m: (m != "evopress", m)):
             ratios = [kl[method][d] / best[d] for d in HELD_OUT]
-            cells = [f"{target:g}", method, *(f"{kl[method][d]:.4f}" for d in EVAL),
+            cells = [f"{target:g}", method, *(f"{kl[method][d]:.4f} ({ppl[method][d]:,.1f})" for d in EVAL),
                      f"{sum(ratios) / len(ratios):.3f}", f"{max(ratios):.3f}"]
             lines.append("| " + " | ".join(cells) + " |")
     return lines
@@ -128,6 +130,7 @@ def main() -> None:
     ap.add_argument("--spaces", default="drop")
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--generations", type=int, default=12)
+    ap.add_argument("--targets", default=None, help="comma-separated budgets instead of the space's (SPACES)")
     args = ap.parse_args()
     run(args) if args.command == "run" else table(args)
 
