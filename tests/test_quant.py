@@ -17,6 +17,7 @@ from evopress.database import layer_file
 from evopress.errors import UserError
 from evopress.spaces.plugin import BaselineInputs
 from evopress.spaces.quant.baselines import dp, uniform
+from evopress.spaces.quant.build import packed_keys
 from evopress.spaces.quant.export import (GPTQMODEL, PROFILE, RECIPE, export_quantized, load_compressed,
                                           pack_rows_int32, read_compressed_weights, unpack_rows_int32)
 from evopress.spaces.quant.levels import default_group_size, default_levels, exact_knapsack, max_reachable, packed_bytes
@@ -259,6 +260,9 @@ def test_export_reloads_to_the_searched_model(built, tmp_path):
     recipe = yaml.safe_load((tmp_path / RECIPE).read_text())["quant_stage"]["quant_modifiers"]["GPTQModifier"]
     assert {n: g["weights"]["num_bits"] for g in recipe["config_groups"].values() for n in g["targets"]} == layer_bits
     assert json.loads((tmp_path / PROFILE).read_text())["layer_bits"] == layer_bits
+    # the column order as built, stated explicitly (the database is built with act-order by default)
+    assert space.db.manifest["act_order"] is True
+    assert recipe["actorder"] == "static" and gptq["desc_act"] is True and gptq["static_groups"] is True
 
 
 def test_export_decodes_identically_with_compressed_tensors(built, tmp_path):
@@ -326,3 +330,20 @@ def test_size_in_bytes_counts_codes_scales_and_zero_points(built):
     written = sum(packed_bytes(space.bits[lv], s, space.grid(space.bits[lv])) for lv, s in zip(config, space.shapes))
     assert space.size_bytes(config) == written >= true_bits / 8  # what the export writes (tested in test_joint)
     assert space.size_bytes((0,) * len(config)) < space.size_bytes(config) < space.size_bytes((4,) * len(config))
+
+
+def test_build_db_uses_act_order_unless_told_not_to(tiny_checkpoint, tmp_path):
+    """Act-order (static groups) is the default build; ``--no-act-order`` keeps the paper's column order.
+    The two solve the same layers differently, and each manifest says which it is."""
+    from evopress.cli import main
+
+    model, text = tiny_checkpoint
+    common = ["build-db", "--space", "quant", "--bits", "2,3", "--model", str(model), "--data", str(text),
+              "--seq-len", "32", "--calib-tokens", "256", "--quiet"]
+    assert main([*common, "--out", str(tmp_path / "act")]) == 0
+    assert main([*common, "--no-act-order", "--out", str(tmp_path / "plain")]) == 0
+    manifests = [json.loads((tmp_path / d / "manifest.json").read_text()) for d in ("act", "plain")]
+    assert [m["act_order"] for m in manifests] == [True, False]
+    name = "model.layers.0.mlp.down_proj"
+    codes = [load_file(str(layer_file(tmp_path / d, name)))[packed_keys(2)["codes"]] for d in ("act", "plain")]
+    assert not torch.equal(*codes)

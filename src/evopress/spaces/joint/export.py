@@ -65,7 +65,7 @@ def export(space: JointSpace, config: Config, out: Path, tokenizer: Any) -> dict
     sparse = sparsity_profile(space, config, {u: names[u] for u in layers if p.active(config, u)})
     out = Path(out)
     write_quantized(space.decoder.model, {names[u]: q for u, q in layers.items()}, out, tokenizer, quant.group_size,
-                    quant.db.manifest["damp"],
+                    quant.db.manifest,
                     {"space": space.name, "target": space.target, "budget": budget,
                      "removed_blocks": budget["removed_blocks"], DROPPED: dropped,
                      "original_num_hidden_layers": space.num_blocks, **sparse})

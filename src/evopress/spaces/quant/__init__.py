@@ -25,6 +25,8 @@ PLUGIN = SpacePlugin(
                   "largest power of two dividing every layer's inputs)", type=int),
         CliOption(("--calib-bits",), "calib_bits", "quant: bitwidth installed between blocks while building "
                   f"(default {build.DEFAULT_CALIB_BITS}; 0: dense inputs)", type=int),
+        CliOption(("--no-act-order",), "no_act_order", "quant: GPTQ in column order (the paper's FastOBQ) instead "
+                  "of act-order with static groups", default=False, is_flag=True),
     ),
     export=export.export_quantized,
     load=export.load,

@@ -1,8 +1,11 @@
 """Quant database build: GPTQ of every linear layer at every bitwidth, stored packed.
 
 Each bitwidth is an independent GPTQ pass over one shared Hessian (asymmetric min-max grid, block
-128, no act-order: the paper's "FastOBQ"). After a block is done, its ``calib_bits`` version is
-written into the model, so later blocks are calibrated on inputs of a quantized model, as in the
+128). Act-order by default: columns in descending order of the Hessian's diagonal with static groups,
+so the packed format (groups in column order) and the exports stay as without it; it is llm-compressor's
+default too, and without it the database's levels were far weaker than that library's GPTQ of the same
+profile (docs/quant.md). ``--no-act-order`` builds the paper's "FastOBQ" order. After a block is done,
+its ``calib_bits`` version is written into the model, so later blocks are calibrated on inputs of a quantized model, as in the
 reference (``calib_bits=0``: dense inputs). Layers are stored packed (codes and zero points
 bit-packed, fp16 scales), never dequantized, with each level's relative output error for the DP
 baseline.
@@ -43,7 +46,7 @@ def _relative_error(weight: torch.Tensor, q: QuantizedWeight, H: torch.Tensor) -
 
 def build_quant_database(decoder: Decoder, pool: TokenPool, out: Path, bits: tuple[int, ...], group_size: int,
                          calib_bits: int, batch_size: int, damp: float = 0.01,
-                         progress: bool = True) -> dict[str, Any]:
+                         progress: bool = True, act_order: bool = True) -> dict[str, Any]:
     """GPTQ every linear layer at every bitwidth (see the module docstring).
 
     Leaves the model's linear weights at ``calib_bits``.
@@ -64,7 +67,7 @@ def build_quant_database(decoder: Decoder, pool: TokenPool, out: Path, bits: tup
     def solve(name: str, layer: nn.Linear, acc: HessianAccumulator) -> dict[str, torch.Tensor]:
         H = acc.hessian()
         with single_thread():  # GPTQ's column loop (see single_thread)
-            levels = gptq_quantize_levels(layer.weight, H, grids, damp=damp)
+            levels = gptq_quantize_levels(layer.weight, H, grids, damp=damp, act_order=act_order)
         rel = [_relative_error(layer.weight, q, H) for q in levels]
         return {**{packed_keys(g.bits)[k]: v for g, q in zip(grids, levels) for k, v in q.to_packed().items()},
                 "errors": torch.tensor(rel, dtype=torch.float64)}
@@ -83,7 +86,7 @@ def build_quant_database(decoder: Decoder, pool: TokenPool, out: Path, bits: tup
             "bits": list(bits),
             "group_size": group_size,
             "symmetric": False,
-            "act_order": False,
+            "act_order": act_order,
             "block_size": 128,
             "damp": damp,
             "calib_bits": calib_bits,
@@ -92,7 +95,8 @@ def build_quant_database(decoder: Decoder, pool: TokenPool, out: Path, bits: tup
             "error_metric": "tr(dW H dW^T) / tr(W H W^T) on the database's calibration inputs",
         }
 
-    settings = {"bits": list(bits), "group_size": group_size, "calib_bits": calib_bits, "damp": damp}
+    settings = {"bits": list(bits), "group_size": group_size, "calib_bits": calib_bits, "damp": damp,
+                "act_order": act_order}
     return build_layerwise(decoder, pool, out, "quant", settings, lambda name: keys, solve, describe, batch_size,
                            progress, after=install_calibration_level)
 
@@ -104,4 +108,5 @@ def build(decoder: Decoder, pool: TokenPool, options: dict[str, Any], out: Path,
     in_features = [m.in_features for m in decoder.linear_layers().values()]
     group_size = options["group_size"] if options["group_size"] is not None else default_group_size(in_features)
     calib_bits = DEFAULT_CALIB_BITS if options["calib_bits"] is None else options["calib_bits"]
-    return build_quant_database(decoder, pool, out, bits, group_size, calib_bits, batch_size, progress=progress)
+    return build_quant_database(decoder, pool, out, bits, group_size, calib_bits, batch_size, progress=progress,
+                                act_order=not options["no_act_order"])

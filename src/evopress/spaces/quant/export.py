@@ -117,25 +117,29 @@ def quantization_config(layer_bits: dict[str, int], group_size: int) -> dict[str
             "config_groups": config_groups(layer_bits, group_size), "ignore": ["lm_head"], "kv_cache_scheme": None}
 
 
-def gptqmodel_config(layer_bits: dict[str, int], group_size: int, damp: float) -> dict[str, Any]:
+def gptqmodel_config(layer_bits: dict[str, int], group_size: int, damp: float, act_order: bool) -> dict[str, Any]:
     """GPTQModel ``QuantizeConfig``: base bits plus ``dynamic`` per-module overrides (regex, re.match)."""
     base = Counter(layer_bits.values()).most_common(1)[0][0]
     dynamic = {f"+:^{re.escape(name)}$": {"bits": bits} for name, bits in layer_bits.items() if bits != base}
-    return {"bits": base, "group_size": group_size if group_size > 0 else -1, "sym": False, "desc_act": False,
-            "damp_percent": damp, "dynamic": dynamic}
+    return {"bits": base, "group_size": group_size if group_size > 0 else -1, "sym": False, "desc_act": act_order,
+            "static_groups": act_order, "damp_percent": damp, "dynamic": dynamic}
 
 
-def llmcompressor_recipe(layer_bits: dict[str, int], group_size: int, damp: float) -> dict[str, Any]:
+def llmcompressor_recipe(layer_bits: dict[str, int], group_size: int, damp: float, act_order: bool
+                         ) -> dict[str, Any]:
+    """The GPTQModifier recipe of the same groups, its column order stated (never that library's default)."""
     return {"quant_stage": {"quant_modifiers": {"GPTQModifier": {
-        "dampening_frac": damp, "block_size": 128, "ignore": ["lm_head"],
-        "config_groups": config_groups(layer_bits, group_size)}}}}
+        "dampening_frac": damp, "block_size": 128, "actorder": "static" if act_order else None,
+        "ignore": ["lm_head"], "config_groups": config_groups(layer_bits, group_size)}}}}
 
 
 def write_quantized(model: torch.nn.Module, quantized: dict[str, QuantizedWeight], out: Path, tokenizer: Any,
-                    group_size: int, damp: float, profile: dict[str, Any]) -> dict[str, int]:
+                    group_size: int, solver: dict[str, Any], profile: dict[str, Any]) -> dict[str, int]:
     """The checkpoint and configs with ``quantized`` layers (by module name) packed, the rest dense.
 
-    ``profile`` goes to ``evopress_profile.json`` with the layer bits and the formats' notes added.
+    ``solver``: the database manifest's GPTQ settings (``damp``; ``act_order``, false in databases built
+    before it was recorded). ``profile`` goes to ``evopress_profile.json`` with the layer bits and the
+    formats' notes added.
     Returns the layer bits.
     """
     layer_bits = {name: q.grid.bits for name, q in quantized.items()}
@@ -144,8 +148,9 @@ def write_quantized(model: torch.nn.Module, quantized: dict[str, QuantizedWeight
         for key, value in to_compressed_tensors(q).items():
             tensors[f"{name}.{key}"] = value.cpu()
     write_checkpoint(model, tensors, quantization_config(layer_bits, group_size), out, tokenizer)
-    write_json(out / GPTQMODEL, gptqmodel_config(layer_bits, group_size, damp))
-    recipe = yaml.safe_dump(llmcompressor_recipe(layer_bits, group_size, damp), sort_keys=False)
+    damp, act_order = solver["damp"], bool(solver.get("act_order", False))
+    write_json(out / GPTQMODEL, gptqmodel_config(layer_bits, group_size, damp, act_order))
+    recipe = yaml.safe_dump(llmcompressor_recipe(layer_bits, group_size, damp, act_order), sort_keys=False)
     atomic_write(out / RECIPE, lambda tmp: tmp.write_text(recipe))
     write_json(out / PROFILE, {**profile, "group_size": group_size, "symmetric": False, "layer_bits": layer_bits,
                                "formats": {WEIGHTS: "compressed-tensors pack-quantized (see evopress.export_quant)",
@@ -159,7 +164,7 @@ def export_quantized(space: QuantSpace, config: Config, out: Path, tokenizer: An
     space.apply(None)
     quantized = {name: space.quantized(u, bits) for u, (name, bits) in enumerate(space.layer_bits(config).items())}
     budget = space.budget_report(config)
-    write_quantized(space.decoder.model, quantized, out, tokenizer, space.group_size, space.db.manifest["damp"],
+    write_quantized(space.decoder.model, quantized, out, tokenizer, space.group_size, space.db.manifest,
                     {"space": space.name, "target": space.target, "budget": budget})
     return {"out": str(out), "weights_bytes": (out / WEIGHTS).stat().st_size,
             "layers_per_bitwidth": budget["layers_per_bitwidth"], "accounting": budget["accounting"],
