@@ -64,7 +64,8 @@ class SearchConfig:
 @dataclass
 class GenerationLog:
     generation: int
-    fitness: float  # the new parent's fitness on the last stage's sample
+    fitness: float  # the new parent's fitness on the last stage's sample (generation 0: the initial
+    # ranking's, before a per-source aggregate has its reference)
     evaluations: int  # candidate evaluations this generation
     tokens: int  # candidate-tokens evaluated this generation
     seconds: float

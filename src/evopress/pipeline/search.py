@@ -109,8 +109,8 @@ def _final_choice(ctx: Context, state: SearchState, final: Sample, log: Callable
     for n, config in enumerate(state.contenders):
         named.setdefault(config, "initial winner" if n == 0 else "initial contender")
     configs = list(named)
-    scores = [float(s) for s in sharded(ctx.evaluator).score(configs, final)] if len(configs) > 1 else [state.fitness]
-    chosen = configs[int(np.argmin(scores))] if len(configs) > 1 else state.parent
+    scores = [float(s) for s in sharded(ctx.evaluator).score(configs, final)]
+    chosen = configs[int(np.argmin(scores))]
     if chosen != state.parent:
         log(f"final choice: the {named[chosen]}, better on the final {final.tokens} tokens than the last parent")
     return chosen, {"chosen": named[chosen], "tokens": final.tokens,
