@@ -13,9 +13,10 @@ angular, OWL, DP and uniform do not depend on the seed, nor on the search's flag
 EvoPress is compared with baselines that saw the same text.
 
 The table gives, per space and budget, each method's held-out KL and (in brackets) perplexity per genre
-(EvoPress: the means over seeds), and over the five held-out genres the mean and the worst ratio of its KL to the best baseline's
-on that genre (below 1: better than every baseline there). Rerunning resumes (finished runs are kept).
-Settings are scaled for a 2-core CPU; docs/generalization.md gives the measured tables and commands.
+(EvoPress: the means over seeds), and over the five held-out genres the mean and the worst ratio of its
+KL to the best baseline's on that genre (below 1: better than every baseline there), with the range
+over seeds in brackets. Rerunning resumes (finished runs are kept). Settings are scaled for a 2-core
+CPU; docs/generalization.md gives the measured tables and commands.
 """
 
 from __future__ import annotations
@@ -116,10 +117,19 @@ def _space_table(arm: str, space: str, fronts: list[dict], baseline_front: dict)
         best = {d: min(kl[b][d] for b in baselines) for d in EVAL}
         for method in sorted(kl, key=lambda m: (m != "evopress", m)):
             ratios = [kl[method][d] / best[d] for d in HELD_OUT]
+            runs = [_ratios(r, best) for r in methods[method]]  # per seed: (mean, worst)
+            spread = "" if len(runs) == 1 else f" ({min(m for m, _ in runs):.3f}-{max(m for m, _ in runs):.3f})"
+            worst = "" if len(runs) == 1 else f" ({min(w for _, w in runs):.3f}-{max(w for _, w in runs):.3f})"
             cells = [f"{target:g}", method, *(f"{kl[method][d]:.4f} ({ppl[method][d]:,.1f})" for d in EVAL),
-                     f"{sum(ratios) / len(ratios):.3f}", f"{max(ratios):.3f}"]
+                     f"{sum(ratios) / len(ratios):.3f}{spread}", f"{max(ratios):.3f}{worst}"]
             lines.append("| " + " | ".join(cells) + " |")
     return lines
+
+
+def _ratios(held_out: dict[str, dict[str, float]], best: dict[str, float]) -> tuple[float, float]:
+    """One run's mean and worst ratio of its held-out KL to the best baseline's, over the held-out genres."""
+    ratios = [held_out[d]["kl"] / best[d] for d in HELD_OUT]
+    return sum(ratios) / len(ratios), max(ratios)
 
 
 def main() -> None:
