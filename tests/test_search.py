@@ -218,3 +218,13 @@ def test_convergence_verdict_reads_the_fixed_sample_track():
     assert "still improving" in convergence(run([1.0, None, 0.9, None, 0.8, None, 0.7, None, 0.6]))
     assert "flat" in convergence(run([1.0, None, 0.7, None, 0.6, None, 0.6, None, 0.599]))
     assert convergence(run([None, None, 0.5])) is None  # one point says nothing
+
+
+def test_the_report_says_when_fitness_values_are_ratios():
+    from evopress.report import fitness_name
+
+    run = {"fitness": {"metric": "kl"}, "recipe": {"fitness": {"aggregate": "sources"}}}
+    assert fitness_name(run) == "kl"  # one source: plain KL
+    mixed = {**run, "reference_sources": {"wiki": 1.0, "ptb": 1.1}}
+    assert fitness_name(mixed) == "kl ratio to the initial winner (mean over sources)"
+    assert fitness_name({**mixed, "recipe": {"fitness": {"aggregate": "tokens"}}}) == "kl"

@@ -109,6 +109,16 @@ def _tracked(run: dict[str, Any]) -> list[tuple[int, float]]:
     return [(h["generation"], h["track"]) for h in run["history"] if h.get("track") is not None]
 
 
+def fitness_name(run: dict[str, Any]) -> str:
+    """What a search's fitness values are: the metric, or with a per-source aggregate over a mix of
+    sources, ratios of it to the initial winner's (fitness.aggregate)."""
+    aggregate = run.get("recipe", {}).get("fitness", {}).get("aggregate", "tokens")
+    if aggregate == "tokens" or not run.get("reference_sources"):
+        return run["fitness"]["metric"]
+    over = {"sources": "mean over sources", "worst": "worst source"}.get(aggregate, aggregate)
+    return f"{run['fitness']['metric']} ratio to the initial winner ({over})"
+
+
 def convergence(run: dict[str, Any], threshold: float = 0.01) -> str | None:
     """Whether the last quarter of a search still improved its fixed-sample fitness (users: run longer)."""
     points = _tracked(run)
@@ -119,7 +129,7 @@ def convergence(run: dict[str, Any], threshold: float = 0.01) -> str | None:
     gain = (before - last) / before if before else 0.0
     verdict = "still improving: a longer search should pay" if gain > threshold else "flat: more generations " \
         "are unlikely to help much"
-    return (f"{label(run)} {run['target']:g}: fixed-sample {run['fitness']['metric']} {before:.4f} at generation "
+    return (f"{label(run)} {run['target']:g}: fixed-sample {fitness_name(run)} {before:.4f} at generation "
             f"{mark} -> {last:.4f} at {last_gen} ({100 * gain:+.1f}% lower); {verdict}")
 
 
@@ -143,7 +153,7 @@ def plot_search(runs: list[dict[str, Any]], path: Path) -> bool:
         if tracked:
             ax.plot(*zip(*tracked), marker="o", color=line.get_color(), label=f"{name}, fixed held-aside sample")
     ax.set_xlabel("generation")
-    ax.set_ylabel(f"parent {searched[0]['fitness']['metric']}")
+    ax.set_ylabel(f"parent {fitness_name(searched[0])}")
     ax.set_yscale("log")
     ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
