@@ -15,6 +15,7 @@ from ..distributed import from_main
 from ..errors import UserError
 from ..evaluate import EVAL
 from ..evolution import SearchState
+from ..fitness import Measurement
 from ..interchange import write_config
 from ..io import locked_dir, read_json, write_json
 from ..models import Hardware, LoadedModel
@@ -31,15 +32,17 @@ CONFIG_TXT = "config.txt"
 EXPORTED = "evopress_export.json"  # the files an export wrote into its --out (io.owned_dir)
 
 
-def final_fitness(ctx: Context, config: Config) -> dict[str, Any]:
+def final_fitness(ctx: Context, config: Config, measured: Measurement | None = None) -> dict[str, Any]:
+    """The final calibration fitness; ``measured``: ``config`` already measured on the final sample."""
     sample = ctx.pool.first(ctx.recipe.final_tokens)
-    m = ctx.evaluator.measure([config], sample)[0]
+    m = measured or ctx.evaluator.measure([config], sample)[0]
     return {"metric": ctx.recipe.fitness.metric, "kl": m.kl, "nll": m.nll, "dense_nll": m.dense_nll,
             "sources": ctx.evaluator.per_source(m), "tokens": sample.tokens,
             "sample": f"first {sample.tokens} calibration tokens (same for every method)"}
 
 
-def result_record(ctx: Context, config: Config, history: list[dict], seconds: float) -> dict[str, Any]:
+def result_record(ctx: Context, config: Config, history: list[dict], seconds: float,
+                  measured: Measurement | None = None) -> dict[str, Any]:
     r = ctx.recipe
     return {
         "evopress_version": __version__,
@@ -54,7 +57,7 @@ def result_record(ctx: Context, config: Config, history: list[dict], seconds: fl
         "units": ctx.space.model_space.units,
         "levels": list(ctx.space.to_model_levels(config)),
         "budget": ctx.space.budget_report(config),
-        "fitness": final_fitness(ctx, config),
+        "fitness": final_fitness(ctx, config, measured),
         "history": history,
         "seconds": seconds,
         "recipe": r.to_json(),

@@ -15,7 +15,7 @@ from ..data import Sample, load_pool
 from ..distributed import from_main, is_main, sharded
 from ..errors import UserError
 from ..evolution import SearchState, evolve
-from ..fitness import Evaluator
+from ..fitness import Evaluator, Measurement
 from ..io import write_json
 from ..recipe import Recipe
 from ..spaces import baseline
@@ -79,9 +79,9 @@ def run_search(ctx: Context, out: Path, restart: bool = False, progress: bool = 
                            on_start=on_start)
         except NoMoveError as e:
             raise UserError(f"target {recipe.target} leaves nothing to search: {e}") from e
-    config, choice = _final_choice(ctx, state, final, log)
+    config, measured, choice = _final_choice(ctx, state, final, log)
     history = [{k: v for k, v in asdict(h).items() if k != "parent"} for h in state.history]
-    result = result_record(ctx, config, history, time.perf_counter() - start)
+    result = result_record(ctx, config, history, time.perf_counter() - start, measured)
     result["final_choice"] = choice
     if reference:
         result["reference_sources"] = reference
@@ -93,13 +93,14 @@ def run_search(ctx: Context, out: Path, restart: bool = False, progress: bool = 
 
 
 def _final_choice(ctx: Context, state: SearchState, final: Sample, log: Callable[[str], None]
-                  ) -> tuple[Config, dict[str, Any]]:
+                  ) -> tuple[Config, Measurement, dict[str, Any]]:
     """The search's answer: the best on the final sample of its last parent, the parent with the best
     held-aside track score, and the initial contenders (the initial winner and those it did not clearly beat).
 
     Why: a parent that looked better on one small sample can replace a better one, and the last parent
     is then not the best the search held; and a search must never return something worse than where
-    it started on its own final measure. The last parent wins ties.
+    it started on its own final measure. The last parent wins ties. The chosen one's measurement is the
+    result's final fitness (the same sample): it is not measured again.
     """
     named = {state.parent: "last parent"}
     tracked = [h for h in state.history if h.track is not None]
@@ -109,11 +110,13 @@ def _final_choice(ctx: Context, state: SearchState, final: Sample, log: Callable
     for n, config in enumerate(state.contenders):
         named.setdefault(config, "initial winner" if n == 0 else "initial contender")
     configs = list(named)
-    scores = [float(s) for s in sharded(ctx.evaluator).score(configs, final)]
-    chosen = configs[int(np.argmin(scores))]
+    measured = ctx.evaluator.measure(configs, final)
+    scores = [float(ctx.evaluator.fitness_of(m)) for m in measured]
+    best = int(np.argmin(scores))
+    chosen = configs[best]
     if chosen != state.parent:
         log(f"final choice: the {named[chosen]}, better on the final {final.tokens} tokens than the last parent")
-    return chosen, {"chosen": named[chosen], "tokens": final.tokens,
+    return chosen, measured[best], {"chosen": named[chosen], "tokens": final.tokens,
                     "candidates": [{"from": named[c], "fitness": s} for c, s in zip(configs, scores)]}
 
 
