@@ -49,7 +49,7 @@ def main() -> None:
     names = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and ".layers." in n]
     profile = {n: (2, 3, 4, 8)[i % 4] for i, n in enumerate(names)}
     recipe = args.out / "llmcompressor_recipe.yaml"
-    recipe.write_text(yaml.safe_dump(llmcompressor_recipe(profile, GROUP, 0.01, act_order=True), sort_keys=False))
+    recipe.write_text(yaml.safe_dump(llmcompressor_recipe(profile, GROUP, 0.01, act_order=True, symmetric=False), sort_keys=False))
     ids = torch.randint(3, 97, (8, 16), generator=torch.Generator().manual_seed(0))
     data = Dataset.from_dict({"input_ids": ids.tolist(), "attention_mask": torch.ones_like(ids).tolist()})
     start = time.perf_counter()

@@ -82,7 +82,7 @@ def tiny_checkpoint(tmp_path_factory):
     return write_tiny_checkpoint(tmp_path_factory.mktemp("tiny"))
 
 
-def tiny_quant_database(root, layers: int, bits: tuple[int, ...]):
+def tiny_quant_database(root, layers: int, bits: tuple[int, ...], symmetric: bool = False):
     """A tiny Llama, its dense weights, a random-token pool and a quant database at ``bits`` (group 16,
     3-bit calibration) under ``root``; the model is left dense (the build leaves 3-bit weights in place)."""
     from evopress.spaces.quant.build import build_quant_database
@@ -90,7 +90,8 @@ def tiny_quant_database(root, layers: int, bits: tuple[int, ...]):
     model = tiny_model(layers=layers)
     dense = {k: v.clone() for k, v in model.state_dict().items()}
     pool = TokenPool(torch.randint(0, 97, (12, 16), generator=torch.Generator().manual_seed(1)), "random")
-    manifest = build_quant_database(Decoder(model), pool, root, bits, 16, 3, batch_size=4, progress=False)
+    manifest = build_quant_database(Decoder(model), pool, root, bits, 16, 3, batch_size=4, progress=False,
+                                    symmetric=symmetric)
     model.load_state_dict(dense)
     return model, dense, pool, root, manifest
 

@@ -333,8 +333,9 @@ def test_size_in_bytes_counts_codes_scales_and_zero_points(built):
 
 
 def test_build_db_uses_act_order_unless_told_not_to(tiny_checkpoint, tmp_path):
-    """Act-order (static groups) is the default build; ``--no-act-order`` keeps the paper's column order.
-    The two solve the same layers differently, and each manifest says which it is."""
+    """Act-order (static groups) is the default build; ``--no-act-order`` keeps the paper's column order and
+    ``--symmetric`` builds the symmetric grid. Each solves the same layers differently, and each manifest
+    says which it is."""
     from evopress.cli import main
 
     model, text = tiny_checkpoint
@@ -342,8 +343,45 @@ def test_build_db_uses_act_order_unless_told_not_to(tiny_checkpoint, tmp_path):
               "--seq-len", "32", "--calib-tokens", "256", "--quiet"]
     assert main([*common, "--out", str(tmp_path / "act")]) == 0
     assert main([*common, "--no-act-order", "--out", str(tmp_path / "plain")]) == 0
-    manifests = [json.loads((tmp_path / d / "manifest.json").read_text()) for d in ("act", "plain")]
-    assert [m["act_order"] for m in manifests] == [True, False]
+    assert main([*common, "--symmetric", "--out", str(tmp_path / "sym")]) == 0
+    builds = ("act", "plain", "sym")
+    manifests = [json.loads((tmp_path / d / "manifest.json").read_text()) for d in builds]
+    assert [(m["act_order"], m["symmetric"]) for m in manifests] == [(True, False), (False, False), (True, True)]
     name = "model.layers.0.mlp.down_proj"
-    codes = [load_file(str(layer_file(tmp_path / d, name)))[packed_keys(2)["codes"]] for d in ("act", "plain")]
-    assert not torch.equal(*codes)
+    codes = [load_file(str(layer_file(tmp_path / d, name)))[packed_keys(2)["codes"]] for d in builds]
+    assert not torch.equal(codes[0], codes[1]) and not torch.equal(codes[0], codes[2])
+
+
+def test_symmetric_export_loads_with_plain_from_pretrained(tmp_path):
+    """A database built on the symmetric grid exports a checkpoint that transformers loads by itself
+    (compressed-tensors decompresses it), computing exactly the searched model; every layer's bytes in
+    the file are what the space counts (no zero points), and the configs say symmetric."""
+    from transformers import AutoModelForCausalLM
+
+    model, dense, _, root, manifest = tiny_quant_database(tmp_path / "db", 3, (2, 3, 4), symmetric=True)
+    assert manifest["symmetric"] is True
+    space = QuantSpace(Decoder(model), 4.0, db=str(root), overhead=True)  # scales: 1 bit per weight at group 16
+    config = space.random_config(np.random.default_rng(2))
+    assert len(set(space.layer_bits(config).values())) > 1  # mixed bitwidths: one config group each
+    for u, b in enumerate(space.layer_bits(config).values()):
+        q = space.quantized(u, b)
+        assert q.grid.symmetric and bool((q.zeros == 1 << (b - 1)).all())
+    out = tmp_path / "export"
+    export_quantized(space, config, out, SimpleNamespace(save_pretrained=lambda out: None))
+    ids, expected = logits_under(space, config)
+    space.apply(None)
+    raw = load_file(str(out / "model.safetensors"))
+    assert not any(k.endswith("weight_zero_point") for k in raw)
+    for (name, b), shape in zip(space.layer_bits(config).items(), space.shapes):
+        stored = sum(v.numel() * v.element_size() for k, v in raw.items() if k.rsplit(".", 1)[0] == name)
+        assert stored == packed_bytes(b, shape, space.grid(b))
+    true_bits = space.budget_report(config)["true_bits_per_weight"] * space.numel
+    assert space.problem.cost(config) == true_bits  # overhead accounting: scales only
+    loaded = AutoModelForCausalLM.from_pretrained(out, local_files_only=True, dtype=torch.float32)
+    assert any(n.endswith("weight_packed") for n, _ in loaded.named_parameters())  # compressed-tensors' own path
+    assert torch.equal(loaded(ids).logits, expected)
+    assert torch.equal(load_compressed(out)(ids).logits, expected)
+    recipe = yaml.safe_load((out / RECIPE).read_text())["quant_stage"]["quant_modifiers"]["GPTQModifier"]
+    assert {g["weights"]["symmetric"] for g in recipe["config_groups"].values()} == {True}
+    assert json.loads((out / GPTQMODEL).read_text())["sym"] is True
+    assert json.loads((out / PROFILE).read_text())["symmetric"] is True

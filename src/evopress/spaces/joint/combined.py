@@ -2,8 +2,8 @@
 
 Pure functions (no model, no database): the byte count, the layout it counts, and the quantization.
 
-Quantization: round-to-nearest on the quant database's grid (its group size, asymmetric min-max per
-group, fp16 scale, integer zero point; ``gptq.quantize_rtn``). The grid's range always includes 0, so
+Quantization: round-to-nearest on the quant database's grid (its group size, min-max per group,
+asymmetric or symmetric as built, fp16 scale, integer zero point; ``gptq.quantize_rtn``). The grid's range always includes 0, so
 0 quantizes to the zero point and dequantizes to exactly 0: pruned weights stay pruned. The mask is
 re-applied to the codes anyway (``quantize_sparse``), so that holds by construction, not by rounding.
 No Hessian is needed, so combined levels are made on demand from the two databases.
@@ -14,7 +14,8 @@ Layout (``encode``; what ``sparse_packed_bytes`` counts), per layer at ``b`` bit
 * ``weight_packed``: int32 [1, ceil(nnz x b / 32)], the codes of the non-zeros only, in row-major order,
   packed as one row of compressed-tensors' pack-quantized format;
 * ``weight_scale``, ``weight_zero_point``, ``weight_shape``: exactly as pack-quantized stores them
-  (fp16 scales and int32-packed zero points per group, the int64 shape; ``quant.export``).
+  (fp16 scales and int32-packed zero points per group, none for a symmetric grid, the int64 shape;
+  ``quant.export``).
 
 No inference library reads this layout; it is the size the search counts. The export writes such a
 layer as plain pack-quantized codes of the whole matrix (see ``joint.export``).
@@ -27,7 +28,7 @@ from torch import Tensor
 
 from ...compressors.gptq import QuantGrid, QuantizedWeight, quantize_rtn
 from ...compressors.packing import pack_codes, unpack_codes
-from ..quant.export import pack_rows_int32, to_compressed_tensors, unpack_rows_int32
+from ..quant.export import pack_rows_int32, to_compressed_tensors, unpack_rows_int32, zero_points
 from ..quant.levels import metadata_bytes, packed_bytes
 
 
@@ -67,8 +68,8 @@ def decode(parts: dict[str, Tensor], bits: int, group_size: int) -> tuple[Quanti
     out, n = (int(x) for x in parts["weight_shape"])
     mask = unpack_codes(parts["weight_bitmask"], 1, (out, n)).bool()
     scales = parts["weight_scale"]
-    zeros = unpack_rows_int32(parts["weight_zero_point"].T.contiguous(), bits, out).T.contiguous()
+    zeros = zero_points(parts, bits)
     codes = zeros.repeat_interleave(n // scales.shape[1], dim=1)
     codes[mask] = unpack_rows_int32(parts["weight_packed"], bits, int(mask.sum()))[0]
-    grid = QuantGrid(bits, group_size if scales.shape[1] > 1 else -1)
+    grid = QuantGrid(bits, group_size if scales.shape[1] > 1 else -1, symmetric="weight_zero_point" not in parts)
     return QuantizedWeight(codes, scales, zeros, grid), mask

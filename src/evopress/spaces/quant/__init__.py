@@ -27,6 +27,9 @@ PLUGIN = SpacePlugin(
                   f"(default {build.DEFAULT_CALIB_BITS}; 0: dense inputs)", type=int),
         CliOption(("--no-act-order",), "no_act_order", "quant: GPTQ in column order (the paper's FastOBQ) instead "
                   "of act-order with static groups", default=False, is_flag=True),
+        CliOption(("--symmetric",), "symmetric", "quant: GPTQ's symmetric grid (zero point 2^(b-1)): exports that "
+                  "plain transformers from_pretrained loads, at some quality cost (docs/quant.md)",
+                  default=False, is_flag=True),
     ),
     export=export.export_quantized,
     load=export.load,

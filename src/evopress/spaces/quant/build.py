@@ -1,7 +1,8 @@
 """Quant database build: GPTQ of every linear layer at every bitwidth, stored packed.
 
-Each bitwidth is an independent GPTQ pass over one shared Hessian (asymmetric min-max grid, block
-128). Act-order by default: columns in descending order of the Hessian's diagonal with static groups,
+Each bitwidth is an independent GPTQ pass over one shared Hessian (block 128). The grid is min-max
+asymmetric by default; ``--symmetric`` builds GPTQ's symmetric grid (zero point 2^(b-1), scale from
+max|w|), which costs quality but gives checkpoints that plain ``transformers`` loads (``export``). Act-order by default: columns in descending order of the Hessian's diagonal with static groups,
 so the packed format (groups in column order) and the exports stay as without it; it is llm-compressor's
 default too, and without it the database's levels were far weaker than that library's GPTQ of the same
 profile (docs/quant.md). ``--no-act-order`` builds the paper's "FastOBQ" order. After a block is done,
@@ -46,7 +47,7 @@ def _relative_error(weight: torch.Tensor, q: QuantizedWeight, H: torch.Tensor) -
 
 def build_quant_database(decoder: Decoder, pool: TokenPool, out: Path, bits: tuple[int, ...], group_size: int,
                          calib_bits: int, batch_size: int, damp: float = 0.01,
-                         progress: bool = True, act_order: bool = True) -> dict[str, Any]:
+                         progress: bool = True, act_order: bool = True, symmetric: bool = False) -> dict[str, Any]:
     """GPTQ every linear layer at every bitwidth (see the module docstring).
 
     Leaves the model's linear weights at ``calib_bits``.
@@ -55,7 +56,7 @@ def build_quant_database(decoder: Decoder, pool: TokenPool, out: Path, bits: tup
         raise UserError(f"--calib-bits {calib_bits} must be one of --bits {','.join(map(str, bits))} (or 0: dense)")
     shapes = {name: tuple(m.weight.shape) for name, m in decoder.linear_layers().items()}
     try:
-        grids = [QuantGrid(b, group_size) for b in bits]
+        grids = [QuantGrid(b, group_size, symmetric) for b in bits]
         for shape in shapes.values():
             grids[0].group_len(shape[1])
     except ValueError as e:
@@ -76,7 +77,7 @@ def build_quant_database(decoder: Decoder, pool: TokenPool, out: Path, bits: tup
         errors[name] = {str(g.bits): e for g, e in zip(grids, tensors["errors"].tolist())}
         if calib_bits:
             calib = QuantizedWeight.from_packed({k: tensors[key] for k, key in packed_keys(calib_bits).items()},
-                                                shapes[name], QuantGrid(calib_bits, group_size))
+                                                shapes[name], QuantGrid(calib_bits, group_size, symmetric))
             layer.weight.data.copy_(calib.dequantize(layer.weight.dtype).to(layer.weight.device))
 
     def describe() -> dict[str, Any]:
@@ -85,7 +86,7 @@ def build_quant_database(decoder: Decoder, pool: TokenPool, out: Path, bits: tup
             "method": "gptq",
             "bits": list(bits),
             "group_size": group_size,
-            "symmetric": False,
+            "symmetric": symmetric,
             "act_order": act_order,
             "block_size": 128,
             "damp": damp,
@@ -96,7 +97,7 @@ def build_quant_database(decoder: Decoder, pool: TokenPool, out: Path, bits: tup
         }
 
     settings = {"bits": list(bits), "group_size": group_size, "calib_bits": calib_bits, "damp": damp,
-                "act_order": act_order}
+                "act_order": act_order, "symmetric": symmetric}
     return build_layerwise(decoder, pool, out, "quant", settings, lambda name: keys, solve, describe, batch_size,
                            progress, after=install_calibration_level)
 
@@ -109,4 +110,4 @@ def build(decoder: Decoder, pool: TokenPool, options: dict[str, Any], out: Path,
     group_size = options["group_size"] if options["group_size"] is not None else default_group_size(in_features)
     calib_bits = DEFAULT_CALIB_BITS if options["calib_bits"] is None else options["calib_bits"]
     return build_quant_database(decoder, pool, out, bits, group_size, calib_bits, batch_size, progress=progress,
-                                act_order=not options["no_act_order"])
+                                act_order=not options["no_act_order"], symmetric=options["symmetric"])

@@ -6,23 +6,26 @@ Files written to the output directory:
   format llm-compressor writes and vLLM reads). Each quantized linear layer stores
   ``weight_packed`` (int32, codes densely bit-packed along the input dimension: 32 codes fill exactly
   ``bits`` words), ``weight_scale`` (fp16, [out, groups]), ``weight_zero_point`` (int32, zero points
-  packed the same way along the output dimension) and ``weight_shape``. Stored integers are the
-  library's signed values plus its offset 2^(bits-1), which are exactly our unsigned codes, so the
-  bytes are our database's codes re-laid out, bit for bit. ``quantization_config`` has one config
-  group per bitwidth whose ``targets`` are the exact module names (asymmetric, ``group`` strategy, or
-  ``channel`` for per-channel grids). Everything else (embeddings, norms, LM head) stays dense.
+  packed the same way along the output dimension; absent for a symmetric grid, as that library
+  writes it) and ``weight_shape``. Stored integers are the library's signed values plus its offset
+  2^(bits-1), which are exactly our unsigned codes, so the bytes are our database's codes re-laid
+  out, bit for bit. ``quantization_config`` has one config group per bitwidth whose ``targets`` are
+  the exact module names (``group`` strategy, or ``channel`` for per-channel grids, ``symmetric`` as
+  the database was built). Everything else (embeddings, norms, LM head) stays dense.
 * ``gptqmodel_quantize_config.json``: a GPTQModel ``QuantizeConfig`` with base ``bits`` (the most
   common width) and a ``dynamic`` dict of ``"+:<anchored module regex>" -> {"bits": b}`` overrides, to
   re-quantize the same profile with GPTQModel.
 * ``llmcompressor_recipe.yaml``: an llm-compressor ``GPTQModifier`` recipe with the same config groups.
 * ``evopress_profile.json``: bits per layer, the grid, the budget report and these notes.
 
-Loading: transformers 5.24 with compressed-tensors 0.20.1 cannot load *asymmetric* pack-quantized
-checkpoints (its meta-device compression keeps ``weight_zero_point`` unpacked, so the packed
+Loading: a *symmetric* export (``build-db --space quant --symmetric``) loads with plain
+``AutoModelForCausalLM.from_pretrained`` (transformers 5.24, compressed-tensors 0.20.1; tested: the
+same logits as the searched model). Those versions cannot load *asymmetric* pack-quantized
+checkpoints (their meta-device compression keeps ``weight_zero_point`` unpacked, so the packed
 tensors in the file mismatch; a checkpoint written by compressed-tensors itself fails the same way),
-and its ``dequantize=True`` path decodes every dense layer with the first config group's scheme,
-which is wrong for mixed bitwidths. ``load_compressed`` therefore builds the architecture with
-transformers and decodes the layers with our own reader; the tests cross-check that reader
+and their ``dequantize=True`` path decodes every dense layer with the first config group's scheme,
+which is wrong for mixed bitwidths. ``load_compressed`` reads both grids: it builds the architecture
+with transformers and decodes the layers with our own reader; the tests cross-check that reader
 against compressed-tensors' decompressor. vLLM's compressed-tensors kernels cover 4- and 8-bit
 weights and need fused projections (q/k/v, gate/up) to share a scheme, so a mixed 2-6 bit profile
 is a storage/interchange artifact there, not a fast-kernel one. 3/5/6-bit packing follows
@@ -80,79 +83,96 @@ def unpack_rows_int32(packed: Tensor, bits: int, cols: int) -> Tensor:
 
 
 def to_compressed_tensors(q: QuantizedWeight) -> dict[str, Tensor]:
+    """The layer's pack-quantized tensors; a symmetric grid's zero points (all 2^(b-1)) are not stored."""
     out, n = q.shape
-    return {
+    parts = {
         "weight_packed": pack_rows_int32(q.codes, q.grid.bits),
         "weight_scale": q.scales.contiguous(),
-        "weight_zero_point": pack_rows_int32(q.zeros.T.contiguous(), q.grid.bits).T.contiguous(),
         "weight_shape": torch.tensor([out, n], dtype=torch.int64),
     }
+    if not q.grid.symmetric:
+        parts["weight_zero_point"] = pack_rows_int32(q.zeros.T.contiguous(), q.grid.bits).T.contiguous()
+    return parts
+
+
+def zero_points(t: dict[str, Tensor], bits: int) -> Tensor:
+    """uint8 [out, groups]: the stored zero points, or the symmetric grid's 2^(bits-1) where none are."""
+    out, groups = (int(t["weight_shape"][0]), t["weight_scale"].shape[1])
+    if "weight_zero_point" not in t:
+        return torch.full((out, groups), 1 << (bits - 1), dtype=torch.uint8)
+    return unpack_rows_int32(t["weight_zero_point"].T.contiguous(), bits, out).T.contiguous()
 
 
 def from_compressed_tensors(t: dict[str, Tensor], bits: int, group_size: int) -> QuantizedWeight:
-    out, n = (int(x) for x in t["weight_shape"])
+    n = int(t["weight_shape"][1])
     n_groups = t["weight_scale"].shape[1]
-    zeros = unpack_rows_int32(t["weight_zero_point"].T.contiguous(), bits, out).T.contiguous()
-    return QuantizedWeight(unpack_rows_int32(t["weight_packed"], bits, n), t["weight_scale"], zeros,
-                           QuantGrid(bits, group_size if n_groups > 1 else -1))
+    grid = QuantGrid(bits, group_size if n_groups > 1 else -1, symmetric="weight_zero_point" not in t)
+    return QuantizedWeight(unpack_rows_int32(t["weight_packed"], bits, n), t["weight_scale"], zero_points(t, bits),
+                           grid)
 
 
-def _weights_args(bits: int, group_size: int) -> dict[str, Any]:
+def _weights_args(bits: int, group_size: int, symmetric: bool) -> dict[str, Any]:
     if group_size > 0:
-        return {"num_bits": bits, "type": "int", "symmetric": False, "strategy": "group", "group_size": group_size}
-    return {"num_bits": bits, "type": "int", "symmetric": False, "strategy": "channel"}
+        return {"num_bits": bits, "type": "int", "symmetric": symmetric, "strategy": "group", "group_size": group_size}
+    return {"num_bits": bits, "type": "int", "symmetric": symmetric, "strategy": "channel"}
 
 
-def config_groups(layer_bits: dict[str, int], group_size: int) -> dict[str, dict[str, Any]]:
+def config_groups(layer_bits: dict[str, int], group_size: int, symmetric: bool) -> dict[str, dict[str, Any]]:
     """One compressed-tensors / llm-compressor config group per bitwidth, targeting exact module names."""
     groups: dict[str, dict[str, Any]] = {}
     for name, bits in layer_bits.items():
-        groups.setdefault(f"group_{bits}bit", {"targets": [], "weights": _weights_args(bits, group_size)})
+        groups.setdefault(f"group_{bits}bit", {"targets": [], "weights": _weights_args(bits, group_size, symmetric)})
         groups[f"group_{bits}bit"]["targets"].append(name)
     return dict(sorted(groups.items()))
 
 
-def quantization_config(layer_bits: dict[str, int], group_size: int) -> dict[str, Any]:
+def quantization_config(layer_bits: dict[str, int], group_size: int, symmetric: bool) -> dict[str, Any]:
     return {"quant_method": "compressed-tensors", "format": "pack-quantized", "quantization_status": "compressed",
-            "config_groups": config_groups(layer_bits, group_size), "ignore": ["lm_head"], "kv_cache_scheme": None}
+            "config_groups": config_groups(layer_bits, group_size, symmetric), "ignore": ["lm_head"],
+            "kv_cache_scheme": None}
 
 
-def gptqmodel_config(layer_bits: dict[str, int], group_size: int, damp: float, act_order: bool) -> dict[str, Any]:
+def gptqmodel_config(layer_bits: dict[str, int], group_size: int, damp: float, act_order: bool,
+                     symmetric: bool) -> dict[str, Any]:
     """GPTQModel ``QuantizeConfig``: base bits plus ``dynamic`` per-module overrides (regex, re.match)."""
     base = Counter(layer_bits.values()).most_common(1)[0][0]
     dynamic = {f"+:^{re.escape(name)}$": {"bits": bits} for name, bits in layer_bits.items() if bits != base}
-    return {"bits": base, "group_size": group_size if group_size > 0 else -1, "sym": False, "desc_act": act_order,
+    return {"bits": base, "group_size": group_size if group_size > 0 else -1, "sym": symmetric, "desc_act": act_order,
             "static_groups": act_order, "damp_percent": damp, "dynamic": dynamic}
 
 
-def llmcompressor_recipe(layer_bits: dict[str, int], group_size: int, damp: float, act_order: bool
-                         ) -> dict[str, Any]:
-    """The GPTQModifier recipe of the same groups, its column order stated (never that library's default)."""
+def llmcompressor_recipe(layer_bits: dict[str, int], group_size: int, damp: float, act_order: bool,
+                         symmetric: bool) -> dict[str, Any]:
+    """The GPTQModifier recipe of the same groups, column order and grid stated (never that library's defaults)."""
     return {"quant_stage": {"quant_modifiers": {"GPTQModifier": {
         "dampening_frac": damp, "block_size": 128, "actorder": "static" if act_order else None,
-        "ignore": ["lm_head"], "config_groups": config_groups(layer_bits, group_size)}}}}
+        "ignore": ["lm_head"], "config_groups": config_groups(layer_bits, group_size, symmetric)}}}}
 
 
 def write_quantized(model: torch.nn.Module, quantized: dict[str, QuantizedWeight], out: Path, tokenizer: Any,
                     group_size: int, solver: dict[str, Any], profile: dict[str, Any]) -> dict[str, int]:
     """The checkpoint and configs with ``quantized`` layers (by module name) packed, the rest dense.
 
-    ``solver``: the database manifest's GPTQ settings (``damp``; ``act_order``, false in databases built
-    before it was recorded). ``profile`` goes to ``evopress_profile.json`` with the layer bits and the
-    formats' notes added.
+    ``solver``: the database manifest's GPTQ settings (``damp``; ``act_order`` and ``symmetric``, false
+    in databases built before they were recorded). ``profile`` goes to ``evopress_profile.json`` with
+    the layer bits and the formats' notes added.
     Returns the layer bits.
     """
     layer_bits = {name: q.grid.bits for name, q in quantized.items()}
+    damp, act_order = solver["damp"], bool(solver.get("act_order", False))
+    symmetric = bool(solver.get("symmetric", False))
+    if any(q.grid.symmetric != symmetric for q in quantized.values()):
+        raise ValueError(f"layers on another grid than the database's (symmetric={symmetric})")
     tensors = model_tensors(model, {f"{name}.weight" for name in quantized})
     for name, q in quantized.items():
         for key, value in to_compressed_tensors(q).items():
             tensors[f"{name}.{key}"] = value.cpu()
-    write_checkpoint(model, tensors, quantization_config(layer_bits, group_size), out, tokenizer)
-    damp, act_order = solver["damp"], bool(solver.get("act_order", False))
-    write_json(out / GPTQMODEL, gptqmodel_config(layer_bits, group_size, damp, act_order))
-    recipe = yaml.safe_dump(llmcompressor_recipe(layer_bits, group_size, damp, act_order), sort_keys=False)
+    write_checkpoint(model, tensors, quantization_config(layer_bits, group_size, symmetric), out, tokenizer)
+    write_json(out / GPTQMODEL, gptqmodel_config(layer_bits, group_size, damp, act_order, symmetric))
+    recipe = yaml.safe_dump(llmcompressor_recipe(layer_bits, group_size, damp, act_order, symmetric),
+                            sort_keys=False)
     atomic_write(out / RECIPE, lambda tmp: tmp.write_text(recipe))
-    write_json(out / PROFILE, {**profile, "group_size": group_size, "symmetric": False, "layer_bits": layer_bits,
+    write_json(out / PROFILE, {**profile, "group_size": group_size, "symmetric": symmetric, "layer_bits": layer_bits,
                                "formats": {WEIGHTS: "compressed-tensors pack-quantized (see evopress.export_quant)",
                                            GPTQMODEL: "GPTQModel QuantizeConfig with per-module dynamic bits",
                                            RECIPE: "llm-compressor GPTQModifier recipe"}})
@@ -183,7 +203,7 @@ def read_compressed_weights(path: Path) -> dict[str, Tensor]:
         args = group["weights"]
         for name in group["targets"]:
             parts = {k: raw[f"{name}.{k}"] for k in ("weight_packed", "weight_scale", "weight_zero_point",
-                                                     "weight_shape")}
+                                                     "weight_shape") if f"{name}.{k}" in raw}
             out[f"{name}.weight"] = from_compressed_tensors(parts, args["num_bits"], args.get("group_size") or -1) \
                 .dequantize(torch.float32)
     return out

@@ -56,11 +56,12 @@ def default_group_size(in_features: Sequence[int]) -> int:
 
 
 def level_cost(bits: int, shape: tuple[int, int], grid: QuantGrid, overhead: bool) -> int:
-    """Bits one layer takes at ``bits``; with ``overhead`` its fp16 scales and bit-wide zero points too."""
+    """Bits one layer takes at ``bits``; with ``overhead`` its fp16 scales and bit-wide zero points too
+    (a symmetric grid stores no zero points: they are all 2^(bits-1))."""
     out, n = shape
     cost = bits * out * n
     if overhead:
-        cost += out * (n // grid.group_len(n)) * (SCALE_BITS + bits)
+        cost += out * (n // grid.group_len(n)) * (SCALE_BITS + (0 if grid.symmetric else bits))
     return cost
 
 
@@ -75,10 +76,12 @@ def packed_bytes(bits: int, shape: tuple[int, int], grid: QuantGrid) -> int:
 
 
 def metadata_bytes(bits: int, shape: tuple[int, int], grid: QuantGrid) -> int:
-    """The part of ``packed_bytes`` besides the codes: fp16 scales, int32-packed zero points, the int64 shape."""
+    """The part of ``packed_bytes`` besides the codes: fp16 scales, int32-packed zero points (none for a
+    symmetric grid), the int64 shape."""
     out, n = shape
     groups = n // grid.group_len(n)
-    return 4 * -(-out * bits // 32) * groups + 2 * out * groups + 16
+    zero_points = 0 if grid.symmetric else 4 * -(-out * bits // 32) * groups
+    return zero_points + 2 * out * groups + 16
 
 
 # ----------------------------------------------------------------------------------------------

@@ -3,7 +3,8 @@
 Units are the linear layers of the decoder blocks; level ``l`` of a unit is the ``l``-th bitwidth of
 ``bits`` (ascending). A level's cost is an integer number of bits: ``bits * numel`` for the weights,
 plus, with ``overhead=True``, ``(16 + bits)`` per quantization group for its fp16 scale and its
-``bits``-wide zero point (exactly what the packed database and the compressed-tensors export store).
+``bits``-wide zero point (exactly what the compressed-tensors export stores; 16 for a database built
+``--symmetric``, whose zero points are all 2^(bits-1) and not stored).
 The paper counts weights only (its "2.25 bits" exclude about 0.25 bit/weight of metadata at group
 128); ``budget_report`` always states which accounting a result used and gives both averages.
 
@@ -74,6 +75,7 @@ class QuantSpace(LayerwiseSpace):
             raise UserError(f"quant levels {list(self.bits)} must be ascending bitwidths stored in the database "
                             f"({','.join(map(str, stored))})")
         self.group_size = manifest["group_size"]
+        self.symmetric = bool(manifest.get("symmetric", False))
         self.shapes = [tuple(manifest["layers"][name]) for name in self.units]
         self.numel = sum(o * i for o, i in self.shapes)
         self.level_costs = tuple(tuple(level_cost(b, s, self.grid(b), overhead) for b in self.bits)
@@ -103,9 +105,11 @@ class QuantSpace(LayerwiseSpace):
                                groups=self.switch_groups)
 
     def grid(self, bits: int) -> QuantGrid:
-        return QuantGrid(bits, self.group_size)
+        return QuantGrid(bits, self.group_size, self.symmetric)
 
     def accounting(self) -> str:
+        if self.overhead and self.symmetric:
+            return "true bits: weights plus a fp16 scale per group (symmetric grid: no zero points)"
         if self.overhead:
             return "true bits: weights plus a fp16 scale and a b-bit zero point per group"
         return "weight bits only (scale/zero-point metadata excluded, as in the paper)"
@@ -236,6 +240,7 @@ class QuantSpace(LayerwiseSpace):
             "weight_bits_per_weight": weight_bits / self.numel,
             "true_bits_per_weight": true_bits / self.numel,
             "group_size": self.group_size,
+            "symmetric": self.symmetric,
             "group_rule": self.group_rule,
             "level_values": list(self.bits),
             "layers_per_bitwidth": histogram,
