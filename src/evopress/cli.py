@@ -257,6 +257,18 @@ def _add_export(sub: Any) -> None:
     _output(x)
 
 
+def _add_finalize(sub: Any) -> None:
+    f = sub.add_parser("finalize", help="re-solve a result's chosen levels on the finalized model's own inputs "
+                       "(quant, sparsity, joint): a new result for eval, report and export")
+    f.add_argument("dir", type=Path, help="a saved result")
+    f.add_argument("--out", type=Path, required=True, help="the finalized result (rerun to resume after a kill)")
+    f.add_argument("--calib-tokens", type=int, default=None, help="calibration tokens of the result's text and "
+                   "windows to solve on (default: 16384, as build-db)")
+    f.add_argument("--batch-size", type=int, default=8)
+    _hardware_args(f)
+    _output(f)
+
+
 def _add_run(sub: Any) -> None:
     rr = sub.add_parser("run", help="run a recipe file (YAML) describing a whole run")
     rr.add_argument("recipe", type=Path)
@@ -276,7 +288,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="evopress", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     for add in (_add_search, _add_baseline, _add_pareto, _add_import_config, _add_export_config, _add_eval,
-                _add_build_db, _add_export, _add_run, _add_report):
+                _add_build_db, _add_export, _add_finalize, _add_run, _add_report):
         add(sub)
     return parser
 
@@ -391,6 +403,13 @@ def _export(args: argparse.Namespace, log: Log) -> dict[str, Any]:
     return export_result(args.dir, args.out, _hardware(args), log, args.format)
 
 
+def _finalize(args: argparse.Namespace, log: Log) -> dict[str, Any]:
+    from .pipeline.finalize import finalize_result
+
+    return finalize_result(args.dir, args.out, _hardware(args), args.calib_tokens, args.batch_size, log,
+                           progress=not args.quiet)
+
+
 def _eval_settings(args: argparse.Namespace) -> Any:
     """Held-out evaluation settings; ``evopress eval`` adds its batch size and lm-eval tasks."""
     from .evaluate import EvalSettings
@@ -422,7 +441,8 @@ COMMANDS: dict[str, Callable[[argparse.Namespace, Log], Any]] = {
     "search": _search_or_baseline, "baseline": _search_or_baseline, "pareto": _pareto,
     "import-config": _import_config,
     "export-config": _export_config,
-    "run": _run_recipe, "build-db": _build_db, "export": _export, "eval": _eval, "report": _report,
+    "run": _run_recipe, "build-db": _build_db, "export": _export, "finalize": _finalize, "eval": _eval,
+    "report": _report,
 }
 DISTRIBUTED = {"search", "baseline", "run"}  # the commands that evaluate candidates: one run under torchrun
 

@@ -90,10 +90,15 @@ def save_layer(root: Path, name: str, tensors: dict[str, torch.Tensor]) -> None:
 
 @dataclass
 class Database:
-    """An opened, verified database: its manifest and lazy access to layer files."""
+    """An opened, verified database: its manifest and lazy access to layer files.
+
+    ``base``: for an overlay (a finalized profile's re-solved levels, ``spaces/finalize.py``), the
+    database its layer files add to; a tensor the overlay does not hold is read from there.
+    """
 
     root: Path
     manifest: dict[str, Any]
+    base: "Database | None" = None
 
     @staticmethod
     def open(root: str | Path, space: str, model: nn.Module) -> "Database":
@@ -111,7 +116,9 @@ class Database:
         if manifest.get("model_fingerprint") not in fps:
             raise UserError(f"database {root} was built for another model (fingerprint "
                             f"{manifest.get('model_fingerprint')} != {fps[0]})")
-        return Database(root, manifest)
+        overlay = manifest.get("finalized")
+        base = Database.open(overlay["base"], space, model) if overlay else None
+        return Database(root, manifest, base)
 
     def check_data(self, pool: TokenPool) -> None:
         """Refuse a search whose calibration text differs from the text the database was built on.
@@ -142,13 +149,20 @@ class Database:
         named in ``load``.
         """
         path = layer_file(self.root, name)
+        if self.base is not None and not path.is_file():
+            return self.base.check_layer(name, keys, load)
         try:
             with safe_open(str(path), framework="pt") as f:
-                missing = (set(keys) | set(load)) - set(f.keys())
-                if not missing:
-                    return {k: f.get_tensor(k) for k in load}
+                own = set(f.keys())
+                missing = (set(keys) | set(load)) - own
+                found = {k: f.get_tensor(k) for k in load if k in own}
         except (SafetensorError, OSError) as e:
             raise _corrupt(path, e) from e
+        if not missing:
+            return found
+        if self.base is not None:
+            return {**found, **self.base.check_layer(name, [k for k in keys if k not in own],
+                                                     [k for k in load if k not in own])}
         raise UserError(f"database layer file for {name} lacks {sorted(missing)}; rebuild the database")
 
     def read(self, name: str, keys: Sequence[str]) -> dict[str, torch.Tensor]:

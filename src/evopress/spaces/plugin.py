@@ -75,6 +75,10 @@ Baseline = Callable[[BaselineInputs], Config]
 Builder = Callable[[Any, Any, dict[str, Any], Path, int, bool], dict[str, Any]]
 # (space without rules, its configuration, out, tokenizer) -> summary
 Exporter = Callable[[Space, Config, Path, Any], dict[str, Any]]
+# (space without rules, its configuration) -> the database whose levels it re-solves (its ``--db``) and the
+# layers to re-solve by module name (``spaces/finalize.py``); it may put the model in the state they are
+# solved in (a joint profile's drops)
+Finalizer = Callable[[Space, Config], tuple[Any, dict[str, Any]]]
 # (checkpoint directory, its config.json, dtype) -> the model, or None: not a checkpoint this space reads
 Loader = Callable[[Path, dict[str, Any], Any], Any]
 
@@ -93,6 +97,7 @@ class SpacePlugin:
     build_options: tuple[CliOption, ...] = ()
     export: Exporter | None = None  # the default checkpoint layout of ``evopress export``
     export_formats: Mapping[str, Exporter] = field(default_factory=dict)  # others, by ``--format`` name
+    finalize: Finalizer | None = None  # ``evopress finalize``; None: nothing to re-solve
     load: Loader | None = None  # reads exports plain ``from_pretrained`` cannot (``evopress.load_compressed``)
     config_formats: Mapping[str, ConfigFormat] = field(default_factory=dict)  # besides our own (interchange)
     # baselines whose configurations join a search's initial population by default (``--init-from auto``);

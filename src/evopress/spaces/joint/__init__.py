@@ -2,7 +2,7 @@
 
 from ..plugin import CliOption, SpacePlugin
 from ..layerwise import DB_OPTION, absolute_path
-from . import baselines, export
+from . import baselines, export, finalize
 from .space import TOLERANCE, JointSpace, check_target
 
 PLUGIN = SpacePlugin(
@@ -26,6 +26,7 @@ PLUGIN = SpacePlugin(
     default_init=("grid",),  # below the byte window: the warm start repairs it into the window
     default_init_with_rules=(),  # the joint baselines take no rules
     export=export.export,
+    finalize=finalize.finalize_jobs,
 )
 
 __all__ = ["PLUGIN", "JointSpace"]

@@ -2,7 +2,7 @@
 
 from ..plugin import CliOption, SpacePlugin
 from ..layerwise import DB_OPTION, group_rule_option
-from . import baselines, build, export, formats
+from . import baselines, build, export, finalize, formats
 from .space import QuantSpace, check_target
 
 PLUGIN = SpacePlugin(
@@ -32,6 +32,7 @@ PLUGIN = SpacePlugin(
                   default=False, is_flag=True),
     ),
     export=export.export_quantized,
+    finalize=finalize.finalize_jobs,
     load=export.load,
     config_formats={"reference-quant": formats.REFERENCE},
 )

@@ -2,7 +2,7 @@
 
 from ..plugin import CliOption, SpacePlugin
 from ..layerwise import DB_OPTION, group_rule_option
-from . import baselines, bitmask, build, export, formats
+from . import baselines, bitmask, build, export, finalize, formats
 from .space import SparsitySpace, check_target
 
 PLUGIN = SpacePlugin(
@@ -26,6 +26,7 @@ PLUGIN = SpacePlugin(
         CliOption(("--method",), "method", "sparsity: sparsegpt (default), wanda, magnitude", default="sparsegpt"),
     ),
     export=export.export,
+    finalize=finalize.finalize_jobs,
     export_formats={bitmask.FORMAT: bitmask.export_bitmask},
     load=bitmask.load,
     config_formats={"reference-sparsity": formats.REFERENCE},
