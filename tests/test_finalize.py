@@ -5,6 +5,7 @@ import json
 import numpy as np
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file
 
 from evopress.compressors.gptq import QuantGrid, QuantizedWeight, gptq_quantize
@@ -166,13 +167,29 @@ def test_cli_finalize_eval_report_export_resume_and_refusals(tiny_checkpoint, tm
     solved = QuantizedWeight.from_packed({k: level[f"{bits}.{k}"] for k in ("codes", "scales", "zeros")},
                                          tuple(exported[f"{name}.weight"].shape), grid)
     assert torch.equal(exported[f"{name}.weight"], solved.dequantize())  # the export writes the finalized level
+    # export --finalize: finalize beside the result, then export that; the same model as above
+    assert main(["export", str(tmp_path / "dp"), "--finalize", "--calib-tokens", "512", "--out",
+                 str(tmp_path / "export2"), "--quiet"]) == 0
+    assert json.loads((tmp_path / "dp-finalized" / "result.json").read_text())["finalized"]
+    assert (tmp_path / "export2" / "model.safetensors").read_bytes() == \
+        (tmp_path / "export" / "model.safetensors").read_bytes()
+    # a recipe's finalize section, then its eval section on the finalized result
+    recipe = {"space": "quant", "method": "dp", "target": 2.5, "space_options": {"db": str(db)}, "model": str(model),
+              "data": str(text), "seq_len": 32, "calib_tokens": 512, "final_tokens": 128, "baseline_tokens": 64,
+              "out": str(tmp_path / "r"), "finalize": {"calib_tokens": 512},
+              "eval": {"data": [str(text)], "tokens": 256, "seq_len": 32}}
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    assert main(["run", str(tmp_path / "recipe.yaml"), "--quiet"]) == 0
+    assert json.loads((tmp_path / "r-finalized" / "eval.json").read_text())
+    assert json.loads((tmp_path / "r-finalized" / "result.json").read_text())["levels"] == stitched["levels"]
     capsys.readouterr()
 
     for argv, message in (
             (["finalize", str(tmp_path / "depth"), "--out", str(tmp_path / "x")], "nothing to re-solve"),
             (["finalize", str(tmp_path / "nowhere"), "--out", str(tmp_path / "x")], "not found"),
             (["finalize", str(tmp_path / "dp"), "--out", str(tmp_path / "dp")], "the result itself"),
-            (["finalize", str(tmp_path / "fin"), "--out", str(tmp_path / "x")], "already finalized")):
+            (["finalize", str(tmp_path / "fin"), "--out", str(tmp_path / "x")], "already finalized"),
+            (["export", str(tmp_path / "dp"), "--calib-tokens", "9", "--out", str(tmp_path / "x")], "for --finalize")):
         assert main(argv) == 2
         err = capsys.readouterr().err.strip()
         assert message in err and len(err.splitlines()) == 1, err

@@ -54,8 +54,11 @@ def run(recipe: Any, out: str | Path | None = None, restart: bool = False, progr
         log: Callable[[str], None] = print) -> Result:
     """Run a Recipe (or a dict / YAML path describing one): a search or a baseline, by ``method``.
 
-    A recipe file's ``out`` is used when ``out`` is not given, and its ``eval`` section, if any, is
-    run on the result (``Result.data["eval"]``): the same as ``evopress run FILE``.
+    A recipe file's ``out`` is used when ``out`` is not given. Its ``finalize`` section, if any
+    (``{out: DIR, calib_tokens: N}``, both optional; default out ``<out>-finalized``), re-solves the
+    result's levels (``evopress finalize``; ``Result.data["finalized"]`` is that result), and its ``eval``
+    section, if any, is run on the result, the finalized one when there is one
+    (``Result.data["eval"]``): the same as ``evopress run FILE``.
 
     Under torchrun (a script started by ``torchrun --nproc-per-node N``) the N processes make one run:
     candidates are split between them, every rank returns the same result, rank 0 alone writes ``out``
@@ -63,33 +66,56 @@ def run(recipe: Any, out: str | Path | None = None, restart: bool = False, progr
     """
     from . import distributed
 
-    recipe, out, settings = _resolve(recipe, out)
+    recipe, out, settings, finalize = _resolve(recipe, out)
     with distributed.session():
         distributed.agree({"settings": recipe.identity(), "the output directory": str(out), "restart": restart})
         log = distributed.main_only(log)
         data = _search_or_baseline(replace(recipe, device=distributed.local_device() or recipe.device), out,
                                    restart, progress, log)
-        if settings is not None and distributed.is_main():
+        if not distributed.is_main():
+            return Result(out, data)
+        evaluated = out
+        if finalize is not None:
+            from .pipeline.finalize import finalize_result
+
+            evaluated = Path(finalize.get("out") or f"{out}-finalized")
+            data = {**data, "finalized": finalize_result(out, evaluated, recipe.hardware, finalize.get("calib_tokens"),
+                                                         log=log, progress=progress)}
+        if settings is not None:
             from .pipeline import evaluate_results
 
-            data = {**data, "eval": evaluate_results([out], settings, log=log)[0]}
+            data = {**data, "eval": evaluate_results([evaluated], settings, log=log)[0]}
     return Result(out, data)
 
 
-def _resolve(recipe: Any, out: str | Path | None) -> tuple[Recipe, Path, EvalSettings | None]:
-    """The Recipe, the output directory and the eval settings (or None) that ``run`` was given."""
+def _resolve(recipe: Any, out: str | Path | None
+             ) -> tuple[Recipe, Path, EvalSettings | None, dict[str, Any] | None]:
+    """The Recipe, the output directory, the eval settings and the finalize section (each or None) that
+    ``run`` was given."""
     if isinstance(recipe, (str, Path)):
         recipe = load_recipe_file(Path(recipe))
-    evaluation = None
+    evaluation = finalize = None
     if not isinstance(recipe, Recipe):
         recipe = dict(recipe)
         out = out or recipe.pop("out", None)
         recipe.pop("out", None)
         evaluation = recipe.pop("eval", None)
+        finalize = _finalize_section(recipe.pop("finalize", None))
         recipe = make_recipe(recipe)
     if out is None:
         raise UserError("no output directory: give out=... (--out) or an 'out' key in the recipe")
-    return recipe, Path(out), _eval_settings(evaluation) if evaluation is not None else None
+    return recipe, Path(out), _eval_settings(evaluation) if evaluation is not None else None, finalize
+
+
+def _finalize_section(section: Any) -> dict[str, Any] | None:
+    """The recipe's ``finalize`` section: None (absent or false), or its settings (``true``: the defaults)."""
+    if section is None or section is False:
+        return None
+    section = {} if section is True else section
+    if not isinstance(section, dict) or set(section) - {"out", "calib_tokens"}:
+        raise UserError("the recipe's 'finalize' section must be true or a mapping with 'out' and/or "
+                        f"'calib_tokens', not {section!r}")
+    return section
 
 
 def _search_or_baseline(recipe: Recipe, out: Path, restart: bool, progress: bool,
@@ -158,7 +184,8 @@ def load_yaml(path: Path, what: str) -> Any:
 
 
 def load_recipe_file(path: Path) -> dict[str, Any]:
-    """YAML (or JSON, which is YAML) describing a run; the ``out`` and ``eval`` keys are for the runner."""
+    """YAML (or JSON, which is YAML) describing a run; the ``out``, ``finalize`` and ``eval`` keys are for the
+    runner."""
     data = load_yaml(path, "recipe")
     if not isinstance(data, dict):
         raise UserError(f"recipe {path} must be a mapping of settings")

@@ -253,6 +253,10 @@ def _add_export(sub: Any) -> None:
                    + "; ".join(f"{name}: {', '.join(f for f in p.export_formats)}"
                                for name, p in PLUGINS.items() if p.export_formats))
     x.add_argument("--out", type=Path, required=True)
+    x.add_argument("--finalize", action="store_true", help="re-solve the result's levels first (evopress finalize "
+                   "DIR --out DIR-finalized, kept for eval and report; resumed or reused when already there) and "
+                   "export that")
+    x.add_argument("--calib-tokens", type=int, default=None, help="with --finalize: as finalize's")
     _hardware_args(x)
     _output(x)
 
@@ -399,8 +403,15 @@ def _build_db(args: argparse.Namespace, log: Log) -> dict[str, Any]:
 
 def _export(args: argparse.Namespace, log: Log) -> dict[str, Any]:
     from .pipeline import export_result
+    from .pipeline.finalize import finalize_result
 
-    return export_result(args.dir, args.out, _hardware(args), log, args.format)
+    result = args.dir
+    if args.finalize:
+        result = Path(f"{str(args.dir).rstrip('/')}-finalized")
+        finalize_result(args.dir, result, _hardware(args), args.calib_tokens, log=log, progress=not args.quiet)
+    elif args.calib_tokens is not None:
+        raise UserError("--calib-tokens is for --finalize")
+    return export_result(result, args.out, _hardware(args), log, args.format)
 
 
 def _finalize(args: argparse.Namespace, log: Log) -> dict[str, Any]:
