@@ -326,3 +326,24 @@ def test_every_level_and_dense_restore_goes_through_the_non_blocking_copy(space_
     assert len(seen) == per_level * len(space.units)
     space.apply(None)
     assert len(seen) == (per_level + 1) * len(space.units)
+
+
+def test_an_offloaded_finalize_equals_the_resident_one(tiny_checkpoint, tmp_path):
+    """finalize with every block offloaded (one resident at a time, as build-db) re-solves the same levels."""
+    from safetensors.torch import load_file
+
+    model, text = tiny_checkpoint
+    common = ["--model", str(model), "--data", str(text), "--seq-len", "32", "--calib-tokens", "256", "--quiet"]
+    assert main(["build-db", "--space", "quant", "--bits", "2,3", "--out", str(tmp_path / "db"), *common]) == 0
+    assert main(["baseline", "--space", "quant", "--method", "dp", "--target", "2.5", "--db", str(tmp_path / "db"),
+                 "--tokens", "64", "--final-tokens", "128", "--out", str(tmp_path / "dp"), *common]) == 0
+    for name, placement in (("resident", []), ("offloaded", OFFLOAD)):
+        assert main(["finalize", str(tmp_path / "dp"), "--calib-tokens", "256", *placement, "--quiet",
+                     "--out", str(tmp_path / name)]) == 0
+    files = sorted(p.name for p in (tmp_path / "resident" / "db" / "layers").iterdir())
+    assert files and files == sorted(p.name for p in (tmp_path / "offloaded" / "db" / "layers").iterdir())
+    for name in files:
+        resident, offloaded = (load_file(str(tmp_path / d / "db" / "layers" / name)) for d in ("resident", "offloaded"))
+        assert resident.keys() == offloaded.keys() and all(torch.equal(resident[k], offloaded[k]) for k in resident)
+    results = [json.loads((tmp_path / d / "result.json").read_text()) for d in ("resident", "offloaded")]
+    assert results[0]["fitness"]["kl"] == results[1]["fitness"]["kl"]

@@ -30,6 +30,7 @@ from ..data import TokenPool
 from ..database import MANIFEST, BuildLog, Database, calibrate_blocks, data_fingerprint, save_layer
 from ..io import read_json
 from ..models import Decoder
+from ..placement import offload_hook
 
 OVERLAY = "finalized"  # the manifest entry that makes a database an overlay of its base
 
@@ -56,7 +57,9 @@ def finalize_layers(decoder: Decoder, pool: TokenPool, base: Database, jobs: dic
     if (out / MANIFEST).is_file() and read_json(out / MANIFEST).get(OVERLAY, {}).get("settings") == settings:
         return out  # finished before (a rerun after the result was written, or after a kill just before)
     log = BuildLog(out, settings)
-    originals = {name: m.weight.data for name, m in decoder.linear_layers().items() if name in jobs}
+    # an offloaded layer needs nothing: what a block's work puts into it goes back to the meta device after
+    originals = {name: m.weight.data for name, m in decoder.linear_layers().items()
+                 if name in jobs and offload_hook(m) is None}
 
     def compress(b: int, layers: dict[str, nn.Linear], hessians: dict[str, HessianAccumulator]) -> None:
         for name, layer in layers.items():
