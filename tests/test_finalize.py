@@ -24,13 +24,19 @@ from evopress.spaces.sparsity.storage import encode_level
 from .conftest import tiny_model, tiny_quant_database, tiny_sparsity_database
 
 
-def sequential_reference(model, pool, solve):
+LLAMA_GROUPS = [("q_proj", "k_proj", "v_proj"), ("o_proj",), ("gate_proj", "up_proj"), ("down_proj",)]
+
+
+def sequential_reference(model, pool, solve, true_sequential=False):
     """The block-sequential solve, written out: block b's layer inputs come from a full forward of the model
-    whose blocks before b are already solved (and installed), in the batches the database uses."""
+    whose blocks before b are already solved (and installed), in the batches the database uses; with
+    ``true_sequential``, one Llama layer group after another within the block too."""
     names = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and ".layers." in n]
+    steps = [(b, [n for n in names if f".layers.{b}." in n and n.rsplit(".", 1)[1] in group])
+             for b in range(model.config.num_hidden_layers)
+             for group in (LLAMA_GROUPS if true_sequential else [sum(LLAMA_GROUPS, ())])]
     solved = {}
-    for b in range(model.config.num_hidden_layers):
-        block = [n for n in names if f".layers.{b}." in n]
+    for b, block in steps:
         accs = {n: HessianAccumulator(model.get_submodule(n).in_features) for n in block}
         hooks = [model.get_submodule(n).register_forward_pre_hook(lambda m, a, acc=accs[n]: acc.add(a[0]))
                  for n in block]
@@ -78,20 +84,21 @@ def sparsity_case(tmp_path):
     return space, config, pool, dense, solve
 
 
-@pytest.mark.parametrize("case", [quant_case, sparsity_case])
-def test_finalized_levels_equal_a_block_sequential_solve(case, tmp_path):
+@pytest.mark.parametrize("case, true_sequential", [(quant_case, False), (sparsity_case, False), (quant_case, True)])
+def test_finalized_levels_equal_a_block_sequential_solve(case, true_sequential, tmp_path):
     """Every re-solved layer equals the sequential solve written out above, the stitched database level
     differs from it (the inputs differ), and the space reads the overlay as a database: the chosen levels
     from the overlay, every other level from the base."""
     space, config, pool, dense, solve = case(tmp_path)
     name = space.name
     base, jobs = get_plugin(name).finalize(space, config)
-    finalize_layers(space.decoder, pool, base, jobs, tmp_path / "fin", batch_size=4, progress=False)
+    finalize_layers(space.decoder, pool, base, jobs, tmp_path / "fin", batch_size=4, progress=False,
+                    true_sequential=true_sequential)
     assert all(torch.equal(m.weight, dense[f"{n}.weight"]) for n, m in space.decoder.linear_layers().items())
 
     reference_model = tiny_model(layers=3)
     reference_model.load_state_dict(dense)
-    reference = sequential_reference(reference_model, pool, solve)
+    reference = sequential_reference(reference_model, pool, solve, true_sequential)
     stitched_differs = 0
     for n, tensors in reference.items():
         ours = load_file(str(layer_file(tmp_path / "fin", n)))

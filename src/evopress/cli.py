@@ -269,6 +269,8 @@ def _add_finalize(sub: Any) -> None:
     f.add_argument("--calib-tokens", type=int, default=None, help="calibration tokens of the result's text and "
                    "windows to solve on (default: 16384, as build-db)")
     f.add_argument("--batch-size", type=int, default=8)
+    f.add_argument("--true-sequential", action="store_true", help="within a block too, solve each group of "
+                   "layers that reads one input (q/k/v, o, gate/up, down) on the inputs left by the ones before")
     _hardware_args(f)
     _output(f)
 
@@ -418,7 +420,7 @@ def _finalize(args: argparse.Namespace, log: Log) -> dict[str, Any]:
     from .pipeline.finalize import finalize_result
 
     return finalize_result(args.dir, args.out, _hardware(args), args.calib_tokens, args.batch_size, log,
-                           progress=not args.quiet)
+                           progress=not args.quiet, true_sequential=args.true_sequential)
 
 
 def _eval_settings(args: argparse.Namespace) -> Any:

@@ -321,12 +321,14 @@ CompressBlock = Callable[[int, dict[str, nn.Linear], dict[str, HessianAccumulato
 
 @torch.inference_mode()
 def calibrate_blocks(decoder: Decoder, pool: TokenPool, batch_size: int, compress: CompressBlock,
-                     progress: bool = True) -> None:
+                     progress: bool = True, true_sequential: bool = False) -> None:
     """Block by block: accumulate every linear layer's input Hessian, call ``compress``, move on.
 
     ``compress(b, layers, hessians)`` may change the block's weights (e.g. install a calibration-level
     variant); the next block's inputs are computed after it returns, with whatever weights it left.
-    Activations of the whole calibration set are held in memory once (tokens x hidden).
+    ``true_sequential``: within a block too, one group of layers at a time (``_input_groups``), each
+    group's Hessians taken after the groups before it were compressed. Activations of the whole
+    calibration set are held in memory once (tokens x hidden).
     """
     from tqdm.auto import tqdm
 
@@ -335,13 +337,16 @@ def calibrate_blocks(decoder: Decoder, pool: TokenPool, batch_size: int, compres
     states = [inp.hidden for inp in inputs]
     for b in tqdm(range(decoder.num_blocks), desc="database", unit="block", disable=not progress):
         with resident(decoder.layers[b]):  # an offloaded block's weights, for this block's work only
-            states = _calibrate_block(decoder, b, states, inputs, compress)
+            layers = block_linears(decoder, b)
+            groups = _input_groups(decoder, b, states[0], inputs[0], layers) if true_sequential else [list(layers)]
+            for group in groups:
+                _calibrate_group(decoder, b, states, inputs, {n: layers[n] for n in group}, compress)
+            states = [decoder.run_block(b, h, inp) for h, inp in zip(states, inputs)]
 
 
-def _calibrate_block(decoder: Decoder, b: int, states: list[torch.Tensor], inputs: list[Any],
-                     compress: CompressBlock) -> list[torch.Tensor]:
-    """Block ``b``'s Hessians, ``compress``, and the next block's inputs."""
-    layers = block_linears(decoder, b)
+def _calibrate_group(decoder: Decoder, b: int, states: list[torch.Tensor], inputs: list[Any],
+                     layers: dict[str, nn.Linear], compress: CompressBlock) -> None:
+    """The Hessians of ``layers`` (of block ``b``) over every batch, then ``compress``."""
     hessians = {n: HessianAccumulator(m.in_features, device=m.weight.device) for n, m in layers.items()}
     hooks = [m.register_forward_pre_hook(lambda mod, args, acc=hessians[n]: acc.add(args[0]))
              for n, m in layers.items()]
@@ -352,4 +357,31 @@ def _calibrate_block(decoder: Decoder, b: int, states: list[torch.Tensor], input
         for hook in hooks:
             hook.remove()
     compress(b, layers, hessians)
-    return [decoder.run_block(b, h, inp) for h, inp in zip(states, inputs)]
+
+
+def _input_groups(decoder: Decoder, b: int, hidden: torch.Tensor, inputs: Any,
+                  layers: dict[str, nn.Linear]) -> list[list[str]]:
+    """The block's layers in the order they run, consecutive layers that read the same tensor grouped
+    (Llama: q/k/v, o, gate/up, down): each group's inputs depend only on the groups before it.
+
+    The inputs are held until the end of the forward, so no two are ever the same tensor by a freed
+    address being reused: ``is`` tells exactly which layers share one."""
+    calls: list[tuple[str, torch.Tensor]] = []
+    hooks = [m.register_forward_pre_hook(lambda mod, args, n=n: calls.append((n, args[0])))
+             for n, m in layers.items()]
+    try:
+        decoder.run_block(b, hidden, inputs)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    groups: list[list[str]] = []
+    seen: set[str] = set()
+    for i, (name, x) in enumerate(calls):
+        if name in seen:
+            continue
+        if i and x is calls[i - 1][1] and groups:
+            groups[-1].append(name)
+        else:
+            groups.append([name])
+        seen.add(name)
+    return groups + [[n] for n in layers if n not in seen]  # a layer the block did not run (a dropped sub-block)

@@ -22,7 +22,8 @@ OVERLAY_DIR = "db"  # the overlay database under the finalized result's director
 
 
 def finalize_result(out: Path, target: Path, hardware: Hardware = Hardware(), calib_tokens: int | None = None,
-                    batch_size: int = 8, log: Callable[[str], None] = print, progress: bool = True) -> dict[str, Any]:
+                    batch_size: int = 8, log: Callable[[str], None] = print, progress: bool = True,
+                    true_sequential: bool = False) -> dict[str, Any]:
     """Re-solve the result in ``out`` into ``target``: overlay databases and a result marked finalized.
 
     The calibration text and windows are the result's (``--data``, ``--seq-len``, BOS rule), the pool
@@ -54,13 +55,14 @@ def finalize_result(out: Path, target: Path, hardware: Hardware = Hardware(), ca
             base, jobs = plugin.finalize(model_space, levels)
             log(f"finalizing {len(jobs)} layers of {out} ({saved['method']}, {saved['space']} "
                 f"{saved['target']:g}) on {pool.tokens} tokens of '{recipe.data}'")
-            finalize_layers(loaded.decoder, pool, base, jobs, overlay, batch_size, progress)
+            finalize_layers(loaded.decoder, pool, base, jobs, overlay, batch_size, progress, true_sequential)
         finally:
             model_space.apply(None)
         ctx = prepare(finalized, log, loaded)
         result = result_record(ctx, ctx.space.from_model_levels(levels), saved["history"], saved["seconds"])
         result["finalized"] = {"from": str(Path(out).resolve()), "base_db": str(base.root.resolve()),
                                "calibration": {"data": recipe.data, "tokens": pool.tokens, "seq_len": pool.seq_len},
+                               "true_sequential": true_sequential,
                                "seconds": round(time.perf_counter() - start, 1),
                                "stitched_fitness": saved["fitness"]}
         save_result(ctx.space, Path(target), result)

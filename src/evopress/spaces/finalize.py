@@ -45,15 +45,18 @@ class LayerJob:
 
 
 def finalize_layers(decoder: Decoder, pool: TokenPool, base: Database, jobs: dict[str, LayerJob], out: Path,
-                    batch_size: int, progress: bool) -> Path:
+                    batch_size: int, progress: bool, true_sequential: bool = False) -> Path:
     """Re-solve ``jobs`` (by module name) block by block into the overlay database ``out``; returns it.
+
+    ``true_sequential``: within a block too, each group of layers reading one input (q/k/v, o, gate/up,
+    down) is solved on the inputs left by the groups before it (``database.calibrate_blocks``).
 
     The model's weights are left as they were. Modules outside ``jobs`` keep whatever the caller put in
     them (a dropped sub-block stays dropped).
     """
     start = time.perf_counter()
     settings = {"base": str(base.root.resolve()), "data_fingerprint": data_fingerprint(pool),
-                "layers": {name: job.keys for name, job in jobs.items()}}
+                "layers": {name: job.keys for name, job in jobs.items()}, "true_sequential": true_sequential}
     if (out / MANIFEST).is_file() and read_json(out / MANIFEST).get(OVERLAY, {}).get("settings") == settings:
         return out  # finished before (a rerun after the result was written, or after a kill just before)
     log = BuildLog(out, settings)
@@ -74,7 +77,7 @@ def finalize_layers(decoder: Decoder, pool: TokenPool, base: Database, jobs: dic
             layer.weight.data = job.weight(tensors).to(layer.weight.device, layer.weight.dtype)
 
     try:
-        calibrate_blocks(decoder, pool, batch_size, compress, progress)
+        calibrate_blocks(decoder, pool, batch_size, compress, progress, true_sequential)
     finally:
         for name, module in decoder.linear_layers().items():
             if name in originals:
@@ -82,6 +85,8 @@ def finalize_layers(decoder: Decoder, pool: TokenPool, base: Database, jobs: dic
     log.finish({**{k: v for k, v in base.manifest.items() if k != "format"},
                 OVERLAY: {"base": settings["base"], "settings": settings, "data": pool.source,
                           "calibration": {"tokens": pool.tokens, "seq_len": pool.seq_len,
-                                          "inputs": "the finalized model, block by block"},
+                                          "inputs": "the finalized model, " + ("layer group by layer group"
+                                                                               if true_sequential else
+                                                                               "block by block")},
                           "seconds": round(time.perf_counter() - start, 1)}})
     return out
