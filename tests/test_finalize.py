@@ -166,6 +166,8 @@ def test_cli_finalize_eval_report_export_resume_and_refusals(tiny_checkpoint, tm
                  "--eval-tokens", "256", "--eval-seq-len", "32", "--quiet"]) == 0
     assert main(["report", str(tmp_path / "dp"), str(tmp_path / "fin"), "--out", str(tmp_path / "report"),
                  "--quiet"]) == 0
+    table = (tmp_path / "report" / "report.md").read_text()
+    assert "| dp |" in table and "| dp, finalized |" in table
     assert main(["export", str(tmp_path / "fin"), "--out", str(tmp_path / "export"), "--quiet"]) == 0
     exported = read_compressed_weights(tmp_path / "export")
     name, bits = final["units"][0], final["space_options"]["bits"][final["levels"][0]]

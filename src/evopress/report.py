@@ -39,9 +39,10 @@ def profile_matrix(units: list[str], levels: list[int]) -> tuple[list[str], np.n
 
 
 def label(run: dict[str, Any]) -> str:
-    """Method name, marked when a search was warm-started from baselines."""
+    """Method name, marked when a search was warm-started from baselines and when the result is finalized."""
     init = run.get("recipe", {}).get("init_from") or []
-    return run["method"] + (f" (init {'+'.join(init)})" if init else "")
+    return (run["method"] + (f" (init {'+'.join(init)})" if init else "")
+            + (", finalized" if run.get("finalized") else ""))
 
 
 def markdown_table(runs: list[dict[str, Any]]) -> str:

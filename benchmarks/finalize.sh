@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# Stitched vs finalized: does re-solving the chosen profile (evopress finalize) help, and does EvoPress's
+# advantage over the baselines survive it?
+#
+#   bash benchmarks/finalize.sh [RESULTS] [OUT]    (inside the project's venv; defaults runs/results,
+#                                                  runs/finalize)
+#
+# RESULTS: the quant and sparsity pareto runs of benchmarks/results.sh (EvoPress and every baseline at
+# 2.5 / 3.0 bits and 50 / 70% sparsity; 60% is skipped). Each result is finalized on the same 8,192
+# calibration tokens its database was built on (block-sequential; TRUE_SEQUENTIAL=1 adds
+# --true-sequential), then evaluated exactly as the stitched one was (4,096 held-out tokens each of the
+# Wikipedia evaluation split and PTB test, 512-token windows). The table goes to $OUT/finalize.md
+# (python benchmarks/finalize_table.py RESULTS OUT writes it again). Reruns resume.
+set -euo pipefail
+RESULTS=${1:-runs/results}
+OUT=${2:-runs/finalize}
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+HERE=$(cd "$(dirname "$0")" && pwd)
+FLAGS=()
+[ "${TRUE_SEQUENTIAL:-0}" = 1 ] && FLAGS+=(--true-sequential)
+mkdir -p "$OUT"
+for dir in $(find "$RESULTS/quant" "$RESULTS/sparsity" -name result.json -printf '%h\n' | grep -v 'target-0.6$' | sort); do
+    fin="$OUT/${dir#"$RESULTS"/}"
+    echo "== $fin ($(date -u +%H:%M:%S) UTC)"
+    [ -f "$fin/result.json" ] || evopress finalize "$dir" --out "$fin" --calib-tokens 8192 "${FLAGS[@]}" --quiet
+    [ -f "$fin/eval.json" ] || evopress eval "$fin" --eval-data wiki,ptb --eval-tokens 4096 --eval-seq-len 512 \
+        --quiet
+done
+python "$HERE/finalize_table.py" "$RESULTS" "$OUT" | tee "$OUT/finalize.md"
