@@ -9,12 +9,12 @@
 # unstructured sparsity 50/60/70% (vs uniform SparseGPT, OWL), quantization 3.0 and 2.5 bits per
 # weight (vs uniform GPTQ, DP over per-layer errors, best-of-16 random).
 #
-# The settings the README table was measured with, pinned: calibration on the `wiki+ptb` mix, the
-# token-mean fitness and the paper's acceptance rule (--data wiki+ptb --fitness-aggregate tokens
-# --accept-sigmas 0; today's defaults differ: docs/generalization.md), the default search shape
+# Today's defaults throughout: calibration on the four-genre mix (wiki+ptb+docs+tweets), the
+# per-source fitness with noise-aware acceptance (docs/generalization.md), the default search shape
 # (16 offspring, stages 2@256 -> 1@1024 tokens, 16 random initial candidates ranked on 512 tokens, the
 # space's warm start `--init-from auto`: ShortGPT + angular for depth, OWL for sparsity, DP for quant;
-# the parent tracked on 2,048 held-aside tokens every 5 generations), 256-token calibration windows,
+# the parent tracked on 2,048 held-aside tokens every 5 generations, the final choice), act-order GPTQ
+# databases, 256-token calibration windows,
 # seed 0. Scaled down for about 75 minutes on 2 CPU cores (measured: 96 minutes on 2 cores shared with
 # other jobs, load average 6-9, sparsity and quant then with two threads; README):
 #   * generations: $GEN_DEPTH (default 12) for depth, $GEN_SPARSITY (6) for sparsity, $GEN_QUANT (6) for
@@ -64,8 +64,7 @@ report() {  # report DIR: table and profile plots of every result under a pareto
     evopress report "${dirs[@]}" --out "$1/report" --quiet
 }
 
-COMMON=(--data wiki+ptb --fitness-aggregate tokens --accept-sigmas 0
-        --seq-len 256 --calib-tokens 8192 --final-tokens 2048 --seed 0 --tokens 1024
+COMMON=(--seq-len 256 --calib-tokens 8192 --final-tokens 2048 --seed 0 --tokens 1024
         --eval-data wiki,ptb --eval-tokens "$EVAL_TOKENS" --eval-seq-len 512 --quiet)
 FRONTS=()
 
@@ -80,7 +79,6 @@ for SPACE in $SPACES; do
     quant)
         DB="$OUT/quant-db"
         [ -f "$DB/manifest.json" ] || timed quant-db evopress build-db --space quant --bits 2,3,4,5,6,8 \
-            --data wiki+ptb \
             --calib-tokens 8192 --seq-len 256 --out "$DB" --quiet
         timed quant evopress pareto --space quant --db "$DB" --targets 2.5,3 --generations "$GEN_QUANT" \
             --baselines uniform,dp "${COMMON[@]}" --out "$OUT/quant"
@@ -90,7 +88,6 @@ for SPACE in $SPACES; do
     sparsity)
         DB="$OUT/sparsity-db"
         [ -f "$DB/manifest.json" ] || timed sparsity-db evopress build-db --space sparsity --center 0.6 \
-            --data wiki+ptb \
             --levels 5 --step 27648 --calib-tokens 8192 --seq-len 256 --out "$DB" --quiet
         timed sparsity evopress pareto --space sparsity --db "$DB" --targets 0.5,0.6,0.7 \
             --generations "$GEN_SPARSITY" --baselines uniform,owl "${COMMON[@]}" --out "$OUT/sparsity"

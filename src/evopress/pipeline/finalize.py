@@ -24,7 +24,7 @@ OVERLAY_DIR = "db"  # the overlay database under the finalized result's director
 def finalize_result(out: Path, target: Path, hardware: Hardware = Hardware(), calib_tokens: int | None = None,
                     batch_size: int = 8, log: Callable[[str], None] = print, progress: bool = True,
                     true_sequential: bool = False) -> dict[str, Any]:
-    """Re-solve the result in ``out`` into ``target``: overlay databases and a result marked finalized.
+    """Re-solve the result in ``out`` into ``target``: an overlay database and a result marked finalized.
 
     The calibration text and windows are the result's (``--data``, ``--seq-len``, BOS rule), the pool
     ``calib_tokens`` long (default as ``build-db``). The new result has the same profile and budget;
