@@ -6,7 +6,9 @@
 #                                                  runs/finalize)
 #
 # RESULTS: the quant and sparsity pareto runs of benchmarks/results.sh (EvoPress and every baseline at
-# 2.5 / 3.0 bits and 50 / 70% sparsity; 60% is skipped). Each result is finalized on the same 8,192
+# 2.5 / 3.0 bits and 50 / 70% sparsity; 60% is skipped), and a joint run at 3 true bits per weight that
+# this script makes on results.sh's quant database when it is missing (the same settings as results.sh,
+# $GEN_JOINT generations, default 12; baselines uniform and grid). Each result is finalized on the same 8,192
 # calibration tokens its database was built on (block-sequential; TRUE_SEQUENTIAL=1 adds
 # --true-sequential), then evaluated exactly as the stitched one was (4,096 held-out tokens each of the
 # Wikipedia evaluation split and PTB test, 512-token windows). The table goes to $OUT/finalize.md
@@ -19,7 +21,10 @@ HERE=$(cd "$(dirname "$0")" && pwd)
 FLAGS=()
 [ "${TRUE_SEQUENTIAL:-0}" = 1 ] && FLAGS+=(--true-sequential)
 mkdir -p "$OUT"
-for dir in $(find "$RESULTS/quant" "$RESULTS/sparsity" -name result.json -printf '%h\n' | grep -v 'target-0.6$' | sort); do
+[ -f "$RESULTS/joint/front.json" ] || evopress pareto --space joint --db "$RESULTS/quant-db" --targets 3 \
+    --generations "${GEN_JOINT:-12}" --baselines uniform,grid --seq-len 256 --calib-tokens 8192 --final-tokens 2048 \
+    --seed 0 --tokens 1024 --eval-data wiki,ptb --eval-tokens 4096 --eval-seq-len 512 --quiet --out "$RESULTS/joint"
+for dir in $(find "$RESULTS/quant" "$RESULTS/sparsity" "$RESULTS/joint" -name result.json -printf '%h\n' | grep -v 'target-0.6$' | sort); do
     fin="$OUT/${dir#"$RESULTS"/}"
     echo "== $fin ($(date -u +%H:%M:%S) UTC)"
     [ -f "$fin/result.json" ] || evopress finalize "$dir" --out "$fin" --calib-tokens 8192 "${FLAGS[@]}" --quiet
