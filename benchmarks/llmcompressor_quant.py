@@ -47,6 +47,19 @@ def scores(model: torch.nn.Module, dense_logp: list[torch.Tensor], windows: torc
     return {"ppl": round(math.exp(nll / count), 3), "kl": round(kl / count, 5)}
 
 
+def reference(dense: torch.nn.Module, tokenizer, texts: list[str], windows: int):
+    """A scorer of any model on the held-out windows of ``texts`` against ``dense`` (its log-probs kept)."""
+    held_out = {t: load_pool(tokenizer, t, "evaluation", 512, windows * 512).windows for t in texts}
+    with torch.inference_mode():
+        dense_logp = {t: [F.log_softmax(dense(input_ids=ids, use_cache=False).logits[:, :-1].double(), dim=-1)
+                          for ids in w.split(4)] for t, w in held_out.items()}
+
+    def score_all(model: torch.nn.Module) -> dict[str, dict[str, float]]:
+        return {t: scores(model, dense_logp[t], held_out[t]) for t in texts}
+
+    return score_all
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("results", type=Path, nargs="+")
@@ -76,14 +89,8 @@ def main() -> None:
     tokenizer = AutoTokenizer.from_pretrained(dense_path)
     calib = load_pool(tokenizer, args.data, "calibration", 256, args.calib_windows * 256).windows
     texts = [t for t in args.eval_data.split(",") if t]
-    held_out = {t: load_pool(tokenizer, t, "evaluation", 512, args.eval_windows * 512).windows for t in texts}
     dense = AutoModelForCausalLM.from_pretrained(dense_path, dtype=torch.float32).eval()
-    with torch.inference_mode():
-        dense_logp = {t: [F.log_softmax(dense(input_ids=ids, use_cache=False).logits[:, :-1].double(), dim=-1)
-                          for ids in w.split(4)] for t, w in held_out.items()}
-
-    def score_all(model: torch.nn.Module) -> dict[str, dict[str, float]]:
-        return {t: scores(model, dense_logp[t], held_out[t]) for t in texts}
+    score_all = reference(dense, tokenizer, texts, args.eval_windows)
 
     report = {"results": [str(r) for r in args.results],
               "database": [_db_settings(r) for r in args.results],
