@@ -219,7 +219,12 @@ def test_joint_finalize_keeps_drops_and_resolves_kept_layers(tmp_path):
     dropped = [space.units[u] for u in range(space.layers) if not space.problem.active(tuple(config), u)]
     assert dropped and not set(dropped) & set(jobs) and len(jobs) == space.layers - len(dropped)
     finalize_layers(space.decoder, pool, base, jobs, tmp_path / "drop", batch_size=4, progress=False)
-    space.apply(None)  # sub-blocks restored: now the same layers are solved with nothing dropped
+    space.apply(None)
+    overlay = make_space("joint", space.decoder, 3.0, {"db": str(tmp_path / "drop"), "tolerance": 0.05})
+    u = space.units.index(dropped[0])  # no layer file in the overlay: every level from the base
+    assert not layer_file(tmp_path / "drop", dropped[0]).exists()
+    assert torch.equal(overlay.quant.decode(u, 0), space.quant.decode(u, 0))
+    # the sub-blocks are restored: now the same layers are solved with nothing dropped
     kept = list(jobs)
     quant = get_plugin("quant").finalize(space.quant, tuple(config[:space.layers]))[1]
     finalize_layers(space.decoder, pool, base, {n: quant[n] for n in kept}, tmp_path / "all", batch_size=4,
