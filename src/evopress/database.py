@@ -321,7 +321,7 @@ CompressBlock = Callable[[int, dict[str, nn.Linear], dict[str, HessianAccumulato
 
 @torch.inference_mode()
 def calibrate_blocks(decoder: Decoder, pool: TokenPool, batch_size: int, compress: CompressBlock,
-                     progress: bool = True, true_sequential: bool = False) -> None:
+                     progress: bool = True, true_sequential: bool = False, desc: str = "database") -> None:
     """Block by block: accumulate every linear layer's input Hessian, call ``compress``, move on.
 
     ``compress(b, layers, hessians)`` may change the block's weights (e.g. install a calibration-level
@@ -335,7 +335,7 @@ def calibrate_blocks(decoder: Decoder, pool: TokenPool, batch_size: int, compres
     batches = [pool.windows[s: s + batch_size] for s in range(0, len(pool.windows), batch_size)]
     inputs = [decoder.enter(ids) for ids in batches]
     states = [inp.hidden for inp in inputs]
-    for b in tqdm(range(decoder.num_blocks), desc="database", unit="block", disable=not progress):
+    for b in tqdm(range(decoder.num_blocks), desc=desc, unit="block", disable=not progress):
         with resident(decoder.layers[b]):  # an offloaded block's weights, for this block's work only
             layers = block_linears(decoder, b)
             groups = _input_groups(decoder, b, states[0], inputs[0], layers) if true_sequential else [list(layers)]

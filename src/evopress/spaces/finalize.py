@@ -77,7 +77,7 @@ def finalize_layers(decoder: Decoder, pool: TokenPool, base: Database, jobs: dic
             layer.weight.data = job.weight(tensors).to(layer.weight.device, layer.weight.dtype)
 
     try:
-        calibrate_blocks(decoder, pool, batch_size, compress, progress, true_sequential)
+        calibrate_blocks(decoder, pool, batch_size, compress, progress, true_sequential, desc="finalize")
     finally:
         for name, module in decoder.linear_layers().items():
             if name in originals:
