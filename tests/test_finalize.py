@@ -197,6 +197,9 @@ def test_cli_finalize_eval_report_export_resume_and_refusals(tiny_checkpoint, tm
             (["finalize", str(tmp_path / "depth"), "--out", str(tmp_path / "x")], "nothing to re-solve"),
             (["finalize", str(tmp_path / "nowhere"), "--out", str(tmp_path / "x")], "not found"),
             (["finalize", str(tmp_path / "dp"), "--out", str(tmp_path / "dp")], "the result itself"),
+            (["finalize", str(tmp_path / "dp"), "--out", str(db)], "a level database this result reads"),
+            (["finalize", str(tmp_path / "dp"), "--calib-tokens", "0", "--out", str(tmp_path / "x")],
+             "at least one window"),
             (["finalize", str(tmp_path / "fin"), "--out", str(tmp_path / "x")], "already finalized"),
             (["export", str(tmp_path / "dp"), "--calib-tokens", "9", "--out", str(tmp_path / "x")], "for --finalize")):
         assert main(argv) == 2

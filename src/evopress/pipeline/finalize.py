@@ -16,6 +16,7 @@ from ..spaces import get_plugin
 from ..spaces.finalize import finalize_layers
 from .context import prepare
 from .outputs import RESULT, claim_output, load_result, result_record, save_result
+from .saved import read_dirs
 
 DEFAULT_TOKENS = 16384  # as build-db's default pool
 OVERLAY_DIR = "db"  # the overlay database under the finalized result's directory
@@ -40,8 +41,13 @@ def finalize_result(out: Path, target: Path, hardware: Hardware = Hardware(), ca
         raise UserError(f"--out {target} is the result itself; finalize writes a new result beside it")
     if saved.get("finalized"):
         raise UserError(f"{out} is already finalized (from {saved['finalized']['from']})")
+    for path, what in read_dirs(saved).items():
+        if Path(target).resolve() == path.resolve():
+            raise UserError(f"--out {target} is {what}; give a new directory")
     recipe = Recipe.from_json(saved["recipe"])
     tokens = DEFAULT_TOKENS if calib_tokens is None else calib_tokens
+    if tokens < recipe.seq_len:
+        raise UserError(f"--calib-tokens {tokens}: finalize needs at least one window of {recipe.seq_len} tokens")
     start = time.perf_counter()
     overlay = Path(target).resolve() / OVERLAY_DIR
     finalized = make_recipe({**recipe.to_json(), "space_options": {**recipe.space_options, "db": str(overlay)}})

@@ -70,7 +70,7 @@ def export_result(out: Path, target: Path, hardware: Hardware = Hardware(),
         raise UserError(f"space '{plugin.name}' has no export format '{fmt}' "
                         f"(its formats: {', '.join(plugin.export_formats) or 'only the default'})")
     record = {"evopress_version": __version__, "result": str(Path(out).resolve()), "format": fmt}
-    with owned_dir(target, EXPORTED, _read_dirs(saved), record=record) as stage:
+    with owned_dir(target, EXPORTED, read_dirs(saved), record=record) as stage:
         result, loaded, space, config = load_result(out, hardware)
         summary = exporter(space.model_space, space.to_model_levels(config), stage, loaded.tokenizer)
     log(f"exported {result['method']} {result['space']} {result['target']:g} to {target}"
@@ -78,7 +78,7 @@ def export_result(out: Path, target: Path, hardware: Hardware = Hardware(),
     return {k: v.replace(str(stage), str(target)) if isinstance(v, str) else v for k, v in summary.items()}
 
 
-def _read_dirs(result: dict[str, Any]) -> dict[Path, str]:
+def read_dirs(result: dict[str, Any]) -> dict[Path, str]:
     """The directories exporting ``result`` reads, which its --out must not be: the model it was searched
     on and its databases (the space options stored by absolute path)."""
     options = result.get("space_options") or {}
