@@ -4,7 +4,8 @@
 
 Pairs every result under OUT (finalized) with the result it came from (``finalized.from``) and prints,
 per space, budget and method: held-out PPL and KL of both on each evaluated text, and each one's rank
-within its budget (by the first text's KL), so whether EvoPress's advantage survives is read off directly.
+within its budget (by the first text's KL; equal KL, equal rank), so whether EvoPress's advantage survives is
+read off directly.
 """
 
 from __future__ import annotations
@@ -38,8 +39,8 @@ def main() -> None:
     print("|" + "---|" * len(head))
     for space, target in sorted({(r[0], r[1]) for r in rows}):
         budget = [r for r in rows if (r[0], r[1]) == (space, target)]
-        ranks = [{r[2]: i + 1 for i, r in enumerate(sorted(budget, key=lambda r: r[k]["datasets"][sets[0]]["kl"]))}
-                 for k in (3, 4)]
+        kl = [{r[2]: r[k]["datasets"][sets[0]]["kl"] for r in budget} for k in (3, 4)]  # stitched, finalized
+        ranks = [{m: 1 + sum(v < mine for v in by.values()) for m, mine in by.items()} for by in kl]  # ties share
         for _, _, method, stitched, finalized in sorted(budget, key=lambda r: r[2] != "evopress"):
             cells = [space, f"{target:g}", method]
             for s in sets:
