@@ -76,9 +76,9 @@ def run(recipe: Any, out: str | Path | None = None, restart: bool = False, progr
             return Result(out, data)
         evaluated = out
         if finalize is not None:
-            from .pipeline.finalize import finalize_result
+            from .pipeline.finalize import finalize_result, finalized_dir
 
-            evaluated = Path(finalize.get("out") or f"{out}-finalized")
+            evaluated = Path(finalize.get("out") or finalized_dir(out))
             data = {**data, "finalized": finalize_result(out, evaluated, recipe.hardware, finalize.get("calib_tokens"),
                                                          log=log, progress=progress)}
         if settings is not None:

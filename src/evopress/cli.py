@@ -405,11 +405,11 @@ def _build_db(args: argparse.Namespace, log: Log) -> dict[str, Any]:
 
 def _export(args: argparse.Namespace, log: Log) -> dict[str, Any]:
     from .pipeline import export_result
-    from .pipeline.finalize import finalize_result
+    from .pipeline.finalize import finalize_result, finalized_dir
 
     result = args.dir
     if args.finalize:
-        result = Path(f"{str(args.dir).rstrip('/')}-finalized")
+        result = finalized_dir(args.dir)
         finalize_result(args.dir, result, _hardware(args), args.calib_tokens, log=log, progress=not args.quiet)
     elif args.calib_tokens is not None:
         raise UserError("--calib-tokens is for --finalize")

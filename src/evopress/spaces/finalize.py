@@ -61,7 +61,7 @@ def finalize_layers(decoder: Decoder, pool: TokenPool, base: Database, jobs: dic
         return out  # finished before (a rerun after the result was written, or after a kill just before)
     log = BuildLog(out, settings)
     # an offloaded layer needs nothing: what a block's work puts into it goes back to the meta device after
-    originals = {name: m.weight.data for name, m in decoder.linear_layers().items()
+    originals = {m: m.weight.data for name, m in decoder.linear_layers().items()
                  if name in jobs and offload_hook(m) is None}
 
     def compress(b: int, layers: dict[str, nn.Linear], hessians: dict[str, HessianAccumulator]) -> None:
@@ -79,9 +79,8 @@ def finalize_layers(decoder: Decoder, pool: TokenPool, base: Database, jobs: dic
     try:
         calibrate_blocks(decoder, pool, batch_size, compress, progress, true_sequential, desc="finalize")
     finally:
-        for name, module in decoder.linear_layers().items():
-            if name in originals:
-                module.weight.data = originals[name]
+        for module, weight in originals.items():
+            module.weight.data = weight
     log.finish({**{k: v for k, v in base.manifest.items() if k != "format"},
                 OVERLAY: {"base": settings["base"], "settings": settings, "data": pool.source,
                           "calibration": {"tokens": pool.tokens, "seq_len": pool.seq_len,

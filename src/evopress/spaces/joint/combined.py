@@ -28,7 +28,7 @@ from torch import Tensor
 
 from ...compressors.gptq import QuantGrid, QuantizedWeight, quantize_rtn
 from ...compressors.packing import pack_codes, unpack_codes
-from ..quant.export import pack_rows_int32, to_compressed_tensors, unpack_rows_int32, zero_points
+from ..quant.export import pack_rows_int32, stored_grid, to_compressed_tensors, unpack_rows_int32, zero_points
 from ..quant.levels import metadata_bytes, packed_bytes
 
 
@@ -71,5 +71,4 @@ def decode(parts: dict[str, Tensor], bits: int, group_size: int) -> tuple[Quanti
     zeros = zero_points(parts, bits)
     codes = zeros.repeat_interleave(n // scales.shape[1], dim=1)
     codes[mask] = unpack_rows_int32(parts["weight_packed"], bits, int(mask.sum()))[0]
-    grid = QuantGrid(bits, group_size if scales.shape[1] > 1 else -1, symmetric="weight_zero_point" not in parts)
-    return QuantizedWeight(codes, scales, zeros, grid), mask
+    return QuantizedWeight(codes, scales, zeros, stored_grid(parts, bits, group_size)), mask

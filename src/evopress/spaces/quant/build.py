@@ -38,6 +38,16 @@ def packed_keys(bits: int) -> dict[str, str]:
     return {k: f"{bits}.{k}" for k in PACKED}
 
 
+def to_level(q: QuantizedWeight) -> dict[str, torch.Tensor]:
+    """``q``'s packed tensors under its bitwidth's names in a layer file."""
+    return {packed_keys(q.grid.bits)[k]: v for k, v in q.to_packed().items()}
+
+
+def from_level(tensors: dict[str, torch.Tensor], shape: tuple[int, int], grid: QuantGrid) -> QuantizedWeight:
+    """The ``grid.bits`` level among a layer file's ``tensors`` (the inverse of ``to_level``)."""
+    return QuantizedWeight.from_packed({k: tensors[key] for k, key in packed_keys(grid.bits).items()}, shape, grid)
+
+
 def _relative_error(weight: torch.Tensor, q: QuantizedWeight, H: torch.Tensor) -> float:
     """Layer output error tr(dW H dW^T) / tr(W H W^T): the per-layer proxy the DP baseline adds up."""
     W = weight.float()
@@ -70,14 +80,13 @@ def build_quant_database(decoder: Decoder, pool: TokenPool, out: Path, bits: tup
         with single_thread():  # GPTQ's column loop (see single_thread)
             levels = gptq_quantize_levels(layer.weight, H, grids, damp=damp, act_order=act_order)
         rel = [_relative_error(layer.weight, q, H) for q in levels]
-        return {**{packed_keys(g.bits)[k]: v for g, q in zip(grids, levels) for k, v in q.to_packed().items()},
+        return {**{k: v for q in levels for k, v in to_level(q).items()},
                 "errors": torch.tensor(rel, dtype=torch.float64)}
 
     def install_calibration_level(name: str, layer: nn.Linear, tensors: dict[str, torch.Tensor]) -> None:
         errors[name] = {str(g.bits): e for g, e in zip(grids, tensors["errors"].tolist())}
         if calib_bits:
-            calib = QuantizedWeight.from_packed({k: tensors[key] for k, key in packed_keys(calib_bits).items()},
-                                                shapes[name], QuantGrid(calib_bits, group_size, symmetric))
+            calib = from_level(tensors, shapes[name], QuantGrid(calib_bits, group_size, symmetric))
             layer.weight.data.copy_(calib.dequantize(layer.weight.dtype).to(layer.weight.device))
 
     def describe() -> dict[str, Any]:

@@ -103,12 +103,17 @@ def zero_points(t: dict[str, Tensor], bits: int) -> Tensor:
     return unpack_rows_int32(t["weight_zero_point"].T.contiguous(), bits, out).T.contiguous()
 
 
+def stored_grid(t: dict[str, Tensor], bits: int, group_size: int) -> QuantGrid:
+    """The grid a layer's pack-quantized tensors are on: per-channel for one scale per row, symmetric when
+    no zero points are stored."""
+    per_row = t["weight_scale"].shape[1] == 1
+    return QuantGrid(bits, -1 if per_row else group_size, symmetric="weight_zero_point" not in t)
+
+
 def from_compressed_tensors(t: dict[str, Tensor], bits: int, group_size: int) -> QuantizedWeight:
     n = int(t["weight_shape"][1])
-    n_groups = t["weight_scale"].shape[1]
-    grid = QuantGrid(bits, group_size if n_groups > 1 else -1, symmetric="weight_zero_point" not in t)
     return QuantizedWeight(unpack_rows_int32(t["weight_packed"], bits, n), t["weight_scale"], zero_points(t, bits),
-                           grid)
+                           stored_grid(t, bits, group_size))
 
 
 def _weights_args(bits: int, group_size: int, symmetric: bool) -> dict[str, Any]:

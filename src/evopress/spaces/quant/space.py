@@ -45,7 +45,7 @@ from ...models import Decoder
 from ...placement import to_device
 from ..problem import Config, Problem, shortest_decimal
 from ..layerwise import LayerwiseSpace
-from .build import packed_keys
+from .build import from_level, packed_keys
 from .levels import MAX_BITS, default_levels, exact_knapsack, level_cost, max_reachable, packed_bytes
 
 GROUP_RULES = ("size", "name")
@@ -124,11 +124,9 @@ class QuantSpace(LayerwiseSpace):
         return tuple(tuple(g) for g in groups.values())
 
     def quantized(self, u: int, bits: int) -> QuantizedWeight:
-        keys = packed_keys(bits)
-        packed = self.stored(u, list(keys.values()))
+        packed = self.stored(u, list(packed_keys(bits).values()))
         device = self.device(u)
-        return QuantizedWeight.from_packed({k: to_device(packed[key], device) for k, key in keys.items()},
-                                           self.shapes[u], self.grid(bits))
+        return from_level({k: to_device(v, device) for k, v in packed.items()}, self.shapes[u], self.grid(bits))
 
     def decode(self, u: int, level: int) -> torch.Tensor:
         return self.quantized(u, self.bits[level]).dequantize(self.layers[u].weight.dtype)
