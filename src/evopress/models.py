@@ -22,12 +22,13 @@ from torch import nn
 
 from . import assets
 from .errors import UserError
-from .io import cache_dir
+from .io import cache_dir, read_json, write_json
 from .hostmem import map_large_allocations
 from .placement import (CheckpointReader, device_map_for, execution_device, for_share, parse_device_map,
                         parse_max_memory, torchrun_share)
 
 DEFAULT_MODEL = "default"
+GGUF_SOURCE = "evopress-source.json"  # in a converted GGUF's checkpoint directory: the file it came from
 _ATTN_NAMES = ("self_attn", "attn", "attention", "self_attention")
 _MLP_NAMES = ("mlp", "feed_forward", "ffn", "block_sparse_moe")
 _NORM_NAMES = ("norm", "final_layernorm", "ln_f", "final_norm")
@@ -135,6 +136,8 @@ def convert_gguf(gguf: Path, log: Callable[[str], None] = lambda msg: None) -> P
     """
     target = cache_dir() / "models" / f"{gguf.stem}-{_file_key(gguf)}"
     if (target / "config.json").is_file():
+        if gguf_source(target) != gguf.resolve():  # a cache made before sources were recorded, or a moved file
+            write_json(target / GGUF_SOURCE, {"file": str(gguf.resolve())})
         return target
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -155,9 +158,18 @@ def convert_gguf(gguf: Path, log: Callable[[str], None] = lambda msg: None) -> P
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
+    write_json(tmp / GGUF_SOURCE, {"file": str(gguf.resolve())})
     tmp.rename(target)
     log("conversion done")
     return target
+
+
+def gguf_source(checkpoint: Path | None) -> Path | None:
+    """The GGUF file a converted checkpoint directory was made from (None: not made from one). Why: a GGUF
+    export keeps that file's metadata and tokenizer (``spaces/gguf``)."""
+    path = None if checkpoint is None else Path(checkpoint) / GGUF_SOURCE
+    recorded = read_json(path).get("file") if path is not None and path.is_file() else None
+    return Path(recorded) if recorded else None
 
 
 def resolve_model_path(spec: str | None, log: Callable[[str], None] = lambda msg: None) -> tuple[str, Path]:
@@ -372,16 +384,18 @@ class Decoder:
             h = self.run_block(b, h, inputs)
             yield h
 
-    def logits(self, normed: torch.Tensor, block_bytes: int = HEAD_BLOCK_BYTES) -> torch.Tensor:
+    def logits(self, normed: torch.Tensor, block_bytes: int = HEAD_BLOCK_BYTES,
+               head: tuple[torch.Tensor, torch.Tensor | None] | None = None) -> torch.Tensor:
         """Logits from hidden states that already went through the final norm, computed in float32.
 
         Computed, not only returned, in float32: a bf16 head rounds every logit to 8 significant bits, a
         bias that the KL fitness would see against its float32 hidden-space products (``fitness``). bf16
         and fp16 values are exact in float32, so this is the model's own head without the output rounding.
         A half-precision weight is upcast ``head_rows`` vocabulary rows at a time: a whole float32 copy of
-        a 128k x 8k head would be 4 GB.
+        a 128k x 8k head would be 4 GB. ``head``: another (weight, bias) in the head's place (the teacher's
+        dense copy when the head itself is compressed).
         """
-        weight, bias = self.head.weight, getattr(self.head, "bias", None)
+        weight, bias = head if head is not None else (self.head.weight, getattr(self.head, "bias", None))
         x, rows = normed.float(), head_rows(weight, block_bytes)
         blocks = [F.linear(x, weight[i: i + rows].float(), None if bias is None else bias[i: i + rows].float())
                   for i in range(0, len(weight), rows)]

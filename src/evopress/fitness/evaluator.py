@@ -107,7 +107,8 @@ class Evaluator:
         self.teacher = teacher or TeacherCache(self.decoder, pool, self.batch_size, self.config.chunk_tokens,
                                                self.block_bytes)
         self.stats = EvalStats()
-        self._teacher_per_candidate = not linear_head(self.decoder)  # non-linear heads recompute teacher logits
+        # non-linear heads, and compressed ones, recompute teacher logits
+        self._teacher_per_candidate = not linear_head(self.decoder) or space.moves_embeddings
 
     def sample(self, tokens: int, rng: np.random.Generator) -> Sample:
         return self.pool.sample(tokens, rng)
@@ -208,7 +209,8 @@ class Evaluator:
             start = max(cache)
             t_apply = self._clock()
             self.space.apply(configs[i])
-            states = cache[start]
+            states = cache[start] if start or not self.space.moves_embeddings else \
+                [self.decoder.enter(ids).hidden for ids, _ in batches]
             t0 = self._clock()
             self.stats.apply_seconds += t0 - t_apply
             for b in range(start, L):
@@ -245,4 +247,5 @@ class Evaluator:
         the device; targets not ``resident`` on the device are copied there one batch at a time."""
         device = self.decoder.device
         return torch.cat([compare(self.decoder, self.decoder.norm(h), t if resident else to_device(t, device),
-                                  self.config.chunk_tokens, self.block_bytes) for h, t in zip(states, targets)])
+                                  self.config.chunk_tokens, self.block_bytes, self.teacher.dense_head)
+                          for h, t in zip(states, targets)])

@@ -69,9 +69,13 @@ def logsumexp_(z: torch.Tensor) -> torch.Tensor:
 
 @torch.inference_mode()
 def teacher_targets(decoder: Decoder, normed: torch.Tensor, labels: torch.Tensor, chunk_tokens: int,
-                    block_bytes: int = HEAD_BLOCK_BYTES) -> dict[str, torch.Tensor]:
-    """What the KL against the dense model needs at each predicted position [N, H] (labels [N])."""
-    if not linear_head(decoder):
+                    block_bytes: int = HEAD_BLOCK_BYTES, keep_hidden: bool = False) -> dict[str, torch.Tensor]:
+    """What the KL against the dense model needs at each predicted position [N, H] (labels [N]).
+
+    ``keep_hidden``: the normed hidden states even for a linear head. Why: the identity holds only when the
+    candidate's head is the dense one; a space that compresses the head scores against a dense copy of it.
+    """
+    if keep_hidden or not linear_head(decoder):
         return {"hidden": normed}
     weight = decoder.head.weight
     # two float64 blocks are alive at once in a chunk (``_teacher_chunk``)
@@ -100,13 +104,15 @@ def _teacher_chunk(decoder: Decoder, normed: torch.Tensor, labels: torch.Tensor,
 
 @torch.inference_mode()
 def compare(decoder: Decoder, student: torch.Tensor, targets: dict[str, torch.Tensor], chunk_tokens: int,
-            block_bytes: int = HEAD_BLOCK_BYTES) -> torch.Tensor:
+            block_bytes: int = HEAD_BLOCK_BYTES, teacher_head: tuple[torch.Tensor, torch.Tensor | None] | None = None
+            ) -> torch.Tensor:
     """Per window, the sums of KL(teacher || student), student NLL and teacher NLL over its predicted positions.
 
     ``student`` holds final-normed hidden states [B, T, H]; ``targets`` the teacher's entries and the
     labels for the same positions, on the device. Per window [B, 3], not one total: windows are the
     independent units of a sample, so their spread measures its noise (``fitness.aggregate``) and their
-    sources give per-source KLs. The float64 sums stay on the device: reading them would stall the
+    sources give per-source KLs. ``teacher_head``: the dense head's (weight, bias) for teacher entries kept as
+    hidden states, when the candidate's own head is compressed. The float64 sums stay on the device: reading them would stall the
     device queue, so callers read many candidates' sums at once.
     """
     s = predicted(student)
@@ -114,12 +120,12 @@ def compare(decoder: Decoder, student: torch.Tensor, targets: dict[str, torch.Te
     step = chunk_positions(chunk_tokens, block_bytes, decoder.head.weight.shape[0], 4)
     for i in range(0, len(s), step):
         rows[i: i + step] = _compare_chunk(decoder, s[i: i + step], {k: v[i: i + step] for k, v in targets.items()},
-                                           block_bytes)
+                                           block_bytes, teacher_head)
     return rows.view(student.shape[0], -1, 3).sum(1)
 
 
 def _compare_chunk(decoder: Decoder, part: torch.Tensor, targets: dict[str, torch.Tensor],
-                   block_bytes: int) -> torch.Tensor:
+                   block_bytes: int, teacher_head: tuple[torch.Tensor, torch.Tensor | None] | None) -> torch.Tensor:
     """``compare``'s terms at each position of one chunk [N, 3]."""
     z = decoder.logits(part, block_bytes)
     y = targets["labels"]
@@ -130,7 +136,7 @@ def _compare_chunk(decoder: Decoder, part: torch.Tensor, targets: dict[str, torc
         dense_nll = targets["nll"]
     else:
         lse = torch.logsumexp(z, dim=-1)
-        log_p = F.log_softmax(decoder.logits(targets["hidden"], block_bytes), dim=-1)
+        log_p = F.log_softmax(decoder.logits(targets["hidden"], block_bytes, teacher_head), dim=-1)
         kl = (log_p.exp() * (log_p - (z - lse[:, None]))).sum(-1)
         dense_nll = -log_p.gather(1, y[:, None]).squeeze(1)
     return torch.stack([kl, lse - z_y, dense_nll], dim=1).double()

@@ -30,16 +30,27 @@ class TeacherCache:
         self.chunk_tokens = chunk_tokens
         self.block_bytes = block_bytes
         self.store: dict[int, dict[str, torch.Tensor]] = {}
+        self.keep_hidden = not linear_head(decoder)  # entries are normed hidden states (else hidden-space products)
+        self.dense_head: tuple[torch.Tensor, torch.Tensor | None] | None = None  # for a space that compresses it
 
     @torch.inference_mode()
     def ensure(self, windows: Sequence[int], space: Space, progress: bool = False) -> int:
         """Compute the missing windows' entries; returns how many positions went through the LM head."""
         from tqdm.auto import tqdm
 
+        keep_hidden = space.moves_embeddings or not linear_head(self.decoder)
+        if keep_hidden != self.keep_hidden:  # entries made for another space's fitness (evaluations share caches)
+            self.store.clear()
+            self.keep_hidden = keep_hidden
         missing = [w for w in dict.fromkeys(windows) if w not in self.store]
         if not missing:
             return 0
         space.apply(None)
+        if space.moves_embeddings and self.dense_head is None:
+            head = self.decoder.head
+            bias = getattr(head, "bias", None)
+            with long_lived():
+                self.dense_head = (head.weight.detach().clone(), None if bias is None else bias.detach().clone())
         starts = range(0, len(missing), self.batch_size)
         for s in tqdm(starts, desc="teacher", unit="batch", disable=not progress, leave=False):
             chunk = missing[s: s + self.batch_size]
@@ -50,10 +61,10 @@ class TeacherCache:
                 targets = self.targets(row[:-1], y)
                 with long_lived():  # kept for the whole run (hostmem)
                     self.store[w] = {k: v.to("cpu", copy=True) for k, v in targets.items()}
-        return len(missing) * (self.pool.seq_len - 1) if linear_head(self.decoder) else 0
+        return 0 if self.keep_hidden else len(missing) * (self.pool.seq_len - 1)
 
     def targets(self, normed: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
-        return teacher_targets(self.decoder, normed, labels, self.chunk_tokens, self.block_bytes)
+        return teacher_targets(self.decoder, normed, labels, self.chunk_tokens, self.block_bytes, self.keep_hidden)
 
     def get(self, windows: Sequence[int], length: int) -> dict[str, torch.Tensor]:
         """Entries of the predicted positions of the first ``length`` tokens of each window, and their

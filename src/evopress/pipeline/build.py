@@ -45,4 +45,6 @@ def build_database(request: DatabaseRequest, progress: bool = True,
     manifest = plugin.build(loaded.decoder, pool, request.options, Path(request.out), request.batch_size, progress)
     log(f"'{request.space}' database for {loaded.name} on {pool.tokens} tokens of '{request.data}' written to "
         f"{request.out} in {time.perf_counter() - start:.0f} s")
+    for line in manifest.get("summary", ()):  # what the space wants its user to know of the database
+        log(line)
     return manifest

@@ -65,13 +65,18 @@ class LayerwiseSpace(RetargetableSpace):
         self.target = target
         self.db = Database.open(db, self.name, decoder.model)
         self.num_blocks = decoder.num_blocks
-        self.units, self.unit_block, self.layers = linear_units(decoder, self.db)
+        self.units, self.unit_block, self.layers = self.find_units()
         self._variants = VariantCache(self.db)
         self._offload = [offload_hook(m) for m in self.layers]
         self._decoded = ByteLRU(self._decoded_budget())
         self._maps = [hook.weights_map if hook is not None else None for hook in self._offload]
         self._dense = [self._dense_copy(u) for u in range(len(self.units))]
         self._current: list[int | None] = [None] * len(self.units)  # level each layer holds (None: dense)
+
+    def find_units(self) -> tuple[list[str], list[int], list[nn.Module]]:
+        """Unit names, their blocks and modules: every block's linear layers, checked against the database; a
+        space that compresses other weights too (the gguf space's embeddings) adds them."""
+        return linear_units(self.decoder, self.db)
 
     def _decoded_budget(self) -> int:
         """Bytes of decoded levels to keep: ``DECODED_CACHE_BYTES``, else ``$EVOPRESS_DECODED_CACHE_GB``, else

@@ -70,6 +70,12 @@ class ConfigFormat:
     write: Callable[[Space, Config], str]
 
 
+def byte_tolerance_option(space: str, default: float) -> CliOption:
+    """``--byte-tolerance`` of a space whose budget is a window of bytes (``Problem.slack``)."""
+    return CliOption(("--byte-tolerance",), "tolerance", f"{space}: achieved bytes stay within this fraction below the "
+                     f"target, never above (default {default:g})", default=default, type=float)
+
+
 Baseline = Callable[[BaselineInputs], Config]
 # (decoder, pool, builder options, out, batch size, progress) -> manifest
 Builder = Callable[[Any, Any, dict[str, Any], Path, int, bool], dict[str, Any]]

@@ -8,12 +8,15 @@ and every space's ``repair`` use it.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from functools import cached_property
 from fractions import Fraction
 from typing import Callable, Sequence
 
 import numpy as np
+
+from ..errors import UserError
 
 Config = tuple[int, ...]
 
@@ -102,6 +105,16 @@ class Problem:
         windowed = bool(self.slack or self.masks)
         in_range = all(0 <= lv < n for lv, n in zip(config, self.num_levels))
         return windowed and in_range and self.cost(config) <= self.budget
+
+
+BYTE_TOLERANCE = 0.001  # default window of a byte budget: achieved bytes within 0.1% below the target
+
+
+def window_slack(budget: int, tolerance: float) -> int:
+    """A byte budget's ``slack`` for a window ``tolerance`` (a fraction of the budget)."""
+    if not 0 <= tolerance < 1:
+        raise UserError(f"--byte-tolerance {tolerance}: a fraction in [0, 1), e.g. 0.001")
+    return math.floor(budget * tolerance)
 
 
 def switch(config: list[int], problem: Problem, rng: np.random.Generator) -> None:

@@ -21,6 +21,10 @@ class Space(ABC):
     unit_block: list[int]  # decoder block of each unit
     problem: Problem
     num_blocks: int
+    # a unit's level changes the token embedding or the LM head: a candidate scored from block 0 embeds its
+    # tokens anew (else a stage embeds them once for all), and the teacher keeps the dense head's inputs and a
+    # copy of its weight (else it keeps hidden-space products of the dense head: ``fitness.kl``)
+    moves_embeddings: ClassVar[bool] = False
 
     @abstractmethod
     def apply(self, config: Config | None) -> None:

@@ -1,9 +1,10 @@
 """Joint compression: drop sub-blocks, choose every remaining layer's bitwidth (and sparsity) under one byte budget."""
 
-from ..plugin import CliOption, SpacePlugin
+from ..plugin import CliOption, SpacePlugin, byte_tolerance_option
+from ..problem import BYTE_TOLERANCE
 from ..layerwise import DB_OPTION, absolute_path
 from . import baselines, export, finalize
-from .space import TOLERANCE, JointSpace, check_target
+from .space import JointSpace, check_target
 
 PLUGIN = SpacePlugin(
     name="joint",
@@ -16,8 +17,7 @@ PLUGIN = SpacePlugin(
         CliOption(("--target-bytes",), "target_bytes", "joint: --target is a byte count of the compressed "
                   "decoder-block weights (e.g. 4.5e7) instead of average bits per weight", default=False,
                   is_flag=True),
-        CliOption(("--byte-tolerance",), "tolerance", "joint: achieved bytes stay within this fraction below the "
-                  "target, never above (default 0.001)", default=TOLERANCE, type=float),
+        byte_tolerance_option("joint", BYTE_TOLERANCE),
         CliOption(("--with-sparsity",), "with_sparsity", "joint: a sparsity database of the same model (build-db "
                   "--space sparsity); its levels, quantized at each of --db's bitwidths, join every layer's levels",
                   convert=absolute_path),

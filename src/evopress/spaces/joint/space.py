@@ -34,13 +34,12 @@ import numpy as np
 from ...compressors.gptq import QuantizedWeight
 from ...errors import UserError
 from ...models import Decoder
-from ..problem import Config, Problem, settle
+from ..problem import BYTE_TOLERANCE, Config, Problem, settle, window_slack
 from ..space import RetargetableSpace
 from ..drop.space import DropSpace
 from ..quant.space import QuantSpace
 from .layers import LayerLevel, SparseQuantLayers, quant_levels
 
-TOLERANCE = 0.001  # default: achieved bytes stay within 0.1% below the target
 KEPT, DROPPED = "keep", "drop"
 
 
@@ -54,9 +53,8 @@ class JointSpace(RetargetableSpace):
     name = "joint"
 
     def __init__(self, decoder: Decoder, target: float | None, db: str | None = None, target_bytes: bool = False,
-                 tolerance: float = TOLERANCE, bits: Sequence[int] | None = None, with_sparsity: str | None = None):
-        if not 0 <= tolerance < 1:
-            raise UserError(f"--byte-tolerance {tolerance}: a fraction in [0, 1), e.g. 0.001")
+                 tolerance: float = BYTE_TOLERANCE, bits: Sequence[int] | None = None, with_sparsity: str | None = None):
+        window_slack(0, tolerance)  # refuses a bad tolerance before the databases open
         self.quant = (QuantSpace(decoder, None, db=db, bits=bits) if with_sparsity is None
                       else SparseQuantLayers(decoder, db, bits, with_sparsity))
         self.with_sparsity = with_sparsity
@@ -94,7 +92,7 @@ class JointSpace(RetargetableSpace):
         self.target = target
         self.problem = Problem(num_levels=tuple(map(len, self.levels)) + (2,) * subs,
                                costs=costs + ((0, 0),) * subs, budget=budget, groups=(tuple(range(len(self.units))),),
-                               slack=math.floor(budget * self.tolerance), masks=self.drop_masks)
+                               slack=window_slack(budget, self.tolerance), masks=self.drop_masks)
 
     def _layer_levels(self, u: int) -> list[LayerLevel]:
         return self.quant.levels(u) if isinstance(self.quant, SparseQuantLayers) else quant_levels(self.quant, u)
