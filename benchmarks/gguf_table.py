@@ -23,7 +23,10 @@ def row(name: str, d: Path) -> str:
 
 def main(out: Path) -> None:
     manifest = read_json(out / "db" / "manifest.json")
-    names = {round(p["bits_per_weight"], 4): n for n, p in manifest["presets"].items()}
+    names: dict[float, str] = {}  # presets of equal size (Q2_K and Q3_K_S on 576-wide rows) share a row
+    for n, p in manifest["presets"].items():
+        key = round(p["bits_per_weight"], 4)
+        names[key] = f"{names[key]} = {n}" if key in names else n
     print(f"databases: {manifest['seconds']:.0f} s with imatrix, "
           f"{read_json(out / 'db-noimatrix' / 'manifest.json')['seconds']:.0f} s without\n")
     source = read_json(out / "runtime-source.json") if (out / "runtime-source.json").is_file() else None
@@ -34,11 +37,12 @@ def main(out: Path) -> None:
           "tokens/s | seconds |")
     print("|---|---|---|---|---|---|---|---|---|")
     for d in sorted((out / "pareto").glob("target-*"), key=lambda p: float(p.name[7:])):
-        t = d.name
-        preset = names.get(round(read_json(d / "result.json")["target"], 4), "?")
+        t, target = d.name, read_json(d / "result.json")["target"]
+        preset = names.get(round(target, 4), "?")
+        plain = [p for p in (out / "noimatrix").glob("target-*") if abs(float(p.name[7:]) - target) < 1e-9]
         print(f"| **at {preset}'s size** | | | | | | | | |")
         for name, path in (("EvoPress", d), (f"{preset} (imatrix)", out / "pareto/baselines/preset" / t),
-                           (f"{preset} (no imatrix)", next((out / "noimatrix").glob(f"target-{t[7:]}*"), None)),
+                           (f"{preset} (no imatrix)", plain[0] if plain else None),
                            ("uniform", out / "pareto/baselines/uniform" / t)):
             if path is not None and (path / "eval.json").is_file():
                 print(row(name, path))

@@ -21,7 +21,7 @@ PLUGIN = SpacePlugin(
                   "separated, e.g. Q3_K,Q4_K,Q6_K)"),
     ),
     baselines=baselines.BASELINES,
-    default_init=("preset",),
+    default_init=("preset", "uniform"),  # uniform can win: docs/gguf.md (Q5_1 holds a Q4_1 reference exactly)
     build=build.build,
     build_options=(
         CliOption(("--types",), "types", "gguf: comma-separated llama.cpp types to quantize every tensor to "
