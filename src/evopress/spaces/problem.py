@@ -8,7 +8,6 @@ and every space's ``repair`` use it.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from functools import cached_property
 from fractions import Fraction
@@ -110,11 +109,10 @@ class Problem:
 BYTE_TOLERANCE = 0.001  # default window of a byte budget: achieved bytes within 0.1% below the target
 
 
-def window_slack(budget: int, tolerance: float) -> int:
-    """A byte budget's ``slack`` for a window ``tolerance`` (a fraction of the budget)."""
+def check_tolerance(tolerance: float) -> None:
+    """Refuse a byte window (``--byte-tolerance``) that is not a fraction of the budget."""
     if not 0 <= tolerance < 1:
         raise UserError(f"--byte-tolerance {tolerance}: a fraction in [0, 1), e.g. 0.001")
-    return math.floor(budget * tolerance)
 
 
 def switch(config: list[int], problem: Problem, rng: np.random.Generator) -> None:

@@ -50,9 +50,10 @@ def preset_sizes(decoder: Decoder, arch: str, tensors: Sequence[WeightTensor], l
     tensors, and the types it needs that the database lacks. Why: EvoPress is compared with a preset at
     the preset's own size, which the user then passes as --target."""
     numel = sum(r * c for r, c in (t.shape for t in tensors))
+    shape, rows = model_shape(decoder, arch), [(t.gguf, t.shape[1]) for t in tensors]
     out = {}
     for preset in PRESETS:
-        types = preset_types(preset, [(t.gguf, t.shape[1]) for t in tensors], model_shape(decoder, arch))
+        types = preset_types(preset, rows, shape)
         size = sum(tensor_bytes(types[t.gguf], t.shape) for t in tensors)
         out[preset] = {"bytes": size, "bits_per_weight": math.ceil(8e6 * size / numel) / 1e6,
                        "missing_types": sorted({types[t.gguf] for t in tensors} - {q for t in tensors

@@ -18,6 +18,7 @@ import numpy as np
 
 from ...errors import UserError
 from ...io import atomic_write
+from .types import load_libgguf
 
 
 @dataclass(frozen=True)
@@ -279,11 +280,7 @@ def write_imatrix(path: Path, entries: Mapping[str, np.ndarray], counts: Mapping
 def read_imatrix(path: Path) -> dict[str, np.ndarray]:
     """Per-column mean squares by tensor name, read the way llama-quantize does (sum / count)."""
     try:
-        import libgguf
-    except ImportError:
-        raise UserError("the gguf space needs libgguf: pip install 'libgguf==0.2.2'") from None
-    try:
-        return libgguf.load_imatrix(path)
+        return load_libgguf().load_imatrix(path)
     except (ValueError, OSError) as e:
         raise UserError(f"{path} is not an imatrix file ({e})") from None
 

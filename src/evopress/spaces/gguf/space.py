@@ -26,7 +26,7 @@ from torch import nn
 from ...errors import UserError
 from ...models import Decoder
 from ..layerwise import LayerwiseSpace
-from ..problem import BYTE_TOLERANCE, Config, Problem, settle, window_slack
+from ..problem import BYTE_TOLERANCE, Config, Problem, check_tolerance, settle
 from .tensors import model_tensors
 from .types import bits_per_weight, dequantize, fallback, parse_types, tensor_bytes
 
@@ -43,16 +43,16 @@ class GGUFSpace(LayerwiseSpace):
 
     def __init__(self, decoder: Decoder, target: float | None, db: str | None = None, target_bytes: bool = False,
                  tolerance: float = BYTE_TOLERANCE, types: str | Sequence[str] | None = None):
-        window_slack(0, tolerance)  # refuses a bad tolerance before the database opens
+        check_tolerance(tolerance)  # before the database opens
         super().__init__(decoder, target, db)
         info = self.db.manifest["tensors"]
         self.gguf_names = [info[u]["gguf"] for u in self.units]
         self.shapes = [tuple(info[u]["shape"]) for u in self.units]
-        self.types = [self._offered(info[u]["types"], types, u) for u in self.units]
+        self.restricted = None if types is None else list(parse_types(types))
+        self.types = [self._offered(info[u]["types"], self.restricted, u) for u in self.units]
         self.level_costs = tuple(tuple(tensor_bytes(q, s) for q in ts) for ts, s in zip(self.types, self.shapes))
         self.numel = sum(r * c for r, c in self.shapes)
         self.target_bytes, self.tolerance, self.imatrix = target_bytes, tolerance, bool(self.db.manifest["imatrix"])
-        self.restricted = None if types is None else list(parse_types(types))
         self.set_target(target)
         self.check_layer_files(lambda u: self.types[u])
 
@@ -63,12 +63,12 @@ class GGUFSpace(LayerwiseSpace):
         model = self.decoder.model
         return [t.name for t in tensors], [t.block for t in tensors], [model.get_submodule(t.name) for t in tensors]
 
-    def _offered(self, stored: list[str], wanted: str | Sequence[str] | None, unit: str) -> list[str]:
+    def _offered(self, stored: list[str], wanted: list[str] | None, unit: str) -> list[str]:
         """The stored types of a tensor, or those ``--types`` names (after the fallback)."""
         if wanted is None:
             return list(stored)
         shape = self.db.manifest["tensors"][unit]["shape"]
-        chosen = {fallback(t, shape[1]) for t in parse_types(wanted)}
+        chosen = {fallback(t, shape[1]) for t in wanted}
         missing = sorted(chosen - set(stored))
         if missing:
             raise UserError(f"--types: {unit} would need {','.join(missing)}, which database {self.db.root} does not "
@@ -89,16 +89,14 @@ class GGUFSpace(LayerwiseSpace):
                             f"({8 * low / self.numel:.4f} bits per weight, every tensor at its smallest type)")
         self.target = target
         self.problem = Problem(num_levels=tuple(map(len, self.types)), costs=costs, budget=budget,
-                               groups=(tuple(range(len(self.units))),), slack=window_slack(budget, self.tolerance))
+                               groups=(tuple(range(len(self.units))),), slack=math.floor(budget * self.tolerance))
 
     def _budget(self, target: float) -> int:
         check_target(target)
         return math.floor(target) if self.target_bytes else math.floor(target * self.numel / 8)
 
     def decode(self, u: int, level: int) -> torch.Tensor:
-        qtype = self.types[u][level]
-        raw = self.stored(u, [qtype])[qtype]
-        weight = torch.from_numpy(dequantize(raw.numpy(), qtype, self.shapes[u][1]))
+        weight = torch.from_numpy(dequantize(self.raw(u, level), self.types[u][level], self.shapes[u][1]))
         return weight.to(self.device(u), self.layers[u].weight.dtype)
 
     def raw(self, u: int, level: int) -> np.ndarray:

@@ -73,7 +73,8 @@ def bits_per_weight(qtype: str) -> float:
     return 8 * size / block
 
 
-def _lib() -> Any:
+def load_libgguf() -> Any:
+    """The libgguf module, or one line saying how to install it."""
     os.environ.setdefault("LIBGGUF_NUM_THREADS", str(max(1, len(os.sched_getaffinity(0)))))
     try:
         import libgguf
@@ -84,7 +85,7 @@ def _lib() -> Any:
 
 def quantize(weight: np.ndarray, qtype: str, imatrix: np.ndarray | None) -> np.ndarray:
     """``weight`` [rows, ne0] as llama.cpp's raw ``qtype`` blocks, uint8 [rows, row bytes]."""
-    lib = _lib()
+    lib = load_libgguf()
     if qtype in NEEDS_IMATRIX and imatrix is None:
         raise UserError(f"{qtype} needs an importance matrix (llama-quantize refuses it without one); build the "
                         "database without --no-imatrix")
@@ -101,5 +102,5 @@ def dequantize(raw: np.ndarray, qtype: str, ne0: int) -> np.ndarray:
         return raw.view(np.float16).astype(np.float32)
     if qtype == "BF16":
         return (raw.view(np.uint16).astype(np.uint32) << 16).view(np.float32)
-    lib = _lib()
+    lib = load_libgguf()
     return lib.dequantize_rows(raw, lib.GGMLQuantizationType[qtype], n_per_row=ne0)

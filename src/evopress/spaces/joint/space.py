@@ -34,7 +34,7 @@ import numpy as np
 from ...compressors.gptq import QuantizedWeight
 from ...errors import UserError
 from ...models import Decoder
-from ..problem import BYTE_TOLERANCE, Config, Problem, settle, window_slack
+from ..problem import BYTE_TOLERANCE, Config, Problem, check_tolerance, settle
 from ..space import RetargetableSpace
 from ..drop.space import DropSpace
 from ..quant.space import QuantSpace
@@ -54,7 +54,7 @@ class JointSpace(RetargetableSpace):
 
     def __init__(self, decoder: Decoder, target: float | None, db: str | None = None, target_bytes: bool = False,
                  tolerance: float = BYTE_TOLERANCE, bits: Sequence[int] | None = None, with_sparsity: str | None = None):
-        window_slack(0, tolerance)  # refuses a bad tolerance before the databases open
+        check_tolerance(tolerance)  # before the database opens
         self.quant = (QuantSpace(decoder, None, db=db, bits=bits) if with_sparsity is None
                       else SparseQuantLayers(decoder, db, bits, with_sparsity))
         self.with_sparsity = with_sparsity
@@ -92,7 +92,7 @@ class JointSpace(RetargetableSpace):
         self.target = target
         self.problem = Problem(num_levels=tuple(map(len, self.levels)) + (2,) * subs,
                                costs=costs + ((0, 0),) * subs, budget=budget, groups=(tuple(range(len(self.units))),),
-                               slack=window_slack(budget, self.tolerance), masks=self.drop_masks)
+                               slack=math.floor(budget * self.tolerance), masks=self.drop_masks)
 
     def _layer_levels(self, u: int) -> list[LayerLevel]:
         return self.quant.levels(u) if isinstance(self.quant, SparseQuantLayers) else quant_levels(self.quant, u)
