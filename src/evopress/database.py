@@ -79,6 +79,12 @@ def data_fingerprint(pool: TokenPool) -> str:
     return windows_fingerprint(pool.windows)
 
 
+def value_dtype(dtype: torch.dtype) -> torch.dtype:
+    """How a database stores weight values: fp16 for fp32/fp16 models (as the paper's database), bf16 for
+    bf16 ones (fp16 cannot hold their range)."""
+    return torch.bfloat16 if dtype == torch.bfloat16 else torch.float16
+
+
 def layer_file(root: Path, name: str) -> Path:
     return Path(root) / "layers" / f"{name}.safetensors"
 

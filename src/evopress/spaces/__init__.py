@@ -11,14 +11,14 @@ from typing import Any
 
 from ..errors import UserError
 from ..models import Decoder
-from . import drop, gguf, joint, quant, sparsity
+from . import drop, gguf, joint, quant, sparsity, width
 from .plugin import Baseline, SpacePlugin
 from .problem import Config, Problem
 from .space import Space
 from .constraints import ConstrainedSpace, parse_rules
 from .random_search import best_of_random
 
-_BUILTIN = (drop.PLUGIN, sparsity.PLUGIN, quant.PLUGIN, joint.PLUGIN, gguf.PLUGIN)  # the registry: one line per space
+_BUILTIN = (drop.PLUGIN, sparsity.PLUGIN, quant.PLUGIN, joint.PLUGIN, gguf.PLUGIN, width.PLUGIN)  # the registry: one line per space
 PLUGINS: dict[str, SpacePlugin] = {p.name: p for p in _BUILTIN}
 DEFAULT_SPACE = drop.PLUGIN.name
 

@@ -217,3 +217,11 @@ class ConstrainedSpace(Space):
 
     def check_calibration(self, pool: Any) -> None:
         self.base.check_calibration(pool)
+
+
+def in_space(space: Space, levels: Config, seed: int) -> Config:
+    """A configuration of the model's own units (a baseline's) as one of ``space``: under rules, projected and
+    repaired to the budget (``ConstrainedSpace.fit``); without, as it is."""
+    if isinstance(space, ConstrainedSpace):
+        return space.fit(levels, np.random.default_rng(seed))
+    return levels

@@ -172,24 +172,28 @@ LayerHook = Callable[[str, nn.Linear, dict[str, torch.Tensor]], None]
 
 def build_layerwise(decoder: Decoder, pool: TokenPool, out: Path, space: str, settings: dict[str, Any],
                     keys: Callable[[str], list[str]], solve: LayerSolver, describe: Callable[[], dict[str, Any]],
-                    batch_size: int, progress: bool, after: LayerHook | None = None) -> dict[str, Any]:
+                    batch_size: int, progress: bool, after: LayerHook | None = None,
+                    select: Callable[[str], bool] = lambda name: True) -> dict[str, Any]:
     """Solve every linear layer block by block and write the database; returns its manifest.
 
     ``solve(name, layer, hessian)`` returns the tensors of one layer file (``keys(name)`` names the
     ones a finished file must hold); ``after(name, layer, tensors)`` runs once the layer is solved or
     found finished by an interrupted build (e.g. to install a calibration level before the next
     block); ``describe()`` gives the space's own manifest fields once every layer is done.
-    ``settings`` are what a resumed build must share with the interrupted one.
+    ``settings`` are what a resumed build must share with the interrupted one. ``select``: which layers get
+    a file (default all; the width space solves only output projections).
     """
     fingerprint = model_fingerprint(decoder.model)  # before a calibration level overwrites weights
     data_fp = data_fingerprint(pool)
     build = BuildLog(out, {"space": space, "model_fingerprint": fingerprint, "data_fingerprint": data_fp,
                            **settings, "dtype": str(decoder.head.weight.dtype)})
-    names = list(decoder.linear_layers())
+    names = [name for name in decoder.linear_layers() if select(name)]
     start = time.perf_counter()
 
     def compress(b: int, layers: dict[str, nn.Linear], hessians: dict[str, HessianAccumulator]) -> None:
         for name, layer in layers.items():
+            if not select(name):
+                continue
             tensors = build.done(name, keys(name))  # solved before the build was interrupted
             if tensors is None:
                 tensors = solve(name, layer, hessians[name])

@@ -26,7 +26,7 @@ from ..plugin import BaselineInputs
 from ..problem import Config
 
 from ..space import Space
-from ..constraints import ConstrainedSpace
+from ..constraints import in_space
 from ..random_search import best_of
 from .space import SparsitySpace
 
@@ -41,11 +41,7 @@ def _sparsity(space: Space) -> SparsitySpace:
 
 
 def _in_space(inputs: BaselineInputs, levels: Config) -> Config:
-    """A model-level configuration as one of ``inputs.space``; under rules, projected and repaired to the budget."""
-    space = inputs.space
-    if isinstance(space, ConstrainedSpace):
-        return space.fit(levels, np.random.default_rng(inputs.seed))
-    return levels
+    return in_space(inputs.space, levels, inputs.seed)
 
 
 def uniform(inputs: BaselineInputs) -> Config:

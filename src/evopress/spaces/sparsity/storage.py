@@ -9,11 +9,7 @@ from __future__ import annotations
 import torch
 
 from ...compressors.packing import pack_codes, unpack_codes
-
-
-def value_dtype(dtype: torch.dtype) -> torch.dtype:
-    """fp16 for fp32/fp16 models (as the paper's database), bf16 for bf16 ones (fp16 cannot hold their range)."""
-    return torch.bfloat16 if dtype == torch.bfloat16 else torch.float16
+from ...database import value_dtype
 
 
 def level_keys(offset: int) -> tuple[str, str]:
