@@ -3,7 +3,7 @@ fitness values to a tolerance that holds on any x86-64 CPU.
 
 Written before a refactor so that moving code cannot silently change a result. The pinned values live in
 ``golden_trajectories.json``; regenerate them only for an intended change of results, with
-``python tests/test_golden.py``, and say why in the commit. The test itself only ever compares.
+``python tests/test_golden.py [CASE ...]``, and say why in the commit. The test itself only ever compares.
 
 Tolerance: the levels (which candidates won) are discrete and pinned exactly. The fitness values are
 float32 sums whose order depends on the CPU's kernels and the thread count. Measured over
@@ -35,6 +35,7 @@ CASES = {
     "sparsity": (["--space", "sparsity", "--target", "0.5", "--levels", "3"], ["--space", "sparsity", "--target", "0.55"]),
     "quant": (QUANT_DB, ["--space", "quant", "--target", "2.5"]),
     "joint": (QUANT_DB, ["--space", "joint", "--target", "3.5", "--byte-tolerance", "0.05"]),
+    "width": (["--space", "width", "--mlp-step", "32"], ["--space", "width", "--target", "0.4"]),
 }
 
 
@@ -95,8 +96,8 @@ if __name__ == "__main__":
 
     from conftest import write_tiny_checkpoint
 
-    goldens = {}
-    for name in CASES:
+    goldens = json.loads(GOLDEN.read_text()) if GOLDEN.is_file() else {}
+    for name in sys.argv[1:] or CASES:  # the cases named (all by default); the others keep their pinned values
         with tempfile.TemporaryDirectory() as tmp:
             goldens[name] = run_case(name, *write_tiny_checkpoint(Path(tmp) / "tiny"), Path(tmp))
     GOLDEN.write_text(json.dumps(goldens, indent=1) + "\n")
