@@ -29,7 +29,8 @@ def test_tiny_max_memory_offloads_the_blocks_and_keeps_the_head(tiny_checkpoint)
 
 
 @pytest.mark.parametrize("space, build, target", [
-    ("drop", None, "0.34"), ("sparsity", ["--levels", "3"], "0.55"), ("quant", ["--bits", "2,3,4"], "2.5")])
+    ("drop", None, "0.34"), ("sparsity", ["--levels", "3"], "0.55"), ("quant", ["--bits", "2,3,4"], "2.5"),
+    ("width", ["--mlp-step", "32"], "0.4")])
 def test_offloaded_search_equals_resident_search(space, build, target, tiny_checkpoint, tmp_path):
     model, text = tiny_checkpoint
     common = ["--model", str(model), "--data", str(text), "--seq-len", "32", "--calib-tokens", "512", "--quiet"]
@@ -49,7 +50,8 @@ def test_offloaded_search_equals_resident_search(space, build, target, tiny_chec
     assert offloaded["recipe"]["max_memory"] == "cpu=30KB"  # recorded, but not part of the fingerprint
 
 
-@pytest.mark.parametrize("space, build", [("sparsity", ["--levels", "3"]), ("quant", ["--bits", "2,3"])])
+@pytest.mark.parametrize("space, build", [("sparsity", ["--levels", "3"]), ("quant", ["--bits", "2,3"]),
+                                          ("width", ["--mlp-step", "32"])])
 def test_a_database_built_offloaded_equals_the_resident_build(space, build, tiny_checkpoint, tmp_path):
     """build-db with every block offloaded (one made resident at a time) writes the same levels."""
     from safetensors.torch import load_file

@@ -184,9 +184,14 @@ def test_the_cli_builds_searches_baselines_and_exports(tiny_checkpoint, tmp_path
                  "--initial-tokens", "64", "--final-tokens", "128", "--out", str(tmp_path / "run"), *common]) == 0
     assert main(["baseline", *space, "--method", "uniform", "--final-tokens", "128", "--out", str(tmp_path / "base"),
                  *common]) == 0
-    for run in ("base", "run"):
+    assert main(["baseline", *space, "--method", "shortgpt", "--final-tokens", "128", "--out", str(tmp_path / "sg"),
+                 *common]) == 0
+    for run in ("sg", "base", "run"):
         budget = json.loads((tmp_path / run / "result.json").read_text())["budget"]
         assert budget["lowest"] <= budget["kept_parameters"] <= budget["budget"] == int(0.6 * budget["parameters"])
+        if run == "sg":  # depth pruning: whole blocks removed, one block partly restored, the rest untouched
+            widths = list(zip(budget["kv_groups_kept"], budget["mlp_channels_kept"]))
+            assert (0, 0) in widths and sum(w not in ((0, 0), (2, 64)) for w in widths) <= 1
     assert main(["export", str(tmp_path / "run"), "--out", str(tmp_path / "exp"), "--quiet"]) == 0
     profile = json.loads((tmp_path / "exp" / "evopress_profile.json").read_text())
     levels = json.loads((tmp_path / "run" / "result.json").read_text())["levels"]
@@ -213,3 +218,20 @@ def test_bad_width_input_is_one_line_exit_2(args, message, tiny_checkpoint, tmp_
 def test_fused_projections_are_refused_by_name():
     with pytest.raises(UserError, match="fused projections"):
         find_units(Decoder(tiny_model("phi3", layers=2)), 32)
+
+
+def test_a_bf16_model_gets_bf16_levels_and_a_bf16_export(tmp_path):
+    from safetensors.torch import load_file
+
+    model = _model("llama-gqa").to(torch.bfloat16)
+    space, _ = _width_space(tmp_path, model)
+    stored = load_file(str(tmp_path / "db" / "layers" / "model.layers.0.mlp.down_proj.safetensors"))
+    assert stored["32.weight"].dtype == torch.bfloat16 and stored["order"].dtype == torch.int32
+    config = space.random_config(np.random.default_rng(1))
+    space.apply(config)
+    assert all(layer.weight.dtype == torch.bfloat16 for layer in space.layers)
+    ids, want = logits_under(space, config)
+    export(space, config, tmp_path / "out", word_tokenizer())
+    got = load_compressed(tmp_path / "out", dtype=torch.bfloat16)(ids).logits
+    assert got.dtype == want.dtype == torch.bfloat16
+    assert torch.allclose(got.float(), want.float(), atol=0.1, rtol=0.02)

@@ -21,13 +21,15 @@ from ...data import Sample, TokenPool
 from ...errors import UserError
 from ..plugin import BaselineInputs
 from ..problem import Config
+from ..space import Space
 from .space import DropSpace
 
 
 @torch.inference_mode()
-def block_similarity(space: DropSpace, pool: TokenPool, sample: Sample, span: int,
+def block_similarity(space: Space, pool: TokenPool, sample: Sample, span: int,
                      batch_size: int = 8) -> torch.Tensor:
-    """Mean cosine similarity between the residual stream at boundary b and b+span, for every b."""
+    """Mean cosine similarity between the residual stream at boundary b and b+span, for every b, of the dense
+    model (any space of it: the width space ranks blocks this way too)."""
     space.apply(None)
     L = space.num_blocks
     sums = torch.zeros(L - span + 1, dtype=torch.float64)
@@ -42,7 +44,7 @@ def block_similarity(space: DropSpace, pool: TokenPool, sample: Sample, span: in
     return sums / count
 
 
-def shortgpt_order(space: DropSpace, pool: TokenPool, sample: Sample, batch_size: int = 8) -> list[int]:
+def shortgpt_order(space: Space, pool: TokenPool, sample: Sample, batch_size: int = 8) -> list[int]:
     """Blocks from least to most influential by ShortGPT's block influence 1 - cos(h_in, h_out)."""
     influence = 1 - block_similarity(space, pool, sample, 1, batch_size)
     return torch.argsort(influence, stable=True).tolist()

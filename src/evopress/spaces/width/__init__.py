@@ -11,8 +11,8 @@ PLUGIN = SpacePlugin(
     target_help="width: fraction of the blocks' linear parameters removed by thinning heads and channels, e.g. 0.25",
     check_target=check_target,
     options=(DB_OPTION,),
-    baselines={"uniform": baselines.uniform},
-    default_init=("uniform",),
+    baselines={"uniform": baselines.uniform, "shortgpt": baselines.shortgpt},
+    default_init=("uniform", "shortgpt"),
     build=build.build,
     build_options=(
         CliOption(("--method",), "method", "width: obs (second-order removal with weight update, default) or "
