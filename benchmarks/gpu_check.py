@@ -1,4 +1,4 @@
-"""GPU check: short depth, sparsity and quant searches of the default model in bf16 on CUDA.
+"""GPU check: short depth, sparsity, quant and width searches of the default model in bf16 on CUDA.
 
     bash benchmarks/gpu_check.sh [OUT]        # needs a CUDA device; no network
 
@@ -23,7 +23,7 @@ from evopress.pipeline import prepare
 from evopress.recipe import make_recipe
 
 SPACES = {"drop": ([], "0.25"), "sparsity": (["--center", "0.5", "--levels", "2"], "0.5"),
-          "quant": (["--bits", "2,3,4"], "3")}
+          "quant": (["--bits", "2,3,4"], "3"), "width": (["--method", "obs"], "0.25")}
 SIZES = {  # seq_len, pool, stages, final and comparison tokens, offspring, generations
     "full": (512, 32768, "4:2048,1:8192", 8192, 32, 5),
     "quick": (32, 512, "2:32,1:64", 128, 4, 2),  # a smoke test of this script on CPU with a tiny --model
@@ -33,11 +33,12 @@ SIZES = {  # seq_len, pool, stages, final and comparison tokens, offspring, gene
 def fitness_pair(args: argparse.Namespace, space: str, target: float, options: dict, configs: list,
                  seed: int = 0) -> list[tuple[float, float]]:
     """KL of each configuration with the model in bf16 and in fp32, on one shared sample."""
-    seq_len, pool, _, tokens, _, _ = SIZES[args.size]
+    seq_len, pool, stages, tokens, _, _ = SIZES[args.size]
     scores = []
     for dtype in ("bfloat16", "float32"):
         recipe = make_recipe(space=space, target=target, space_options=options, model=args.model, data=args.data,
-                             device=args.device, dtype=dtype, seq_len=seq_len, calib_tokens=pool, init_from="none")
+                             device=args.device, dtype=dtype, seq_len=seq_len, calib_tokens=pool, init_from="none",
+                             final_tokens=tokens, stages=[tuple(map(int, s.split(":"))) for s in stages.split(",")])
         ctx = prepare(recipe, log=lambda m: None)
         sample = ctx.pool.sample(tokens, np.random.default_rng(seed))
         scores.append([m.kl for m in ctx.evaluator.measure(configs, sample)])

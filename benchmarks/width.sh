@@ -7,8 +7,8 @@
 #                                      sub-blocks of each kind, 23.3% and 50%), GENERATIONS (default 12)
 #
 # 1. Two width databases: OBS (the default) and activation-ranked without update (Minitron-style importance).
-# 2. One `evopress pareto --space width` at TARGETS: the search (warm-started from uniform), the uniform baseline
-#    on the OBS database, held-out KL/PPL on Wikipedia and PTB.
+# 2. One `evopress pareto --space width` at TARGETS: the search (warm-started from uniform and ShortGPT), those two
+#    baselines on the OBS database, held-out KL/PPL on Wikipedia and PTB.
 # 3. The importance baseline: uniform width on the activation database, evaluated the same way.
 # 4. Depth pruning at about the same parameters: `evopress pareto --space drop` (its search and ShortGPT).
 # 5. Every result exported and timed in plain transformers against the dense model (benchmarks/width_speed.py),
@@ -30,7 +30,7 @@ for method in obs activation; do
         "${COMMON[@]}"
 done
 evopress pareto --space width --db "$OUT/db-obs" "${MODEL_ARGS[@]}" --targets "$TARGETS" "${COMMON[@]}" "${SEARCH[@]}" \
-    --baselines uniform "${EVAL[@]}" --out "$OUT/width"
+    --baselines uniform,shortgpt "${EVAL[@]}" --out "$OUT/width"
 for t in ${TARGETS//,/ }; do
     dir=$OUT/activation/target-$t
     [ -f "$dir/result.json" ] || evopress baseline --space width --db "$OUT/db-activation" "${MODEL_ARGS[@]}" \

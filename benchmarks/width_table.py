@@ -11,6 +11,7 @@ from pathlib import Path
 from evopress.io import read_json
 
 METHODS = (("EvoPress width", "width/target-*"), ("uniform width (OBS)", "width/baselines/uniform/target-*"),
+           ("ShortGPT inside the width space", "width/baselines/shortgpt/target-*"),
            ("importance (activation, uniform)", "activation/target-*"), ("EvoPress depth", "depth/target-*"),
            ("ShortGPT depth", "depth/baselines/shortgpt/target-*"))
 

@@ -192,6 +192,11 @@ def test_the_cli_builds_searches_baselines_and_exports(tiny_checkpoint, tmp_path
         if run == "sg":  # depth pruning: whole blocks removed, one block partly restored, the rest untouched
             widths = list(zip(budget["kv_groups_kept"], budget["mlp_channels_kept"]))
             assert (0, 0) in widths and sum(w not in ((0, 0), (2, 64)) for w in widths) <= 1
+    assert main(["import-config", str(tmp_path / "run" / "config.txt"), "--space", "width", "--db", str(tmp_path / "db"),
+                 "--final-tokens", "128", "--out", str(tmp_path / "imp"), *common]) == 0  # target read off the file
+    imported = json.loads((tmp_path / "imp" / "result.json").read_text())
+    searched = json.loads((tmp_path / "run" / "result.json").read_text())
+    assert imported["levels"] == searched["levels"] and imported["budget"]["target"] == 0.4
     assert main(["export", str(tmp_path / "run"), "--out", str(tmp_path / "exp"), "--quiet"]) == 0
     profile = json.loads((tmp_path / "exp" / "evopress_profile.json").read_text())
     levels = json.loads((tmp_path / "run" / "result.json").read_text())["levels"]
