@@ -11,7 +11,8 @@
 #    baselines on the OBS database, held-out KL/PPL on Wikipedia and PTB.
 # 3. The importance baseline: uniform width on the activation database, evaluated the same way.
 # 4. Depth pruning at about the same parameters: `evopress pareto --space drop` (its search and ShortGPT).
-# 5. Every result exported and timed in plain transformers against the dense model (benchmarks/width_speed.py),
+# 5. The searches and uniform width on the five held-out genres of docs/generalization.md.
+# 6. Every result exported and timed in plain transformers against the dense model (benchmarks/width_speed.py),
 #    then the table (benchmarks/width_table.py).
 set -euo pipefail
 OUT=${1:-runs/width-bench}
@@ -39,5 +40,7 @@ for t in ${TARGETS//,/ }; do
 done
 evopress pareto --space drop "${MODEL_ARGS[@]}" --targets "$DEPTH" "${COMMON[@]}" "${SEARCH[@]}" \
     --baselines shortgpt "${EVAL[@]}" --out "$OUT/depth"
-python benchmarks/width_speed.py "$OUT"
+evopress eval "$OUT"/width/target-* "$OUT"/width/baselines/uniform/target-* "$OUT"/depth/target-* \
+    --eval-data code,legal,plays,dialogue,spanish --eval-tokens 2048 --eval-seq-len 512
+python benchmarks/width_speed.py "$OUT" --rounds 9
 python benchmarks/width_table.py "$OUT" | tee "$OUT/table.md"

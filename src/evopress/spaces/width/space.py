@@ -24,7 +24,6 @@ import numpy as np
 import torch
 from torch import nn
 
-from ...compressors.structured import kept_columns, structure_columns
 from ...errors import UserError
 from ...models import Decoder
 from ...placement import to_device
@@ -98,8 +97,7 @@ class WidthSpace(LayerwiseSpace):
         if width == unit.structures:
             return to_device(self.dense_weight(u), device)
         weight = torch.zeros(unit.output.weight.shape, dtype=unit.output.weight.dtype, device=device)
-        columns = kept_columns(self.stored(u, (ORDER,))[ORDER].tolist(), structure_columns(unit.structures, unit.size),
-                               width)
+        columns = unit.column_index(torch.tensor(self.kept(u, width), dtype=torch.long))
         weight[:, columns.to(device)] = to_device(self.thinned(u, level), device)
         return weight
 
