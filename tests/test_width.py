@@ -240,3 +240,28 @@ def test_a_bf16_model_gets_bf16_levels_and_a_bf16_export(tmp_path):
     got = load_compressed(tmp_path / "out", dtype=torch.bfloat16)(ids).logits
     assert got.dtype == want.dtype == torch.bfloat16
     assert torch.allclose(got.float(), want.float(), atol=0.1, rtol=0.02)
+
+
+def test_a_depth_profile_reads_as_a_width_profile_and_starts_a_search(tiny_checkpoint, tmp_path, capsys):
+    """The depth space's file (two whole blocks and one attention dropped) in the width space: those units at width
+    0, the rest full; written back identically; and as ``--init-from FILE``, repaired into the search's window."""
+    model, text = tiny_checkpoint
+    common = ["--model", str(model), "--data", str(text), "--seq-len", "32", "--calib-tokens", "512", "--quiet"]
+    assert main(["build-db", "--space", "width", "--mlp-step", "32", "--out", str(tmp_path / "db"), *common]) == 0
+    depth = tmp_path / "layer_drop_config.txt"
+    depth.write_text("none\nattn\nnone\nnone\nattn+mlp\nattn+mlp\n")
+    db = ["--db", str(tmp_path / "db")]
+    assert main(["import-config", str(depth), "--space", "width", *db, "--final-tokens", "128",
+                 "--out", str(tmp_path / "imp"), *common]) == 0
+    levels = json.loads((tmp_path / "imp" / "result.json").read_text())["levels"]
+    assert levels == [2, 2, 0, 2, 2, 2, 2, 2, 0, 0, 0, 0]  # attention, MLP per block; 0 removes
+    assert main(["export-config", str(tmp_path / "imp"), "--format", "reference-drop", "--out",
+                 str(tmp_path / "back.txt")]) == 0
+    assert (tmp_path / "back.txt").read_text() == depth.read_text()
+    assert main(["search", "--space", "width", "--target", "0.5", *db, "--init-from", str(depth), "--generations", "1",
+                 "--offspring", "2", "--stages", "1:64", "--initial-tokens", "64", "--final-tokens", "128",
+                 "--out", str(tmp_path / "run"), *common[:-1]]) == 0
+    assert f"the '{depth}' configuration costs" in capsys.readouterr().err  # 0.5 removes more: repaired
+    assert json.loads((tmp_path / "run" / "result.json").read_text())["recipe"]["init_from"] == [str(depth)]
+    assert main(["search", "--space", "width", "--target", "0.5", *db, "--init-from", str(tmp_path / "none.txt"),
+                 "--out", str(tmp_path / "bad"), *common]) == 2

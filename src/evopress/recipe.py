@@ -88,7 +88,7 @@ class Recipe:
             return {"--final-tokens": self.final_tokens, "--tokens": self.baseline_tokens}
         sizes = {"the largest --stages sample": self.largest_stage(), "--initial-tokens": self.search.initial_tokens,
                  "--final-tokens": self.final_tokens}
-        if self.init_from:
+        if not all(map(is_config_file, self.init_from)):  # a file's configuration looks at no tokens
             sizes["the --init-from baselines' sample (--tokens)"] = self.baseline_tokens
         return sizes
 
@@ -125,9 +125,10 @@ def resolve_init(value: list[str] | str, space: str, method: str, options: Mappi
 
     'auto': the space's default warm start (``SpacePlugin.default_init``; a recipe without init_from
     means it); 'none' or '': none, the paper's random initialisation; else a list or a comma-separated
-    string of baselines. Resolved when the recipe is made, so recipe.json and result.json name the
-    methods, and a stored recipe.json with [] (as every search before 'auto' wrote) still means random.
-    A run that is not a search takes none: its fingerprint does not depend on a search setting.
+    string of baselines or configuration files (``is_config_file``; stored by absolute path). Resolved when the
+    recipe is made, so recipe.json and result.json name the methods, and a stored recipe.json with [] (as every
+    search before 'auto' wrote) still means random. A run that is not a search takes none: its fingerprint does
+    not depend on a search setting.
     """
     if method != "evopress":
         return []
@@ -135,7 +136,13 @@ def resolve_init(value: list[str] | str, space: str, method: str, options: Mappi
         if value.strip() == AUTO:
             return default_init(space, options)
         value = [] if value.strip() == NO_INIT else value.split(",")
-    return [m.strip() for m in value if m.strip()]
+    return [str(Path(m.strip()).resolve()) if is_config_file(m.strip()) else m.strip() for m in value if m.strip()]
+
+
+def is_config_file(method: str) -> bool:
+    """Whether an ``init_from`` entry names a configuration file (any layout ``import-config`` reads, e.g. a
+    result's config.txt or another space's file the space reads) rather than a baseline."""
+    return method.endswith(".txt") or Path(method).is_file()
 
 
 def _type_ok(value: Any, hint: Any) -> bool:
@@ -233,7 +240,8 @@ def make_recipe(mapping: Mapping[str, Any] | None = None, /, **settings: Any) ->
     check_space_settings(recipe.space, recipe.target, recipe.space_options)
     recipe.hardware.check()
     for method in [recipe.method] * (recipe.method not in ("evopress", "imported")) + recipe.init_from:
-        baseline(recipe.space, method)
+        if not is_config_file(method):
+            baseline(recipe.space, method)
     return recipe
 
 

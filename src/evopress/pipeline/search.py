@@ -17,7 +17,8 @@ from ..errors import UserError
 from ..evolution import SearchState, evolve
 from ..fitness import Evaluator, Measurement
 from ..io import write_json
-from ..recipe import Recipe
+from ..interchange import choose_format, read_text
+from ..recipe import Recipe, is_config_file
 from ..spaces import baseline
 from ..spaces.problem import Config, NoMoveError, switch
 from .baselines import baseline_config
@@ -206,7 +207,8 @@ class _SearchProgress:
 def warm_start(ctx: Context, initial: list[Config], log: Callable[[str], None]) -> list:
     """Add the configurations of the ``init_from`` baselines to the initial population.
 
-    The paper starts from random configurations only; with a short search budget (CPU), starting the
+    An entry that names a file adds the configuration it holds (``recipe.is_config_file``): e.g. a depth
+    search's profile as a start of the width search. The paper starts from random configurations only; with a short search budget (CPU), starting the
     competition from the scoring methods' answers means the search can only improve on them
     (docs/speed.md). A baseline built in big steps (the joint space's uniform bitwidths and whole
     blocks) may miss the search's budget window: it is repaired into it by single-level moves
@@ -214,11 +216,23 @@ def warm_start(ctx: Context, initial: list[Config], log: Callable[[str], None]) 
     """
     rng = np.random.default_rng((ctx.recipe.search.seed, 3))
     for method in ctx.recipe.init_from:
-        baseline(ctx.recipe.space, method, "--init-from")
-        config = _feasible(ctx, method, baseline_config(ctx, method)[0], rng, log)
+        if is_config_file(method):
+            config = _feasible(ctx, method, _file_config(ctx, Path(method)), rng, log)
+        else:
+            baseline(ctx.recipe.space, method, "--init-from")
+            config = _feasible(ctx, method, baseline_config(ctx, method)[0], rng, log)
         log(f"initial population: adding the '{method}' configuration")
         initial = initial + [config]
     return list(dict.fromkeys(initial))
+
+
+def _file_config(ctx: Context, path: Path) -> Config:
+    """The configuration a file gives (any layout the space reads, found as ``import-config`` finds it), not yet
+    checked against the budget: ``_feasible`` repairs it like a baseline's."""
+    space = ctx.space
+    text = read_text(path)
+    _, form = choose_format(ctx.recipe.space, text, None, str(path))
+    return space.from_model_levels(form.read(text, space.model_space, str(path)))
 
 
 def _feasible(ctx: Context, method: str, config: Config, rng: np.random.Generator,

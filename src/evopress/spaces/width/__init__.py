@@ -2,7 +2,7 @@
 
 from ..plugin import CliOption, SpacePlugin
 from ..layerwise import DB_OPTION
-from . import baselines, build, export
+from . import baselines, build, export, formats
 from .space import WidthSpace, check_target
 
 PLUGIN = SpacePlugin(
@@ -22,6 +22,7 @@ PLUGIN = SpacePlugin(
     ),
     export=export.export,
     load=export.load,
+    config_formats={"reference-drop": formats.DEPTH},
 )
 
 __all__ = ["PLUGIN", "WidthSpace"]

@@ -147,15 +147,17 @@ class WidthSpace(LayerwiseSpace):
         return [u.widths[lv] for u, lv in zip(self.wunits, config)]
 
     def implied_target(self, config: Config) -> float:
-        """The removed fraction of ``config``, as short a decimal as puts it in its own window."""
+        """A removed fraction whose window holds ``config``, as short a decimal as there is."""
         cost = self.problem.cost(config)
 
         def fits(t: Fraction) -> bool:
             budget = math.floor((1 - t) * self.total)
             return 0 <= t < 1 and budget - self.slack <= cost <= budget
 
-        target = shortest_decimal(Fraction(self.total - cost, self.total), fits)
-        assert target is not None
+        # from the middle of the targets whose window holds ``cost``: the exact fraction is at its edge
+        target = shortest_decimal(Fraction(max(self.total - cost - self.slack // 2, 0), self.total), fits)
+        if target is None:
+            raise UserError(f"no target in [0, 1) puts a configuration of {cost:,} kept parameters in its window")
         return target
 
     def dense_bytes(self) -> int:
