@@ -42,9 +42,9 @@ def obs_prune(weight: torch.Tensor, hessian: torch.Tensor, columns: torch.Tensor
     ``columns``: [structures, size] input columns of each structure; ``keep``: the structure counts to
     snapshot; ``chunk``: structures removed per step (the ``chunk`` of least error, updated jointly), never
     past a snapshot. Why: every step updates the whole inverse Hessian (a 70B MLP's is 28,672^2); one at a
-    time is exact greedy, a chunk trades a little accuracy for proportionally fewer steps. Returns the removal order (every structure, first removed first) and, for each count in
-    ``keep``, the updated weight restricted to the kept structures' columns (in ascending column order),
-    in the weight's dtype.
+    time is exact greedy, a chunk trades a little accuracy for proportionally fewer steps. Returns the
+    removal order (every structure, first removed first) and, for each count in ``keep``, the updated
+    weight restricted to the kept structures' columns (in ascending column order), in the weight's dtype.
     """
     n = len(columns)
     w = weight.double().clone()
@@ -94,7 +94,12 @@ def activation_order(hessian: torch.Tensor, columns: torch.Tensor) -> list[int]:
     return [int(i) for i in torch.argsort(energy, stable=True)]
 
 
+def kept_structures(order: Sequence[int], keep: int) -> list[int]:
+    """The ``keep`` structures removed last in ``order``, ascending: what a level of ``keep`` keeps."""
+    return sorted(order[len(order) - keep:]) if keep else []
+
+
 def kept_columns(order: Sequence[int], columns: torch.Tensor, keep: int) -> torch.Tensor:
-    """The ascending input columns of the ``keep`` structures removed last in ``order``."""
-    kept = sorted(order[len(order) - keep:]) if keep else []
-    return columns[kept].reshape(-1).sort().values if kept else torch.zeros(0, dtype=torch.long)
+    """The ascending input columns of the structures ``kept_structures`` keeps (``columns``: [structures,
+    size], consecutive structures of ascending columns, as ``structure_columns`` makes them)."""
+    return columns[kept_structures(order, keep)].reshape(-1)

@@ -208,11 +208,12 @@ def warm_start(ctx: Context, initial: list[Config], log: Callable[[str], None]) 
     """Add the configurations of the ``init_from`` baselines to the initial population.
 
     An entry that names a file adds the configuration it holds (``recipe.is_config_file``): e.g. a depth
-    search's profile as a start of the width search. The paper starts from random configurations only; with a short search budget (CPU), starting the
-    competition from the scoring methods' answers means the search can only improve on them
-    (docs/speed.md). A baseline built in big steps (the joint space's uniform bitwidths and whole
-    blocks) may miss the search's budget window: it is repaired into it by single-level moves
-    (``Space.repair``, from its own random stream, so the result stays a function of the seed).
+    search's profile as a start of the width search. The paper starts from random configurations only;
+    with a short search budget (CPU), starting the competition from the scoring methods' answers means
+    the search can only improve on them (docs/speed.md). A baseline built in big steps (the joint space's
+    uniform bitwidths and whole blocks) may miss the search's budget window: it is repaired into it by
+    single-level moves (``Space.repair``, from its own random stream, so the result stays a function of
+    the seed).
     """
     rng = np.random.default_rng((ctx.recipe.search.seed, 3))
     for method in ctx.recipe.init_from:

@@ -40,12 +40,8 @@ def _sparsity(space: Space) -> SparsitySpace:
     return model
 
 
-def _in_space(inputs: BaselineInputs, levels: Config) -> Config:
-    return in_space(inputs.space, levels, inputs.seed)
-
-
 def uniform(inputs: BaselineInputs) -> Config:
-    return _in_space(inputs, _sparsity(inputs.space).uniform_config())
+    return in_space(inputs.space, _sparsity(inputs.space).uniform_config(), inputs.seed)
 
 
 def outlier_ratios(space: SparsitySpace, ms: Sequence[float]) -> np.ndarray:
@@ -82,5 +78,6 @@ def owl_configs(space: SparsitySpace) -> dict[tuple[float, float], Config]:
 
 
 def owl(inputs: BaselineInputs) -> Config:
-    configs = list(dict.fromkeys(_in_space(inputs, c) for c in owl_configs(_sparsity(inputs.space)).values()))
+    configs = list(dict.fromkeys(in_space(inputs.space, c, inputs.seed)
+                                 for c in owl_configs(_sparsity(inputs.space)).values()))
     return best_of(inputs, configs, np.random.default_rng(inputs.seed))

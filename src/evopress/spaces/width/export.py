@@ -30,13 +30,13 @@ from ...models import Decoder
 from ..drop.space import DroppedAttention, DroppedMLP
 from ..problem import Config
 from .space import WidthSpace
-from .structures import Unit, find_units
+from .structures import Unit, find_units, sub_block_attr
 
 WIDTH = "evopress_width"  # config.json: {"attention": [kv groups per block], "mlp": [channels per block], ...}
 PROFILE = "evopress_profile.json"
 
 
-def _sliced(layer: nn.Linear, weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
+def _sliced(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
     new = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device=weight.device, dtype=weight.dtype)
     new.weight.data = weight.contiguous()
     if bias is not None:
@@ -44,16 +44,14 @@ def _sliced(layer: nn.Linear, weight: torch.Tensor, bias: torch.Tensor | None) -
     return new.requires_grad_(False)
 
 
-def _stand_in(unit: Unit) -> nn.Module:
-    return DroppedAttention() if unit.kind == "attention" else DroppedMLP()
-
-
-def _sub_block(decoder: Decoder, unit: Unit) -> nn.Module:
-    return decoder.attn(unit.block) if unit.kind == "attention" else decoder.mlp(unit.block)
+def _remove(decoder: Decoder, unit: Unit) -> None:
+    """Put a module that computes nothing where the unit's sub-block was (width 0)."""
+    setattr(decoder.layers[unit.block], sub_block_attr(decoder, unit.kind),
+            DroppedAttention() if unit.kind == "attention" else DroppedMLP())
 
 
 def _replace(decoder: Decoder, unit: Unit, role: str, layer: nn.Module) -> None:
-    setattr(_sub_block(decoder, unit), role, layer)
+    setattr(getattr(decoder.layers[unit.block], sub_block_attr(decoder, unit.kind)), role, layer)
 
 
 def thin(space: WidthSpace, config: Config) -> None:
@@ -65,17 +63,16 @@ def thin(space: WidthSpace, config: Config) -> None:
         if width == unit.structures:
             continue
         if width == 0:
-            parent = decoder.layers[unit.block]
-            setattr(parent, decoder.attn_attr if unit.kind == "attention" else decoder.mlp_attr, _stand_in(unit))
+            _remove(decoder, unit)
             continue
         kept = torch.tensor(space.kept(u, width))
         for role, layer in unit.inputs.items():
             rows = unit.row_index(role, kept).to(layer.weight.device)
-            _replace(decoder, unit, role, _sliced(layer, layer.weight.data[rows],
+            _replace(decoder, unit, role, _sliced(layer.weight.data[rows],
                                                   None if layer.bias is None else layer.bias.data[rows]))
         out = unit.output
         weight = space.thinned(u, level).to(out.weight.device)
-        _replace(decoder, unit, unit.name.rsplit(".", 1)[-1], _sliced(out, weight, out.bias))
+        _replace(decoder, unit, unit.name.rsplit(".", 1)[-1], _sliced(weight, out.bias))
 
 
 def uniform_shape(space: WidthSpace, config: Config) -> tuple[int, int] | None:
@@ -136,8 +133,7 @@ def load(path: Path, config: dict[str, Any], dtype: torch.dtype) -> nn.Module | 
     for unit in units:
         width = (attention if unit.kind == "attention" else mlp)[unit.block]
         if width == 0:
-            setattr(decoder.layers[unit.block], decoder.attn_attr if unit.kind == "attention" else decoder.mlp_attr,
-                    _stand_in(unit))
+            _remove(decoder, unit)
             continue
         for role, layer in unit.inputs.items():
             _replace(decoder, unit, role, nn.Linear(layer.in_features, width * unit.rows[role],

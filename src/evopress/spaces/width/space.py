@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ...compressors.structured import kept_columns, kept_structures, structure_columns
 from ...errors import UserError
 from ...models import Decoder
 from ...placement import to_device
@@ -79,14 +80,12 @@ class WidthSpace(LayerwiseSpace):
 
     def kept(self, u: int, width: int) -> list[int]:
         """The structures unit ``u`` keeps at ``width``, ascending (the last ``width`` the database removed)."""
-        order = self.stored(u, (ORDER,))[ORDER].tolist()
-        return sorted(order[len(order) - width:]) if width else []
+        return kept_structures(self.stored(u, (ORDER,))[ORDER].tolist(), width)
 
     def thinned(self, u: int, level: int) -> torch.Tensor:
-        """The output projection restricted to the kept columns at ``level``, in the model's dtype (CPU)."""
+        """The output projection restricted to the kept columns at a level below the full width, in the model's
+        dtype (CPU)."""
         unit, width = self.wunits[u], self.wunits[u].widths[level]
-        if width == unit.structures:
-            return self.dense_weight(u)
         if width == 0:
             return torch.zeros(unit.output.out_features, 0, dtype=unit.output.weight.dtype)
         return self.stored(u, (level_key(width),))[level_key(width)].to(unit.output.weight.dtype)
@@ -97,7 +96,8 @@ class WidthSpace(LayerwiseSpace):
         if width == unit.structures:
             return to_device(self.dense_weight(u), device)
         weight = torch.zeros(unit.output.weight.shape, dtype=unit.output.weight.dtype, device=device)
-        columns = unit.column_index(torch.tensor(self.kept(u, width), dtype=torch.long))
+        columns = kept_columns(self.stored(u, (ORDER,))[ORDER].tolist(), structure_columns(unit.structures, unit.size),
+                               width)
         weight[:, columns.to(device)] = to_device(self.thinned(u, level), device)
         return weight
 
@@ -113,14 +113,14 @@ class WidthSpace(LayerwiseSpace):
         cost = p.cost(config)
         while cost > p.budget:
             u = max((u for u in range(len(config)) if config[u] > 0), key=lambda u: frac[u][config[u] - 1])
+            cost += p.delta(config, u, config[u] - 1)
             config[u] -= 1
-            cost += self.costs[u][config[u]] - self.costs[u][config[u] + 1]
         while cost < p.budget - p.slack:
             fits = [u for u in range(len(config)) if config[u] + 1 < len(frac[u])
-                    and cost + self.costs[u][config[u] + 1] - self.costs[u][config[u]] <= p.budget]
+                    and cost + p.delta(config, u, config[u] + 1) <= p.budget]
             u = min(fits, key=lambda u: frac[u][config[u] + 1])
+            cost += p.delta(config, u, config[u] + 1)
             config[u] += 1
-            cost += self.costs[u][config[u]] - self.costs[u][config[u] - 1]
         return tuple(config)
 
     def random_config(self, rng: np.random.Generator) -> Config:

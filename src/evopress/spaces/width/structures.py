@@ -61,24 +61,28 @@ class Unit:
         r = self.rows[role]
         return (kept[:, None] * r + torch.arange(r)[None, :]).reshape(-1)
 
-    def column_index(self, kept: torch.Tensor) -> torch.Tensor:
-        return (kept[:, None] * self.size + torch.arange(self.size)[None, :]).reshape(-1)
 
 
-def _projections(decoder: Decoder, b: int, names: tuple[str, ...], kind: str) -> dict[str, nn.Linear]:
-    linears = {n.rsplit(".", 1)[-1]: m for n, m in block_linears(decoder, b).items()
-               if n.split(".")[-2] == getattr(decoder, f"{'attn' if kind == 'attention' else 'mlp'}_attr")}
-    missing = [n for n in names if n not in linears]
+def sub_block_attr(decoder: Decoder, kind: str) -> str:
+    """The block's attribute holding the ``kind`` ("attention" or "mlp") sub-block."""
+    return decoder.attn_attr if kind == "attention" else decoder.mlp_attr
+
+
+def _projections(decoder: Decoder, b: int, roles: tuple[str, ...], kind: str) -> dict[str, tuple[str, nn.Linear]]:
+    """Block ``b``'s ``roles`` projections of its ``kind`` sub-block: role -> (full module name, module)."""
+    sub = sub_block_attr(decoder, kind)
+    linears = {n.rsplit(".", 1)[-1]: (n, m) for n, m in block_linears(decoder, b).items() if n.split(".")[-2] == sub}
+    missing = [r for r in roles if r not in linears]
     if missing:
-        raise UserError(f"the width space needs separate {', '.join(names)} projections in every {kind} "
+        raise UserError(f"the width space needs separate {', '.join(roles)} projections in every {kind} "
                         f"sub-block; block {b} lacks {', '.join(missing)} (fused projections, e.g. Phi-3's "
                         "qkv_proj, are not supported)")
-    return {n: linears[n] for n in names}
+    return {r: linears[r] for r in roles}
 
 
 def default_step(decoder: Decoder) -> int:
     """MLP channels per level: a multiple of 64 giving about 24 levels (64 on small models, 448 on 7B's 11,008)."""
-    intermediate = _projections(decoder, 0, MLP, "mlp")["down_proj"].in_features
+    intermediate = _projections(decoder, 0, MLP, "mlp")["down_proj"][1].in_features
     return 64 * max(1, round(intermediate / 64 / 24))
 
 
@@ -89,7 +93,8 @@ def find_units(decoder: Decoder, step: int) -> list[Unit]:
         raise UserError(f"--mlp-step {step}: MLP channels per level must be a positive multiple of 32")
     units = []
     for b in range(decoder.num_blocks):
-        attn = _projections(decoder, b, ATTENTION, "attention")
+        found = _projections(decoder, b, ATTENTION, "attention")
+        attn = {role: m for role, (_, m) in found.items()}
         module = decoder.attn(b)
         head_dim = getattr(module, "head_dim", None)
         if head_dim is None:
@@ -98,14 +103,13 @@ def find_units(decoder: Decoder, step: int) -> list[Unit]:
         if heads % kv:
             raise UserError(f"block {b}: {heads} query heads do not split into {kv} key/value groups")
         per_group = heads // kv
-        o_name = next(n for n, m in block_linears(decoder, b).items() if m is attn["o_proj"])
-        units.append(Unit(b, "attention", o_name, {k: attn[k] for k in ATTENTION[:3]}, attn["o_proj"],
+        units.append(Unit(b, "attention", found["o_proj"][0], {k: attn[k] for k in ATTENTION[:3]}, attn["o_proj"],
                           per_group * head_dim, {"q_proj": per_group * head_dim, "k_proj": head_dim,
                                                  "v_proj": head_dim}, _widths(kv, 1, attn["o_proj"])))
-        mlp = _projections(decoder, b, MLP, "mlp")
+        found = _projections(decoder, b, MLP, "mlp")
+        mlp = {role: m for role, (_, m) in found.items()}
         inter = mlp["down_proj"].in_features
-        d_name = next(n for n, m in block_linears(decoder, b).items() if m is mlp["down_proj"])
-        units.append(Unit(b, "mlp", d_name, {"gate_proj": mlp["gate_proj"], "up_proj": mlp["up_proj"]},
+        units.append(Unit(b, "mlp", found["down_proj"][0], {"gate_proj": mlp["gate_proj"], "up_proj": mlp["up_proj"]},
                           mlp["down_proj"], 1, {"gate_proj": 1, "up_proj": 1}, _widths(inter, step, mlp["down_proj"])))
     return units
 
